@@ -1,0 +1,114 @@
+"""Storage layout (SQLAlchemy 2 Core) and the engine factory.
+
+Portable by construction: the logic issues only Core statements, so the same code runs on
+SQLite (the default, ``sqlite:///path``) and PostgreSQL. SQLite specifics live only in the
+engine factory: WAL journal, ``synchronous=FULL`` (a commit is on disk before ``append``
+returns), a busy timeout, and ``BEGIN IMMEDIATE`` for write transactions so that two writers
+never both read the same stream head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+# Execution option a connection carries when it will append; see ``make_engine``.
+WRITE_OPTION = "audit_write"
+
+metadata = MetaData()
+
+_id_type = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("stream", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("ts", String(32), nullable=False),  # RFC 3339 text: kept byte-exact, it is hashed
+    Column("event_type", String(80), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("tenant", String(256), nullable=True),
+    Column("request_id", String(256), nullable=True),
+    Column("data", Text, nullable=False),  # canonical JSON text
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("stream", "seq", name="uq_audit_events_stream_seq"),
+    Index("ix_audit_events_stream_ts", "stream", "ts"),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("stream", String(128), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("ts", String(32), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),  # base64 Ed25519 signature
+    Index("ix_audit_checkpoints_stream_seq", "stream", "seq"),
+)
+
+
+def make_engine(url: str, *, busy_timeout_s: float = 30.0, create: bool = True) -> Engine:
+    """An engine for ``url`` with the audit log's durability settings.
+
+    ``create``: make the tables (and the SQLite file) when absent; otherwise an absent SQLite
+    file is an error, so a mistyped path is never "verified" as an empty log.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not create and parsed.database not in (None, "", ":memory:") and not Path(parsed.database).is_file():
+            raise FileNotFoundError(f"audit database: expected a SQLite file at {parsed.database}, found none")
+        if parsed.database in (None, "", ":memory:"):
+            # One shared connection, or every pooled connection would see its own empty database.
+            engine = create_engine(
+                url, poolclass=StaticPool, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
+            )
+        else:
+            engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
+        _configure_sqlite(engine, busy_timeout_s)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    if create:
+        metadata.create_all(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    # pysqlite's own transaction handling delays BEGIN and cannot say IMMEDIATE; switch it off
+    # and emit BEGIN ourselves (the recipe in SQLAlchemy's SQLite dialect documentation).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

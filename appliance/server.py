@@ -1,0 +1,46 @@
+"""Run the gateway over HTTPS with uvicorn, after checking the port is free."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from appliance.errors import PortInUseError
+from appliance.tls import TlsFiles, ensure_tls
+
+if TYPE_CHECKING:
+    from appliance.runtime import Runtime
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(
+                    f"port {port} on {host} is already in use: stop whatever holds it "
+                    f"(`ss -ltnp 'sport = :{port}'`) or choose another with --port"
+                ) from exc
+            raise PortInUseError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+
+
+def tls_for(runtime: Runtime, host: str) -> TlsFiles:
+    hosts = sorted({host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"})
+    return ensure_tls(runtime.config.tls_dir, hosts)
+
+
+def build_server(runtime: Runtime, host: str, port: int) -> uvicorn.Server:
+    from appliance.gateway import create_app
+
+    check_port_free(host, port)
+    tls = tls_for(runtime, host)
+    config = uvicorn.Config(
+        create_app(runtime), host=host, port=port, ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key),
+        log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+    )
+    return uvicorn.Server(config)

@@ -1,0 +1,68 @@
+"""The ``audit`` Typer sub-app: exit codes scripts can rely on, tables, and ``--json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from appliance.audit import AuditLog
+from appliance.audit.cli import app, run_verify
+
+from .conftest import fill, raw_sql
+
+runner = CliRunner()
+
+
+def test_verify_export_and_verify_export_commands(audit_log: AuditLog, db_path: Path, key_path: Path,
+                                                   tmp_path: Path) -> None:
+    fill(audit_log, "acme", 3)
+    fill(audit_log, "globex", 2)
+    db = f"sqlite:///{db_path}"
+    result = runner.invoke(app, ["verify", "--db", db, "--key", str(key_path)])
+    assert result.exit_code == 0, result.output
+    assert "acme" in result.output and "globex" in result.output
+
+    pem = tmp_path / "pub" / "audit.pem"
+    assert runner.invoke(app, ["public-key", "--key", str(key_path), "--out", str(pem)]).exit_code == 0
+    assert pem.read_bytes() == audit_log.public_key_pem()
+
+    out = tmp_path / "acme.tar"
+    result = runner.invoke(app, ["export", "--db", db, "--key", str(key_path), "--tenant", "acme",
+                                 "--since", "2000-01-01T00:00:00Z", "--until", "2999-01-01T00:00:00Z",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"] and report["count"] == 3 and len(report["checks"]) == 11
+
+    raw_sql(db_path, "DELETE FROM audit_events WHERE stream = 'globex' AND seq = 1")
+    result = runner.invoke(app, ["verify", "--db", db, "--public-key", str(pem), "--json"])
+    assert result.exit_code == 1
+    failure = json.loads(result.output)["first_failure"]
+    assert (failure["stream"], failure["seq"], failure["check"]) == ("globex", 1, "seq")
+
+
+def test_verify_export_exits_1_on_tampering(audit_log: AuditLog, key_path: Path, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 2)
+    out = tmp_path / "acme.tar"
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    assert runner.invoke(app, ["export", "--db", str(audit_log.engine.url), "--key", str(key_path),
+                               "--tenant", "acme", "--out", str(out)]).exit_code == 0
+    data = bytearray(out.read_bytes())
+    data[data.index(b'"seq":2')+6] = ord("3")  # edit a record inside the tar
+    out.write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem)])
+    assert result.exit_code == 1
+    assert "NOT VERIFIED" in result.output
+
+
+def test_usage_errors_exit_2(tmp_path: Path, key_path: Path) -> None:
+    assert run_verify(f"sqlite:///{tmp_path / 'absent.db'}", key=key_path) == 2
+    assert not (tmp_path / "absent.db").exists()  # verifying never creates a database
+    result = runner.invoke(app, ["verify", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2 and "--key or --public-key" in result.output
+    assert runner.invoke(app, ["public-key", "--key", str(tmp_path / "nokey"), "--out", "x.pem"]).exit_code == 2

@@ -1,0 +1,219 @@
+"""Export a tenant's records and verify them offline; every tamper case fails a named check."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.audit import AuditError, AuditIntegrityError, AuditKeys, AuditLog, export_stream, verify_export
+from appliance.audit.record import compute_record_hash
+
+from .conftest import fill, raw_sql
+
+MEMBERS = ("records.jsonl", "manifest.json", "manifest.sig")
+
+
+@pytest.fixture
+def exported(audit_log: AuditLog, tmp_path: Path) -> tuple[Path, Path]:
+    """An export of tenant acme (6 records) and the public key, copied where no database is."""
+    fill(audit_log, "acme", 3)
+    fill(audit_log, "globex", 4)
+    audit_log.append("admin.key_created", stream="_admin", actor="admin", tenant="acme", data={"key_id": "k1"})
+    fill(audit_log, "acme", 3)
+    tar = export_stream(audit_log, "acme", None, None, tmp_path / "exports" / "acme.tar")
+    offline = tmp_path / "officer"
+    offline.mkdir()
+    (offline / "audit.pem").write_bytes(audit_log.public_key_pem())
+    return Path(shutil.copy(tar, offline / "acme.tar")), offline / "audit.pem"
+
+
+def _read(tar: Path) -> dict[str, bytes]:
+    with tarfile.open(tar) as t:
+        return {name: t.extractfile(name).read() for name in MEMBERS}  # type: ignore[union-attr]
+
+
+def _write(tar: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(tar, "w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def _edit_records(tar: Path, edit: Callable[[list[dict[str, object]]], list[dict[str, object]]]) -> None:
+    members = _read(tar)
+    records = [json.loads(line) for line in members["records.jsonl"].splitlines()]
+    records = edit(records)
+    members["records.jsonl"] = b"".join(
+        json.dumps(r, sort_keys=True, separators=(",", ":")).encode() + b"\n" for r in records)
+    _write(tar, members)
+
+
+def _failed(tar: Path, pem: Path) -> dict[str, object]:
+    report = verify_export(tar, pem)
+    assert not report.ok and report.first_failure is not None
+    with pytest.raises(AuditIntegrityError):
+        report.raise_for_failure()
+    return {c.name: c for c in report.checks if not c.passed}
+
+
+def test_round_trip_verifies_offline(exported: tuple[Path, Path]) -> None:
+    tar, pem = exported
+    report = verify_export(tar, pem)
+    assert report.ok, report.to_dict()
+    assert [c.number for c in report.checks] == list(range(1, 12))
+    assert (report.stream, report.count, report.first_seq, report.last_seq) == ("acme", 6, 1, 6)
+    manifest = json.loads(_read(tar)["manifest.json"])
+    assert manifest["checkpoint"]["seq"] == 6 and manifest["anchor_prev_hash"] is not None
+
+
+def test_export_holds_only_the_tenants_own_records(exported: tuple[Path, Path]) -> None:
+    records = [json.loads(line) for line in _read(exported[0])["records.jsonl"].splitlines()]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {r["stream"] for r in records} == {"acme"} and {r["tenant"] for r in records} == {"acme"}
+    blob = b"".join(_read(exported[0]).values())
+    assert b"globex" not in blob and b"_admin" not in blob and b"admin.key_created" not in blob
+
+
+def test_an_extracted_directory_verifies_too(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "extracted"
+    with tarfile.open(exported[0]) as t:
+        t.extractall(out, filter="data")
+    assert verify_export(out, exported[1]).ok
+
+
+def test_edited_record(exported: tuple[Path, Path]) -> None:
+    def edit(records: list[dict[str, object]]) -> list[dict[str, object]]:
+        records[2]["data"] = {"model": "other"}
+        return records
+    _edit_records(exported[0], edit)
+    failed = _failed(*exported)
+    assert set(failed) == {"records digest", "record chain"}  # the signed head at seq 6 is untouched
+    assert failed["record chain"].seq == 3 and failed["record chain"].detail.startswith("seq 3: hash")  # type: ignore[attr-defined]
+
+
+def test_edited_record_with_rehashed_chain_still_fails_the_digest(exported: tuple[Path, Path]) -> None:
+    def edit(records: list[dict[str, object]]) -> list[dict[str, object]]:
+        prev = records[0]["prev_hash"]
+        for r in records:
+            if r["seq"] == 2:
+                r["data"] = {"forged": True}
+            r["prev_hash"] = prev
+            r["hash"] = prev = compute_record_hash({k: v for k, v in r.items() if k != "hash"})
+        return records
+    _edit_records(exported[0], edit)
+    failed = _failed(*exported)
+    assert "records digest" in failed and "record chain" not in failed
+    assert "checkpoint" in failed and "range and anchor" in failed  # the signed head no longer matches
+
+
+def test_deleted_record(exported: tuple[Path, Path]) -> None:
+    _edit_records(exported[0], lambda rs: rs[:3] + rs[4:])
+    failed = _failed(*exported)
+    assert {"records digest", "record count", "record chain"} <= set(failed)
+    chain = failed["record chain"]
+    assert (chain.seq, chain.expected, chain.found) == (4, "seq 4", "seq 5")  # type: ignore[attr-defined]
+
+
+def test_reordered_records(exported: tuple[Path, Path]) -> None:
+    _edit_records(exported[0], lambda rs: [rs[0], rs[2], rs[1], *rs[3:]])
+    failed = _failed(*exported)
+    assert failed["record chain"].seq == 2  # type: ignore[attr-defined]
+    assert "record count" not in failed
+
+
+def test_inserted_record(exported: tuple[Path, Path]) -> None:
+    def edit(records: list[dict[str, object]]) -> list[dict[str, object]]:
+        forged = {**records[1], "request_id": "forged"}
+        return [*records[:2], forged, *records[2:]]
+    _edit_records(exported[0], edit)
+    failed = _failed(*exported)
+    assert {"records digest", "record count", "record chain"} <= set(failed)
+    assert failed["record chain"].seq == 3  # type: ignore[attr-defined]
+
+
+def test_truncated_tail(exported: tuple[Path, Path]) -> None:
+    _edit_records(exported[0], lambda rs: rs[:4])
+    failed = _failed(*exported)
+    assert {"records digest", "record count", "range and anchor", "checkpoint"} <= set(failed)
+    assert "record chain" not in failed
+
+
+def test_wrong_key(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.pem"
+    wrong.write_bytes(AuditKeys(tmp_path / "wrong.key").public_key_pem())
+    report = verify_export(exported[0], wrong)
+    assert not report.ok
+    first = report.first_failure
+    assert first is not None and (first.number, first.name) == (3, "manifest signature")
+    assert {c.name for c in report.checks if not c.passed} >= {"manifest signature", "manifest schema"}
+
+
+def test_manifest_edited(exported: tuple[Path, Path]) -> None:
+    members = _read(exported[0])
+    manifest = json.loads(members["manifest.json"])
+    manifest["count"] = 5
+    members["manifest.json"] = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    _write(exported[0], members)
+    failed = _failed(*exported)
+    assert "manifest signature" in failed
+    assert verify_export(*exported).first_failure.number == 3  # type: ignore[union-attr]
+
+
+def test_extra_or_missing_member_is_refused(exported: tuple[Path, Path]) -> None:
+    members = _read(exported[0])
+    _write(exported[0], {**members, "extra.txt": b"x"})
+    assert _failed(*exported).keys() >= {"export readable"}
+    _write(exported[0], {k: v for k, v in members.items() if k != "manifest.sig"})
+    report = verify_export(*exported)
+    assert report.first_failure is not None and report.first_failure.number == 1
+    assert "missing" in report.first_failure.detail
+
+
+def test_garbage_file_and_bad_key_file_are_reported_not_raised(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar")
+    assert verify_export(junk, exported[1]).first_failure.name == "export readable"  # type: ignore[union-attr]
+    bad_pem = tmp_path / "bad.pem"
+    bad_pem.write_text("nope")
+    assert verify_export(exported[0], bad_pem).first_failure.name == "public key"  # type: ignore[union-attr]
+
+
+def test_period_selects_a_contiguous_slice(audit_log: AuditLog, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 5)
+    records = audit_log.query("acme")
+    tar = export_stream(audit_log, "acme", records[1].ts, records[4].ts, tmp_path / "slice.tar")
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    report = verify_export(tar, pem)
+    assert report.ok, report.to_dict()
+    expected = [r.seq for r in records if records[1].ts <= r.ts < records[4].ts]
+    assert (report.first_seq, report.last_seq) == (expected[0], expected[-1])
+    assert json.loads(_read(tar)["manifest.json"])["anchor_prev_hash"] == records[expected[0] - 2].hash
+
+
+def test_empty_period_exports_and_verifies(audit_log: AuditLog, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 2)
+    tar = export_stream(audit_log, "acme", "2001-01-01T00:00:00Z", "2001-01-02T00:00:00Z", tmp_path / "e.tar")
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    report = verify_export(tar, pem)
+    assert report.ok and report.count == 0
+
+
+def test_export_refuses_a_broken_chain_and_existing_files(audit_log: AuditLog, db_path: Path,
+                                                         tmp_path: Path) -> None:
+    fill(audit_log, "acme", 3)
+    export_stream(audit_log, "acme", None, None, tmp_path / "a.tar")
+    with pytest.raises(AuditError, match="existing"):
+        export_stream(audit_log, "acme", None, None, tmp_path / "a.tar")
+    raw_sql(db_path, "UPDATE audit_events SET actor = 'x' WHERE seq = 2")
+    with pytest.raises(AuditIntegrityError) as info:
+        export_stream(audit_log, "acme", None, None, tmp_path / "b.tar")
+    assert info.value.seq == 2 and not (tmp_path / "b.tar").exists()

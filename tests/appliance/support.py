@@ -1,0 +1,91 @@
+"""Helpers for tests that drive the real appliance as a user would: bundle, installer, server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class VendorBundle:
+    bundle: Path
+    trusted_root: Path
+
+
+def build_demo_bundle(workdir: Path, model_dir: Path, version: str = "0.1.0") -> VendorBundle:
+    from airgap_bundle import build_bundle, init_keys
+    from policies import default_policy_dir
+
+    keys = workdir / "keys"
+    if not (keys / "root.json").exists():
+        init_keys(keys)
+    bundle = workdir / f"appliance-{version}.tar"
+    if not bundle.exists():
+        build_bundle(bundle, keys, version, dt.datetime.now(dt.UTC) + dt.timedelta(days=30),
+                     model_dir=model_dir, policies_dir=default_policy_dir())
+    return VendorBundle(bundle, keys / "root.json")
+
+
+def run_installer(vendor: VendorBundle, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "sovereign-installer"), "install", "--bundle", str(vendor.bundle),
+         "--trusted-root", str(vendor.trusted_root), "--root", str(root), *extra],
+        text=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}, timeout=600,
+    )
+
+
+def wait_healthy(proc: subprocess.Popen[str], url: str, ca: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"appliance exited with {proc.returncode} before becoming healthy:\n{out}")
+        if ca.exists():
+            try:
+                if httpx.get(f"{url}/health", verify=str(ca), timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.5)
+    raise AssertionError(f"appliance at {url} not healthy within {timeout_s} s")
+
+
+def start(cmd: list[str], url: str, ca: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "LC_ALL": "C.UTF-8"})
+    try:
+        wait_healthy(proc, url, ca)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def interrupt(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
+    """Ctrl-C, as a user would; returns the exit code and everything the process printed."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"appliance did not stop within {timeout_s} s of Ctrl-C:\n{out}") from None
+    return proc.returncode, out

@@ -1,0 +1,142 @@
+"""The whole path as users meet it: installed bundle, `appliance serve` over HTTPS, the real
+`openai` client with tenant keys, the admin API, and the audit log verified afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.appliance.support import BIN, VendorBundle, free_port, interrupt, run_installer, start
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Served:
+    root: Path
+    url: str
+    ca: Path
+    admin_token: str
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=str(self.ca),
+                            headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
+
+    def client(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
+                             http_client=httpx.Client(verify=str(self.ca), timeout=120))
+
+    def new_tenant_key(self, tenant: str) -> str:
+        with self.admin() as admin:
+            assert admin.post("/admin/v1/tenants", json={"name": tenant}).status_code == 201
+            resp = admin.post(f"/admin/v1/tenants/{tenant}/keys", json={"label": "test"})
+            assert resp.status_code == 201, resp.text
+            return str(resp.json()["key"])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, vendor_bundle: VendorBundle) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("root")
+    installed = run_installer(vendor_bundle, root)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    port = free_port()
+    url = f"https://localhost:{port}"
+    proc = start([str(BIN / "appliance"), "serve", "--root", str(root), "--port", str(port)], url,
+                 root / "tls" / "ca.pem")
+    token = (root / "secrets" / "admin.token").read_text().strip()
+    yield Served(root, url, root / "tls" / "ca.pem", token)
+    code, out = interrupt(proc)
+    assert code == 0, out
+
+
+def test_openai_client_gets_paris_over_https(served: Served) -> None:
+    key = served.new_tenant_key("acme")
+    reply = served.client(key).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=32,
+                                                       temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_streaming_gives_the_same_answer(served: Served) -> None:
+    key = served.new_tenant_key("streamer")
+    stream = served.client(key).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert "Paris" in text and finish == "stop" and usage is not None
+
+
+def test_missing_and_wrong_keys_get_401(served: Served) -> None:
+    resp = httpx.post(f"{served.url}/v1/chat/completions", verify=str(served.ca),
+                      json={"model": MODEL, "messages": QUESTION})
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        served.client("sov_0123456789abcdef_" + "A" * 43).chat.completions.create(model=MODEL, messages=QUESTION)
+
+
+def test_bad_requests_get_clear_openai_errors(served: Served) -> None:
+    client = served.client(served.new_tenant_key("badreq"))
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=7)
+    raw = httpx.post(f"{served.url}/v1/chat/completions", verify=str(served.ca), content=b"{not json",
+                     headers={"Authorization": f"Bearer {served.new_tenant_key('rawbad')}",
+                              "Content-Type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_plain_http_is_refused(served: Served) -> None:
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(served.url.replace("https", "http") + "/health", timeout=5)
+
+
+def test_admin_api_needs_the_admin_token(served: Served) -> None:
+    resp = httpx.get(f"{served.url}/admin/v1/tenants", verify=str(served.ca),
+                     headers={"Authorization": "Bearer not-the-token"})
+    assert resp.status_code == 401
+
+
+def test_audit_records_exist_verify_and_hold_no_secrets(served: Served) -> None:
+    key = served.new_tenant_key("audited")
+    reply = served.client(key).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16,
+                                                       temperature=0)
+    db = f"sqlite:///{served.root / 'data' / 'appliance.db'}"
+    verify = subprocess.run([str(BIN / "appliance"), "audit", "verify", "--db", db, "--key",
+                             str(served.root / "secrets" / "audit-signing.key")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    from appliance.audit import AuditLog
+
+    log = AuditLog(db, served.root / "secrets" / "audit-signing.key")
+    records = log.query("audited", None, None)
+    kinds = [(r.event_type, r.request_id) for r in records]
+    assert ("accepted", reply.id) in kinds and ("completed", reply.id) in kinds
+    completed = next(r for r in records if r.event_type == "completed" and r.request_id == reply.id)
+    data = completed.data if isinstance(completed.data, dict) else json.loads(completed.data)
+    assert data["completion_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert data["node"] and "output_sha256" in data
+    secret = key.rsplit("_", 1)[1]
+    for path in (served.root / "data").iterdir():
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"key material found in {path}"
+    # Another tenant's records never show up in this tenant's stream.
+    assert all(r.tenant == "audited" for r in records)

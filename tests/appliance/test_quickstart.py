@@ -1,0 +1,60 @@
+"""The README's quickstart as a user runs it: twice, stopped with Ctrl-C each time."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.appliance.support import BIN, free_port, interrupt, start
+
+pytestmark = pytest.mark.slow
+
+
+def _ask(url: str, ca: Path, key: str) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
+                           http_client=httpx.Client(verify=str(ca), timeout=120))
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=32, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    return reply.choices[0].message.content or ""
+
+
+def test_quickstart_serves_paris_and_restarts(tmp_path: Path, model_dir: Path) -> None:
+    root = tmp_path / "var"
+    port = free_port()
+    url = f"https://localhost:{port}"
+    cmd = [str(BIN / "appliance"), "quickstart", "--root", str(root), "--model-dir", str(model_dir),
+           "--port", str(port)]
+    proc = start(cmd, url, root / "tls" / "ca.pem")
+    key = (root / "secrets" / "demo-tenant.key").read_text().strip()
+    assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
+    assert httpx.post(f"{url}/v1/chat/completions", verify=str(root / "tls" / "ca.pem"),
+                      json={"model": "x", "messages": []}).status_code == 401
+    code, out = interrupt(proc)
+    assert code == 0, out
+    assert "curl --cacert" in out and key in out and "openai.OpenAI" in out
+    bundle_bytes = next((root / "vendor" / "bundles").iterdir()).stat().st_mtime_ns
+
+    proc = start(cmd, url, root / "tls" / "ca.pem")  # second run reuses keys, bundle, install and key
+    assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
+    code, out = interrupt(proc)
+    assert code == 0, out
+    assert next((root / "vendor" / "bundles").iterdir()).stat().st_mtime_ns == bundle_bytes
+
+
+def test_quickstart_port_in_use_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = subprocess.run(
+            [str(BIN / "appliance"), "quickstart", "--root", str(tmp_path / "var"), "--model-dir", str(model_dir),
+             "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr
+    assert not (tmp_path / "var" / "vendor").exists()  # failed before doing anything
