@@ -1,0 +1,178 @@
+"""Online, streaming engine: the engine loop runs in a background thread.
+
+torch releases the GIL inside its kernels, so the loop thread and the asyncio event loop make
+progress together. Requests go in through a thread-safe command queue; deltas come back to each
+request's asyncio.Queue through `loop.call_soon_threadsafe`. Only the loop thread touches the
+EngineCore after start(), apart from read-only validation (tokenizer, limits) in generate().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core.engine_core import EngineCore
+from engine.core.sequence import Sequence
+from engine.errors import DuplicateRequestError, EngineDeadError, EngineError
+from engine.outputs import StreamDelta
+from engine.sampling_params import SamplingParams
+from engine.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[StreamDelta | BaseException]
+
+    def put(self, item: StreamDelta | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._core: EngineCore | None = None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._active: set[str] = set()
+        self._stats: dict[str, float | int] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._core = await asyncio.to_thread(EngineCore, self.config)
+        self._stats = self._core.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._commands.put(("wake", None))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    @property
+    def core(self) -> EngineCore:
+        if self._core is None:
+            raise EngineDeadError("AsyncEngine is not started: await engine.start() first")
+        return self._core
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.core.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._dead is None and not self._stop.is_set()
+
+    def stats(self) -> dict[str, float | int]:
+        return dict(self._stats)
+
+    # ---- requests -----------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> AsyncIterator[StreamDelta]:
+        """Stream deltas for one request. Raises a RequestError subclass for a bad request."""
+        if not self.is_running:
+            raise EngineDeadError(f"engine is not serving: {self._dead or 'not started or shut down'}")
+        if request_id in self._active:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
+        seq = self.core.make_sequence(
+            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline
+        )
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self._active.add(request_id)
+        finished = False
+        try:
+            self._commands.put(("add", (seq, sink)))
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._active.discard(request_id)
+            if not finished:  # consumer went away or errored: free the request's blocks
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ---- the loop thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        sinks: dict[str, _Sink] = {}
+        try:
+            while not self._stop.is_set():
+                self._drain(core, sinks, block=not core.has_unfinished())
+                if self._stop.is_set():
+                    break
+                if core.has_unfinished():
+                    for seq in core.step():
+                        self._emit(core, sinks, seq)
+                self._stats = core.stats()
+            error: BaseException = EngineDeadError("engine shut down before the request finished")
+        except Exception as exc:  # a crash fails every open request, loudly
+            log.exception("engine loop crashed")
+            self._dead = exc
+            error = EngineDeadError(f"engine loop crashed: {exc!r}")
+        for rid, sink in sinks.items():
+            core.abort(rid)
+            sink.put(error)
+
+    def _drain(self, core: EngineCore, sinks: dict[str, _Sink], block: bool) -> None:
+        try:
+            cmd, arg = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if cmd == "add":
+                seq, sink = arg
+                try:
+                    core.add_sequence(seq)
+                    sinks[seq.request_id] = sink
+                except EngineError as exc:
+                    sink.put(exc)
+            elif cmd == "abort":
+                seq = core.abort(arg)
+                if seq is not None:
+                    self._emit(core, sinks, seq)
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _emit(core: EngineCore, sinks: dict[str, _Sink], seq: Sequence) -> None:
+        sink = sinks.get(seq.request_id)
+        if sink is None:
+            return
+        sink.put(core.delta(seq))
+        if seq.is_finished:
+            del sinks[seq.request_id]

@@ -1,0 +1,1 @@
+"""Host-side bookkeeping: sequences, KV block manager, scheduler."""

@@ -1,0 +1,34 @@
+"""Results handed to callers: whole outputs (offline) and stream deltas (online)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    request_id: str
+    text: str  # new text since the last delta
+    token_ids: list[int]  # new token ids since the last delta
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: list[dict[int, float]] | None = field(default=None)
+    num_cached_tokens: int = 0

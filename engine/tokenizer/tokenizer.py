@@ -1,0 +1,87 @@
+"""Tokenizer over tokenizer.json (the `tokenizers` library) plus the model's chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from engine.errors import ChatTemplateError, TokenizerError
+from engine.tokenizer.chat_template import ChatTemplate
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts.
+    if isinstance(value, dict):
+        return str(value.get("content")) if value.get("content") is not None else None
+    return str(value) if value is not None else None
+
+
+def _chat_template_source(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's chat_template key first, then chat_template.jinja."""
+    raw = config.get("chat_template")
+    if isinstance(raw, list):  # [{"name": "default", "template": ...}, ...]
+        named = {str(t.get("name")): str(t.get("template")) for t in raw if isinstance(t, dict)}
+        raw = named.get("default") or next(iter(named.values()), None)
+    if isinstance(raw, str) and raw:
+        return raw
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    return None
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()) -> None:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"expected {path}; found no tokenizer.json in {model_dir}")
+        self._tok = _HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        eos = list(eos_token_ids)
+        own_eos = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        if own_eos is not None and own_eos not in eos:
+            eos.append(own_eos)
+        self.eos_token_ids: tuple[int, ...] = tuple(eos)
+        self.eos_token_id: int | None = eos[0] if eos else None
+        source = _chat_template_source(model_dir, config)
+        self._chat = ChatTemplate(source, self.bos_token, self.eos_token) if source else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Render messages to prompt text (or token ids with tokenize=True, no extra specials)."""
+        if self._chat is None:
+            raise ChatTemplateError("model has no chat template: expected tokenizer_config.json "
+                                    "'chat_template' or chat_template.jinja; found neither")
+        text = self._chat.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        ids: list[int] = self.apply_chat_template(messages, add_generation_prompt, tokenize=True)
+        return ids

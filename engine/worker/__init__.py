@@ -1,0 +1,1 @@
+"""Device side: batch building, model runner, sampler."""

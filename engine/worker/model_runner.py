@@ -1,0 +1,53 @@
+"""Owns the device: loads the model, allocates the paged KV cache, runs one step."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.scheduler import ScheduledSeq
+from engine.errors import ModelLoadError
+from engine.model.config import ModelConfig
+from engine.model.loader import load_model
+from engine.ops.backend import get_backend
+from engine.worker.batch import build_model_input
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    # K and V, every layer: [block_size, num_kv_heads, head_dim]
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model, self.model_config = load_model(config.model_path, config.torch_dtype, self.device)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if mc.sliding_window is not None:
+            # Attention here is full-context; within the window the two are identical.
+            self.max_model_len = min(self.max_model_len, mc.sliding_window)
+        self.model.init_rotary(self.max_model_len, self.device)
+        self.model.backend = get_backend(self.device, config.attention_backend)
+        per_block = kv_bytes_per_block(mc, config.block_size, config.torch_dtype)
+        self.num_blocks = config.kv_cache_bytes // per_block
+        if self.num_blocks < 1:
+            raise ModelLoadError(
+                f"kv_cache_bytes: expected at least one block ({per_block} bytes); found {config.kv_cache_bytes}"
+            )
+        shape = (self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
+        # Zero-filled so padded, never-written slots can't inject NaN into masked attention.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
+             torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
+            for _ in range(mc.num_layers)
+        ]
+
+    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Run one step. Returns float32 logits [S, V] for the sequences that sample, and them."""
+        inp = build_model_input(batch, self.config.block_size, self.device)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        logits = self.model.compute_logits(hidden[inp.logits_indices])
+        return logits, inp.sampled

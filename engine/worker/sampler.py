@@ -1,0 +1,96 @@
+"""Batched sampling: penalties, min_tokens, greedy / temperature, top-k, top-p, min-p, seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.core.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprobs: dict[int, float] | None  # sampled token + top-N alternatives (raw model logprobs)
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    """In-place on one row of logits [V]."""
+    p = seq.params
+    device = row.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.int64, device=device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=device)
+        counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Apply top-k, top-p and min-p to temperature-scaled logits [R, V]; masked entries -> -inf."""
+    vocab = logits.shape[1]
+    top_k = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    if all(k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p) and all(m <= 0 for m in min_p):
+        return logits
+    dev = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    ranks = torch.arange(vocab, device=dev)[None, :]
+    mask = ranks >= torch.tensor(top_k, device=dev)[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+    cum_before = probs.cumsum(dim=-1) - probs
+    mask |= cum_before > torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+    mask |= probs < torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs[:, :1]
+    mask[:, 0] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        """logits: float32 [S, V], one row per sequence that samples this step."""
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            if seq.params.needs_penalties:
+                _apply_penalties(logits[i], seq)
+            if seq.num_output_tokens < seq.params.min_tokens:
+                banned = list(seq.params.stop_token_ids or [])
+                if not seq.params.ignore_eos:
+                    banned += list(self.eos_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+        tokens = logits.argmax(dim=-1)  # greedy for every row; random rows overwritten below
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            sub_seqs = [seqs[i] for i in rows]
+            temps = torch.tensor([s.params.temperature for s in sub_seqs], device=logits.device)
+            sub = _filter(logits[rows] / temps[:, None], sub_seqs)
+            probs = torch.softmax(sub, dim=-1)
+            noise = torch.empty_like(probs)
+            for j, s in enumerate(sub_seqs):
+                noise[j].exponential_(generator=s.generator)  # per-request stream when seeded
+            tokens[rows] = (probs / noise).argmax(dim=-1)  # exponential race == categorical draw
+        token_list = tokens.tolist()
+        results = []
+        for i, seq in enumerate(seqs):
+            lp: dict[int, float] | None = None
+            n = seq.params.logprobs
+            if n is not None and raw_logprobs is not None:
+                row = raw_logprobs[i]
+                lp = {token_list[i]: float(row[token_list[i]])}
+                if n > 0:
+                    vals, idx = row.topk(n)
+                    for v, t in zip(vals.tolist(), idx.tolist(), strict=True):
+                        lp.setdefault(t, v)
+            results.append(SampleResult(token_list[i], lp))
+        return results

@@ -1,0 +1,94 @@
+"""BlockManager: ref counts, free list, salted prefix cache, LRU eviction, integrity checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.block_manager import BlockManager
+from engine.errors import IntegrityError
+from tests.engine.helpers import make_seq
+
+BS = 4
+
+
+def _admit(bm: BlockManager, seq, num_new: int | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+    cached = bm.find_cached_prefix(seq)
+    n = num_new if num_new is not None else seq.num_tokens - len(cached) * BS
+    assert bm.can_admit(seq, cached, n)
+    bm.admit(seq, cached, n)
+    seq.num_computed_tokens += n
+    bm.cache_computed_blocks(seq)
+    return cached
+
+
+def test_allocate_and_free_returns_every_block() -> None:
+    bm = BlockManager(8, BS)
+    seq = make_seq("a", list(range(10)))
+    _admit(bm, seq)
+    bm.check_integrity([seq])
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
+    bm.free(seq)
+    assert bm.num_free_blocks == 8 and seq.block_table == []
+    bm.check_integrity([])
+
+
+def test_prefix_shared_under_same_salt() -> None:
+    bm = BlockManager(16, BS)
+    a = make_seq("a", list(range(13)), cache_salt="tenant-1")
+    _admit(bm, a)
+    b = make_seq("b", [*range(12), 99], cache_salt="tenant-1")
+    cached = _admit(bm, b)
+    assert cached == a.block_table[:3]  # 3 full blocks shared
+    assert b.num_cached_tokens == 12
+    assert bm.prefix_cache_hits == 12 and bm.prefix_cache_queries == 26
+    bm.check_integrity([a, b])  # shared blocks have ref count 2
+
+
+def test_prefix_never_shared_across_salts() -> None:
+    bm = BlockManager(16, BS)
+    a = make_seq("a", list(range(13)), cache_salt="tenant-1")
+    _admit(bm, a)
+    for salt in ("tenant-2", None):
+        b = make_seq(f"b-{salt}", list(range(13)), cache_salt=salt)
+        assert _admit(bm, b) == []
+        assert not set(a.block_table) & set(b.block_table)
+        bm.free(b)
+
+
+def test_full_hit_still_computes_last_token() -> None:
+    bm = BlockManager(16, BS)
+    a = make_seq("a", list(range(8)))
+    _admit(bm, a)
+    b = make_seq("b", list(range(8)))
+    assert len(_admit(bm, b)) == 1  # only the first block: the block with the last token is recomputed
+
+
+def test_freed_cached_blocks_are_reused_then_evicted_lru() -> None:
+    bm = BlockManager(4, BS)
+    a = make_seq("a", list(range(9)))
+    _admit(bm, a)
+    bm.free(a)  # blocks stay cached while free
+    b = make_seq("b", list(range(9)))
+    assert len(_admit(bm, b)) == 2
+    bm.free(b)
+    c = make_seq("c", [50 + i for i in range(16)])  # needs all 4 blocks: evicts the cached ones
+    assert _admit(bm, c) == []
+    d = make_seq("d", list(range(9)))
+    assert bm.find_cached_prefix(d) == []
+    bm.check_integrity([c])
+
+
+def test_integrity_violation_raises_with_numbers() -> None:
+    bm = BlockManager(4, BS)
+    seq = make_seq("a", list(range(5)))
+    _admit(bm, seq)
+    seq.block_table.append(3)  # a block the manager never handed out
+    with pytest.raises(IntegrityError, match=r"block 3: ref count 0; block tables reference it 1 times"):
+        bm.check_integrity([seq])
+
+
+def test_cannot_admit_beyond_capacity() -> None:
+    bm = BlockManager(2, BS)
+    seq = make_seq("a", list(range(9)))
+    assert not bm.can_admit(seq, [], 9)
+    assert bm.can_admit(seq, [], 8)
