@@ -1,0 +1,269 @@
+"""install / upgrade: verify the bundle, unpack it to staging, run the install playbook,
+commit the trusted state, journal the action.
+
+Order matters and is fixed: (1) inputs are checked, (2) the bundle is verified against the
+trusted root and ROOT/state/trust with nothing written anywhere, (3) the release is checked
+against what is installed, (4) only then is ROOT touched: lock, staging, unpack (re-hashed),
+policy validation, (5) ansible lays out the release and switches `current`, (6) the verified
+TUF versions are committed (rollback protection), (7) the journal line is made durable.
+A refused or failed run leaves no trusted state behind; it is journalled only where a
+journal already exists (a refused bundle never creates anything on a fresh root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from airgap_bundle import BundleError, VerificationReport, commit_trust, unpack_bundle, verify_bundle
+from installer.ansible_runner import DEFAULT_TIMEOUT_S, PlaybookResult, run_playbook
+from installer.display import ByteProgress, playbook_progress
+from installer.errors import (
+    AnsibleFailed,
+    BundleContentError,
+    InputError,
+    NotInstalledError,
+    PreflightFailed,
+    ReleaseConflict,
+    VerificationFailed,
+)
+from installer.inventory import Inventory, load_inventory
+from installer.journal import JournalEntry, append_entry
+from installer.layout import RootLayout
+from installer.preflight import run_preflight
+from installer.staging import installer_lock, run_dir
+from installer.versions import is_newer, read_release_config
+from policies import PolicyError, default_policy_dir, load_policy_set
+
+# Bundle targets installed into the release; playbooks/ and wheels/ are not.
+RELEASE_PREFIXES = ("model/", "policies/")
+RELEASE_FILES = ("manifest.json", "sbom.cdx.json")
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What an install, upgrade or rollback did. ``changed`` counts ansible changes over all
+    nodes: 0 means the release was already installed and in service."""
+
+    action: str
+    version: str
+    bundle_digest: str
+    root: Path
+    release_dir: Path
+    nodes: list[str]
+    changed: int
+    switched: bool
+    previous: str | None
+    playbook: PlaybookResult
+    verification: VerificationReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def already_installed(self) -> bool:
+        return self.changed == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True, "action": self.action, "version": self.version, "bundle_digest": self.bundle_digest,
+            "root": str(self.root), "release_dir": str(self.release_dir), "nodes": self.nodes,
+            "changed": self.changed, "switched": self.switched, "previous": self.previous,
+            "already_installed": self.already_installed, "notes": self.notes,
+            "playbook": self.playbook.to_dict(),
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+
+def journal_action(layout: RootLayout, entry: JournalEntry, *, create: bool) -> None:
+    """Append to the journal; with ``create=False`` only where a journal directory exists."""
+    if create or layout.journal_dir.is_dir():
+        append_entry(layout.journal, entry, create_dir=create)
+
+
+def resolve_inventory(inventory: Path | str | Inventory | None) -> Inventory:
+    return inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
+
+
+def _verify(bundle: Path, trusted_root: Path, layout: RootLayout, console: Console | None) -> VerificationReport:
+    try:
+        return verify_bundle(bundle, trusted_root, state_dir=layout.trust, progress=ByteProgress(console))
+    except BundleError as exc:
+        raise VerificationFailed(f"{bundle}: expected a verifiable bundle, found {exc}") from exc
+
+
+def _release_files(report: VerificationReport) -> list[dict[str, str]]:
+    return [
+        {"src": path, "dest": path, "sha256": info.sha256.removeprefix("sha256:")}
+        for path, info in sorted(report.targets.items())
+        if path.startswith(RELEASE_PREFIXES) or path in RELEASE_FILES
+    ]
+
+
+def _default_policies(stage: Path) -> list[dict[str, str]]:
+    """Bundles without policies get the installer's shipped defaults, hashed here."""
+    files = []
+    for src in sorted(default_policy_dir().glob("*.yaml")):
+        data = src.read_bytes()
+        dest = stage / "policies" / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        rel = f"policies/{src.name}"
+        files.append({"src": rel, "dest": rel, "sha256": hashlib.sha256(data).hexdigest()})
+    return files
+
+
+def _in_bundle_terms(exc: PolicyError, stage: Path) -> str:
+    """The policy error with staging paths replaced by paths inside the bundle (staging is
+    deleted when the run ends)."""
+    problems = getattr(exc, "problems", None)
+    if not problems:
+        return str(exc).replace(f"{stage}/", "")
+    return "; ".join(f"{p.file.replace(f'{stage}/', '')}: {p.field}: expected {p.expected}, found {p.found}"
+                     for p in problems)
+
+
+def _model_name(stage: Path, report: VerificationReport) -> str:
+    try:
+        manifest = json.loads((stage / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleContentError(f"{report.bundle}: expected a readable manifest.json, found {exc}") from exc
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    if not isinstance(model, dict) or not model.get("name"):
+        raise BundleContentError(f"{report.bundle}: manifest.json: expected model.name, found {model!r}")
+    return str(model["name"])
+
+
+def _check_release(layout: RootLayout, report: VerificationReport, upgrade: bool) -> None:
+    """Refuse a version installed from another bundle, and for upgrade a non-newer version."""
+    if not any(p.startswith("model/") for p in report.targets):
+        raise BundleContentError(f"{report.bundle}: expected model/ files in the bundle, found none")
+    existing = read_release_config(layout.release(report.version))
+    if existing is not None and existing.get("bundle_digest") != report.digest:
+        raise ReleaseConflict(
+            f"release {report.version} is immutable: expected bundle {existing.get('bundle_digest')} "
+            f"(installed), found {report.digest}; build the change as a new version")
+    if upgrade:
+        current = layout.current_version()
+        if current is None:
+            raise NotInstalledError(f"{layout.root}: expected an installed release to upgrade, found none; use install")
+        if not is_newer(report.version, current):
+            raise ReleaseConflict(f"upgrade: expected a version newer than {current}, found {report.version}; "
+                                  "use rollback to go back")
+
+
+def install_bundle(
+    bundle: Path,
+    trusted_root: Path,
+    root: Path,
+    inventory: Path | str | Inventory | None = None,
+    *,
+    console: Console | None = None,
+    upgrade: bool = False,
+    preflight: bool = False,
+    allow_cpu: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> InstallResult:
+    """Verify ``bundle`` against ``trusted_root`` and install it under ``root`` on the inventory's
+    nodes (default: this machine). Raises an InstallerError subclass whose ``exit_code`` is the
+    CLI's. Verification cannot be skipped. ``upgrade=True`` also requires an installed release
+    older than the bundle's."""
+    action = "upgrade" if upgrade else "install"
+    bundle, trusted_root, layout = Path(bundle), Path(trusted_root), RootLayout(root)
+    if not bundle.is_file():
+        raise InputError(f"bundle: expected a bundle file, found nothing at {bundle}")
+    if not trusted_root.is_file():
+        raise InputError(f"trusted root: expected a root.json file, found nothing at {trusted_root}")
+    if layout.root.exists() and not layout.root.is_dir():
+        raise InputError(f"root: expected a directory, found a file at {layout.root}")
+    inv = resolve_inventory(inventory)
+
+    if preflight:
+        pre = run_preflight(layout.root, inventory=inv, bundle=bundle, allow_cpu=allow_cpu)
+        if not pre.ok:
+            raise PreflightFailed("preflight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in pre.failures), pre)
+
+    report = _verify(bundle, trusted_root, layout, console)
+    if not report.ok:
+        failed = report.first_failure()
+        where = f" [{failed.path}]" if failed and failed.path else ""
+        message = (f"{bundle}: verification failed at check {failed.label}{where}: {failed.detail}"
+                   if failed else f"{bundle}: verification failed")
+        entry = JournalEntry(action, "refused", report.version, report.digest, inv.names, message)
+        journal_action(layout, entry, create=False)
+        raise VerificationFailed(message, report)
+    try:
+        _check_release(layout, report, upgrade)
+    except (ReleaseConflict, BundleContentError, NotInstalledError) as exc:
+        entry = JournalEntry(action, "refused", report.version, report.digest, inv.names, str(exc))
+        journal_action(layout, entry, create=False)
+        raise
+
+    with installer_lock(layout), run_dir(layout) as work:
+        return _install_verified(action, bundle, report, layout, inv, work, console, timeout_s)
+
+
+def _install_verified(action: str, bundle: Path, report: VerificationReport, layout: RootLayout,
+                      inv: Inventory, work: Path, console: Console | None, timeout_s: float) -> InstallResult:
+    def journal(result: str, detail: str) -> None:
+        entry = JournalEntry(action, result, report.version, report.digest, inv.names, detail)
+        journal_action(layout, entry, create=True)
+
+    stage = work / "bundle"
+    try:
+        unpack_bundle(bundle, stage, report, progress=ByteProgress(console))
+        model_name = _model_name(stage, report)
+        files = _release_files(report)
+        notes = []
+        if (stage / "policies").is_dir():
+            load_policy_set(stage / "policies")
+        else:
+            files += _default_policies(stage)
+            notes.append("bundle has no policies: installed the installer's default policies")
+    except BundleError as exc:
+        journal("refused", f"unpack failed: {exc}")
+        raise VerificationFailed(f"{bundle}: expected the verified content when unpacking, found {exc}") from exc
+    except PolicyError as exc:
+        message = f"{bundle}: bundle policies: {_in_bundle_terms(exc, stage)}"
+        journal("refused", message)
+        raise BundleContentError(message) from exc
+    except BundleContentError as exc:
+        journal("refused", str(exc))
+        raise
+
+    previous = layout.current_version()
+    extra_vars = {
+        "sovereign_root": str(layout.root),
+        "sovereign_version": report.version,
+        "sovereign_bundle_digest": report.digest,
+        "sovereign_staging_dir": str(stage),
+        "sovereign_release_files": files,
+        "sovereign_model_name": model_name,
+        "sovereign_gateway_host": inv.gateway.host,
+        "sovereign_gateway_port": inv.gateway.port,
+    }
+    with playbook_progress(console, f"{action} {report.version}") as on_event:
+        result = run_playbook("install.yml", inventory=inv.to_ansible(work / "remote-tmp"), extra_vars=extra_vars,
+                              work_dir=work / "ansible", on_event=on_event, timeout_s=timeout_s)
+    if not result.ok:
+        journal("failed", result.summary())
+        raise AnsibleFailed(f"ansible-playbook failed: {result.summary()}", result)
+    try:
+        commit_trust(report, layout.trust)
+    except BundleError as exc:
+        journal("failed", f"installed but the trusted state was not committed: {exc}")
+        raise VerificationFailed(f"{layout.trust}: expected to commit the trusted state, found {exc}") from exc
+    switched = previous != report.version
+    if result.changed == 0:
+        detail = f"release {report.version} already installed and current: no changes"
+    else:
+        detail = f"installed release {report.version} ({result.changed} changes)"
+        if switched:
+            detail += f", switched current from {previous}" if previous else ", switched current"
+    journal("ok", detail)
+    return InstallResult(action=action, version=report.version, bundle_digest=report.digest, root=layout.root,
+                         release_dir=layout.release(report.version), nodes=inv.names, changed=result.changed,
+                         switched=switched, previous=previous, playbook=result, verification=report, notes=notes)

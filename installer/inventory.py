@@ -1,0 +1,198 @@
+"""The installer inventory: which nodes to provision and their placement labels.
+
+YAML format::
+
+    gateway: {host: 127.0.0.1, port: 8443}      # optional; these are the defaults
+    nodes:
+      - name: local                             # [A-Za-z0-9][A-Za-z0-9._-]*
+        connection: local                       # local | ssh
+        python: /usr/bin/python3                # optional; the node's python3 for ansible modules
+        gpus: 1                                 # optional; expected NVIDIA GPU count
+        labels: {region: eu-west, site: dc1, classification: confidential}   # all three required
+      - name: gpu-2
+        connection: ssh
+        host: 10.0.0.12                          # required for ssh
+        user: deploy                             # optional
+        port: 22                                 # optional
+
+Without a file the inventory is one local node named ``local`` labelled region=local,
+site=local, classification=internal.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from installer.errors import InventoryError
+
+REQUIRED_LABELS = ("region", "site", "classification")
+DEFAULT_LABELS = {"region": "local", "site": "local", "classification": "internal"}
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+Label = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: Annotated[StrictStr, Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[StrictInt, Field(ge=1, le=65535)] = 8443
+
+
+class InventoryNode(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[StrictStr, Field(pattern=_NAME)]
+    connection: Literal["local", "ssh"] = "local"
+    host: StrictStr | None = None
+    user: StrictStr | None = None
+    port: Annotated[StrictInt, Field(ge=1, le=65535)] = 22
+    python: StrictStr | None = None
+    gpus: Annotated[StrictInt, Field(ge=0)] | None = None
+    labels: dict[Label, Label]
+
+    @field_validator("labels")
+    @classmethod
+    def _required_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        missing = [k for k in REQUIRED_LABELS if k not in labels]
+        if missing:
+            raise ValueError(f"labels {list(REQUIRED_LABELS)}, found no {', '.join(missing)}")
+        return labels
+
+    @model_validator(mode="after")
+    def _check(self) -> InventoryNode:
+        if self.connection == "ssh" and not self.host:
+            raise ValueError("a host for connection ssh, found none")
+        if self.connection == "local" and self.host:
+            raise ValueError(f"no host for connection local, found host {self.host!r}")
+        if self.python is not None and not self.python.startswith("/"):
+            raise ValueError(f"an absolute python path, found {self.python!r}")
+        return self
+
+    def interpreter(self) -> str:
+        """The python3 ansible runs modules with on this node (always named explicitly)."""
+        if self.python:
+            return self.python
+        if self.connection == "local":
+            if not getattr(sys, "frozen", False):
+                return sys.executable
+            return shutil.which("python3") or "/usr/bin/python3"
+        return "/usr/bin/python3"
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes: Annotated[list[InventoryNode], Field(min_length=1)]
+    gateway: GatewaySettings = GatewaySettings()
+    source: str = "<default>"
+
+    @model_validator(mode="after")
+    def _check(self) -> Inventory:
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"unique node names, found {dupes} more than once")
+        local = [n.name for n in self.nodes if n.connection == "local"]
+        if len(local) > 1:
+            raise ValueError(f"at most one node with connection local, found {local}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def local_node(self) -> InventoryNode | None:
+        return next((n for n in self.nodes if n.connection == "local"), None)
+
+    def to_ansible(self, local_tmp: Path) -> dict[str, Any]:
+        """An ansible YAML/JSON inventory: group ``sovereign_nodes`` with per-host connection vars."""
+        hosts: dict[str, dict[str, Any]] = {}
+        for node in self.nodes:
+            hostvars: dict[str, Any] = {
+                "ansible_connection": node.connection,
+                "ansible_python_interpreter": node.interpreter(),
+                "sovereign_node_labels": dict(node.labels),
+            }
+            if node.gpus is not None:
+                hostvars["sovereign_node_gpus"] = node.gpus
+            if node.connection == "local":
+                hostvars["ansible_remote_tmp"] = str(local_tmp)
+            else:
+                hostvars["ansible_host"] = node.host
+                hostvars["ansible_port"] = node.port
+                if node.user:
+                    hostvars["ansible_user"] = node.user
+            hosts[node.name] = hostvars
+        return {"sovereign_nodes": {"hosts": hosts}}
+
+
+def default_inventory() -> Inventory:
+    return Inventory(nodes=[InventoryNode(name="local", connection="local", labels=dict(DEFAULT_LABELS))])
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for err in error.errors():
+        parts = []
+        for part in err["loc"]:
+            if isinstance(part, int):
+                parts.append(f"[{part}]")
+            else:
+                parts.append(("." if parts else "") + str(part))
+        where = "".join(parts) or "<top level>"
+        kind = err["type"]
+        found = repr(err.get("input"))
+        found = found if len(found) <= 80 else found[:77] + "..."
+        if kind == "missing":
+            expected, found = "a value (required field)", "nothing"
+        elif kind == "extra_forbidden":
+            expected, found = "only known fields", f"unknown field {err['loc'][-1]!r}"
+        elif kind == "too_short":
+            ctx = err.get("ctx", {})
+            expected, found = f"at least {ctx.get('min_length')} item(s)", f"{ctx.get('actual_length')}"
+        elif kind == "value_error":
+            expected, _, found = str(err["msg"]).removeprefix("Value error, ").partition(", found ")
+        else:
+            expected = str(err["msg"]).removeprefix("Input should be ")
+        lines.append(f"{source}: {where}: expected {expected}, found {found}")
+    return "invalid inventory:\n  " + "\n  ".join(lines)
+
+
+def load_inventory(path: Path | str | None = None) -> Inventory:
+    """Read and validate an inventory file; ``None`` gives the default single local node."""
+    if path is None:
+        return default_inventory()
+    path = Path(path)
+    if not path.is_file():
+        raise InventoryError(f"inventory: expected a YAML file, found nothing at {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError(f"{path}: expected a readable UTF-8 file, found {exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        raise InventoryError(f"{path}: {where}: expected valid YAML, found {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: <top level>: expected a mapping with 'nodes', found {type(data).__name__}")
+    try:
+        return Inventory.model_validate({**data, "source": os.fspath(path)})
+    except ValidationError as exc:
+        raise InventoryError(_describe(exc, os.fspath(path))) from exc

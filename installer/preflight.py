@@ -1,0 +1,232 @@
+"""Preflight: can this machine take an appliance install? Each check passes, warns or fails,
+and says how to fix what it found. Checks run on the controller, which is the local node;
+remote (ssh) nodes are listed as not checked.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from installer.inventory import Inventory, default_inventory
+from installer.layout import RootLayout, nearest_existing
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PreflightConfig:
+    """Thresholds; every limit is configuration."""
+
+    min_python: tuple[int, int] = (3, 11)
+    min_glibc: tuple[int, int] = (2, 28)
+    min_free_bytes: int = 2 * GIB  # without a bundle to size from
+    bundle_space_factor: float = 2.0  # unpacked staging + installed release
+    space_margin_bytes: int = 512 << 20
+    min_memory_bytes: int = 4 * GIB
+    recommended_memory_bytes: int = 16 * GIB
+    nvidia_smi_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class PreflightCheck:
+    name: str
+    status: str  # pass | warn | fail
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    checks: list[PreflightCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    @property
+    def failures(self) -> list[PreflightCheck]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def check_python(interpreter: str, cfg: PreflightConfig) -> PreflightCheck:
+    want = ".".join(map(str, cfg.min_python))
+    fix = f"install Python >= {want} on the node and name it in the inventory (python: /path/to/python3)"
+    try:
+        out = subprocess.run([interpreter, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return PreflightCheck("python3", FAIL, f"expected a runnable {interpreter}, found {exc}", fix)
+    found = _version(out)
+    if found[:2] < cfg.min_python:
+        return PreflightCheck("python3", FAIL, f"expected Python >= {want}, found {out} ({interpreter})", fix)
+    return PreflightCheck("python3", PASS, f"Python {out} ({interpreter})")
+
+
+def check_os(cfg: PreflightConfig) -> PreflightCheck:
+    system = platform.system()
+    if system != "Linux":
+        return PreflightCheck("os", FAIL, f"expected Linux, found {system}", "install on a Linux node")
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    want = ".".join(map(str, cfg.min_glibc))
+    distro = _os_release()
+    if not libc.startswith("glibc"):
+        return PreflightCheck("os", WARN, f"{distro}: expected glibc >= {want}, found {libc or 'unknown libc'}",
+                              "use a glibc-based distribution (the bundled wheels are manylinux)")
+    if _version(libc)[:2] < cfg.min_glibc:
+        return PreflightCheck("os", FAIL, f"{distro}: expected glibc >= {want}, found {libc}",
+                              f"upgrade to a distribution with glibc >= {want}")
+    return PreflightCheck("os", PASS, f"{distro}, {libc}, kernel {platform.release()}")
+
+
+def _os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return "Linux"
+
+
+def check_disk(root: Path, bundle_bytes: int | None, cfg: PreflightConfig) -> PreflightCheck:
+    where = nearest_existing(root)
+    free = shutil.disk_usage(where).free
+    if bundle_bytes is None:
+        need, why = cfg.min_free_bytes, "minimum without a bundle"
+    else:
+        need = int(bundle_bytes * cfg.bundle_space_factor) + cfg.space_margin_bytes
+        why = f"{cfg.bundle_space_factor:g} x bundle {bundle_bytes / GIB:.2f} GiB + margin"
+    detail = f"{free / GIB:.1f} GiB free at {where}, need {need / GIB:.1f} GiB ({why})"
+    if free < need:
+        return PreflightCheck("disk", FAIL, f"expected >= {need / GIB:.1f} GiB free at {where}, found {free / GIB:.1f}"
+                              " GiB", f"free space on {where} or choose another --root")
+    if not os.access(where, os.W_OK):
+        return PreflightCheck("disk", FAIL, f"expected {where} to be writable, found it read-only for this user",
+                              f"run as a user who can write {where}, or choose another --root")
+    return PreflightCheck("disk", PASS, detail)
+
+
+def check_memory(cfg: PreflightConfig) -> PreflightCheck:
+    total = _meminfo_bytes("MemTotal")
+    if total is None:
+        return PreflightCheck("memory", WARN, "expected /proc/meminfo, found none", "check memory by hand")
+    gib = total / GIB
+    if total < cfg.min_memory_bytes:
+        return PreflightCheck("memory", FAIL, f"expected >= {cfg.min_memory_bytes / GIB:.0f} GiB RAM, found {gib:.1f}"
+                              " GiB", "use a node with more memory")
+    if total < cfg.recommended_memory_bytes:
+        return PreflightCheck("memory", WARN, f"{gib:.1f} GiB RAM, below the recommended "
+                              f"{cfg.recommended_memory_bytes / GIB:.0f} GiB", "add memory for larger models")
+    return PreflightCheck("memory", PASS, f"{gib:.1f} GiB RAM")
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_port(host: str, port: int, *, in_service: bool) -> PreflightCheck:
+    name = f"port {port}"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if in_service:
+            return PreflightCheck(name, WARN, f"{host}:{port} is in use, probably by the installed appliance")
+        return PreflightCheck(name, FAIL, f"expected {host}:{port} free, found it in use ({exc.strerror})",
+                              "stop what listens there or set gateway.port in the inventory")
+    return PreflightCheck(name, PASS, f"{host}:{port} is free")
+
+
+def check_gpus(cfg: PreflightConfig, *, allow_cpu: bool, expected: int | None) -> PreflightCheck:
+    smi = shutil.which("nvidia-smi")
+    cpu_fix = "install the NVIDIA driver (nvidia-smi), or pass --allow-cpu to serve on CPU"
+    if smi is None:
+        if allow_cpu:
+            return PreflightCheck("gpu", WARN, "no NVIDIA GPU (nvidia-smi not found): serving on CPU (--allow-cpu)")
+        return PreflightCheck("gpu", FAIL, "expected an NVIDIA GPU, found no nvidia-smi", cpu_fix)
+    try:
+        proc = subprocess.run([smi, "--query-gpu=index,name,memory.total,driver_version",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                              timeout=cfg.nvidia_smi_timeout_s)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return PreflightCheck("gpu", WARN if allow_cpu else FAIL, f"expected nvidia-smi to answer, found {exc}",
+                              cpu_fix)
+    gpus = [[p.strip() for p in line.split(",")] for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not gpus:
+        err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return PreflightCheck("gpu", WARN if allow_cpu else FAIL, f"expected at least one GPU from nvidia-smi, "
+                              f"found none ({err[0]})", "check the NVIDIA driver (nvidia-smi) or pass --allow-cpu")
+    names = ", ".join(f"{g[1]} ({g[2]} MiB)" if len(g) > 2 else g[-1] for g in gpus)
+    driver = gpus[0][3] if len(gpus[0]) > 3 else "?"
+    detail = f"{len(gpus)} GPU(s): {names}; driver {driver}"
+    if expected is not None and expected != len(gpus):
+        return PreflightCheck("gpu", WARN, f"inventory expects {expected} GPU(s), found {len(gpus)}: {detail}",
+                              "correct gpus: in the inventory")
+    return PreflightCheck("gpu", PASS, detail)
+
+
+def check_ansible() -> PreflightCheck:
+    try:
+        from ansible.release import __version__ as version
+    except ImportError as exc:
+        return PreflightCheck("ansible", FAIL, f"expected ansible-core importable, found {exc}",
+                              "reinstall sovereign-installer")
+    return PreflightCheck("ansible", PASS, f"ansible-core {version} (in-process, no network)")
+
+
+def run_preflight(
+    root: Path,
+    *,
+    inventory: Inventory | None = None,
+    bundle: Path | None = None,
+    allow_cpu: bool = False,
+    cfg: PreflightConfig | None = None,
+) -> PreflightReport:
+    """Run every check; never raises for a failed check (the report says)."""
+    cfg = cfg or PreflightConfig()
+    inventory = inventory or default_inventory()
+    layout = RootLayout(root)
+    local = inventory.local_node()
+    checks: list[PreflightCheck] = []
+    checks.append(check_python(local.interpreter() if local else sys.executable, cfg))
+    checks.append(check_os(cfg))
+    bundle_bytes = bundle.stat().st_size if bundle is not None and bundle.is_file() else None
+    checks.append(check_disk(layout.root, bundle_bytes, cfg))
+    checks.append(check_memory(cfg))
+    checks.append(check_port(inventory.gateway.host, inventory.gateway.port,
+                             in_service=layout.current_version() is not None))
+    checks.append(check_gpus(cfg, allow_cpu=allow_cpu, expected=local.gpus if local else None))
+    checks.append(check_ansible())
+    for node in inventory.nodes:
+        if node.connection != "local":
+            checks.append(PreflightCheck(f"node {node.name}", WARN,
+                                         f"remote node ({node.host}) not checked from here",
+                                         "run sovereign-installer preflight on that node"))
+    return PreflightReport(checks)

@@ -1,0 +1,88 @@
+"""rollback: re-check an installed release against its recorded hashes and switch `current`
+back to it. No bundle is needed; the trusted state is left as it is (its versions never go
+backwards), so an older bundle cannot be re-installed over a newer trusted state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from installer.ansible_runner import DEFAULT_TIMEOUT_S, run_playbook
+from installer.display import playbook_progress
+from installer.errors import AnsibleFailed, InputError, NotInstalledError
+from installer.install import InstallResult, journal_action, resolve_inventory
+from installer.inventory import Inventory
+from installer.journal import JournalEntry
+from installer.layout import RootLayout
+from installer.staging import installer_lock, run_dir
+from installer.versions import read_release_config, version_key
+
+
+def installed_versions(layout: RootLayout) -> list[str]:
+    """Complete releases (those with an appliance.yaml), oldest first."""
+    if not layout.releases.is_dir():
+        return []
+    found = [p.name for p in layout.releases.iterdir() if p.is_dir() and (p / "appliance.yaml").is_file()]
+    return sorted(found, key=version_key)
+
+
+def rollback_target(layout: RootLayout, current: str) -> str:
+    """The release current pointed at before the last switch, else the newest older one."""
+    installed = installed_versions(layout)
+    try:
+        previous = json.loads(layout.switch_record.read_text()).get("previous", "")
+    except (OSError, ValueError, AttributeError):
+        previous = ""
+    if previous and previous != current and previous in installed:
+        return str(previous)
+    older = [v for v in installed if version_key(v) < version_key(current)]
+    if not older:
+        raise NotInstalledError(f"{layout.releases}: expected a release older than {current} to roll back to, "
+                                f"found {installed or 'none'}")
+    return older[-1]
+
+
+def rollback(
+    root: Path,
+    to: str | None = None,
+    inventory: Path | str | Inventory | None = None,
+    *,
+    console: Console | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> InstallResult:
+    """Switch ``current`` to release ``to`` (default: the previous one) after re-checking its files."""
+    layout = RootLayout(root)
+    inv = resolve_inventory(inventory)
+    current = layout.current_version()
+    if current is None:
+        raise NotInstalledError(f"{layout.root}: expected an installed release, found no current symlink")
+    target = to or rollback_target(layout, current)
+    if "/" in target or target in ("", ".", ".."):
+        raise InputError(f"--to: expected a release version, found {target!r}")
+    config = read_release_config(layout.release(target))
+    if config is None:
+        raise NotInstalledError(f"release {target}: expected {layout.release(target)}/appliance.yaml, found none; "
+                                f"installed: {installed_versions(layout) or 'none'}")
+    if target == current:
+        raise InputError(f"--to: expected a release other than the current {current}, found {target}")
+    digest = str(config.get("bundle_digest", ""))
+
+    def journal(result: str, detail: str) -> None:
+        journal_action(layout, JournalEntry("rollback", result, target, digest, inv.names, detail), create=True)
+
+    with installer_lock(layout), run_dir(layout) as work:
+        extra_vars = {"sovereign_root": str(layout.root), "sovereign_version": target,
+                      "sovereign_bundle_digest": digest}
+        with playbook_progress(console, f"rollback to {target}") as on_event:
+            result = run_playbook("rollback.yml", inventory=inv.to_ansible(work / "remote-tmp"),
+                                  extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
+                                  timeout_s=timeout_s)
+        if not result.ok:
+            journal("failed", result.summary())
+            raise AnsibleFailed(f"ansible-playbook failed: {result.summary()}", result)
+        journal("ok", f"switched current from {current} to {target}")
+    return InstallResult(action="rollback", version=target, bundle_digest=digest, root=layout.root,
+                         release_dir=layout.release(target), nodes=inv.names, changed=result.changed,
+                         switched=True, previous=current, playbook=result)

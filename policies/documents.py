@@ -1,0 +1,114 @@
+"""Typed policy documents: residency rules, SLA classes, tenant policies, retention.
+
+Each is a frozen pydantic dataclass, so it validates at construction (``pydantic.ValidationError``,
+a ``ValueError``) whether built from code or from a YAML mapping by the loader. Lists are used
+rather than tuples because YAML yields lists; instances are still immutable (frozen).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Annotated
+
+from pydantic import ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic.dataclasses import dataclass
+
+WILDCARD = "*"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+RESIDENCY_LABELS = ("region", "site", "classification")
+
+_CONFIG = ConfigDict(extra="forbid")
+
+Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+Label = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ResidencyRule:
+    """Which engine nodes may hold a tenant's data, by node label.
+
+    A node complies when its ``region``, ``site`` and ``classification`` labels are each listed
+    (``"*"`` accepts any value, including a missing label). A label the node lacks never matches
+    an explicit list: unknown placement fails closed. All three lists are required and non-empty.
+    """
+
+    regions: Annotated[list[Label], Field(min_length=1)]
+    sites: Annotated[list[Label], Field(min_length=1)]
+    classifications: Annotated[list[Label], Field(min_length=1)]
+    name: StrictStr = ""
+
+    def allowed_values(self, label: str) -> list[str]:
+        if label == "region":
+            return self.regions
+        if label == "site":
+            return self.sites
+        if label == "classification":
+            return self.classifications
+        raise KeyError(f"unknown residency label {label!r}; expected one of {list(RESIDENCY_LABELS)}")
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for label in RESIDENCY_LABELS:
+            allowed = self.allowed_values(label)
+            if WILDCARD in allowed:
+                continue
+            value = labels.get(label)
+            if value is None or value not in allowed:
+                return False
+        return True
+
+    def describe(self) -> str:
+        return (
+            f"regions {self.regions}, sites {self.sites}, classifications {self.classifications}"
+        )
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class SLAClass:
+    """A latency class. Lower ``priority`` runs first; ``ttft_target_ms`` <= ``deadline_ms``."""
+
+    name: Name
+    priority: Annotated[StrictInt, Field(ge=0, le=1000)]
+    ttft_target_ms: PositiveInt
+    deadline_ms: PositiveInt
+
+    @model_validator(mode="after")
+    def _ttft_within_deadline(self) -> SLAClass:
+        if self.ttft_target_ms > self.deadline_ms:
+            raise ValueError(
+                f"ttft_target_ms <= deadline_ms ({self.deadline_ms}), found ttft_target_ms={self.ttft_target_ms}"
+            )
+        return self
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TenantPolicy:
+    """What one tenant may do. ``allowed_models`` holds names or glob patterns (``"*"`` = all);
+    an empty list allows no model (a suspended tenant)."""
+
+    name: Name
+    allowed_models: list[Label]
+    residency: ResidencyRule
+    sla_class: Name
+    rate_limit_rpm: PositiveInt
+    max_tokens_per_request: PositiveInt
+    max_tokens_per_minute: PositiveInt
+
+    @model_validator(mode="after")
+    def _request_fits_minute_budget(self) -> TenantPolicy:
+        if self.max_tokens_per_request > self.max_tokens_per_minute:
+            raise ValueError(
+                f"max_tokens_per_request <= max_tokens_per_minute ({self.max_tokens_per_minute}), "
+                f"found max_tokens_per_request={self.max_tokens_per_request}"
+            )
+        return self
+
+    def allows_model(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.allowed_models)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class RetentionPolicy:
+    """How long records are kept, in days."""
+
+    audit_days: Annotated[StrictInt, Field(ge=1, le=36500)]
