@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 import appliance
@@ -75,10 +76,27 @@ def installer_command() -> list[str]:
     return [sys.executable, "-m", "installer"]
 
 
-def run_installer(artifacts: VendorArtifacts, root: Path, console: Console) -> None:
+def write_inventory(root: Path, host: str, port: int) -> Path:
+    """The quickstart's inventory: this machine as the one node, serving on the chosen port."""
+    path = root / "inventory.yaml"
+    doc = {
+        "gateway": {"host": host, "port": port},
+        "nodes": [{"name": "local", "connection": "local", "python": sys.executable,
+                   "labels": {"region": "local", "site": "local", "classification": "internal"}}],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def run_installer(artifacts: VendorArtifacts, root: Path, inventory: Path, console: Console) -> None:
     console.print("[bold]installer[/]: verifying the bundle and installing with ansible-playbook")
+    # --allow-cpu: the quickstart is an evaluation on whatever machine it runs on, GPU or not.
     cmd = [*installer_command(), "install", "--bundle", str(artifacts.bundle),
-           "--trusted-root", str(artifacts.trusted_root), "--root", str(root)]
+           "--trusted-root", str(artifacts.trusted_root), "--root", str(root), "--inventory", str(inventory),
+           "--allow-cpu"]
     proc = subprocess.run(cmd, text=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
     if proc.returncode != 0:
         raise ApplianceError(
@@ -105,17 +123,18 @@ def ensure_demo_key(runtime: Runtime) -> str:
 
 
 def snippets(base_url: str, ca: Path, key: str, model: str) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    body = json.dumps({"model": model, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     return f"""
 curl --cacert {ca} {base_url}/v1/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
   -d '{body}'
 
 python - <<'PY'
-import httpx, openai
+import httpx, openai, ssl
 client = openai.OpenAI(base_url="{base_url}/v1", api_key="{key}",
-                       http_client=httpx.Client(verify="{ca}"))
-r = client.chat.completions.create(model="{model}",
+                       http_client=httpx.Client(verify=ssl.create_default_context(cafile="{ca}")))
+r = client.chat.completions.create(model="{model}", temperature=0,
         messages=[{{"role": "user", "content": "What is the capital of France?"}}])
 print(r.choices[0].message.content)
 PY
@@ -129,7 +148,7 @@ def quickstart(root: Path, model_dir: Path, host: str, port: int, console: Conso
     check_port_free(host, port)  # fail in a second, not after building a bundle
     model_dir = ensure_model(model_dir.resolve(), console)
     artifacts = ensure_vendor_bundle(root, model_dir, appliance.__version__, console)
-    run_installer(artifacts, root, console)
+    run_installer(artifacts, root, write_inventory(root, host, port), console)
     runtime = Runtime.open(root)
     key = ensure_demo_key(runtime)
     server = build_server(runtime, host, port)

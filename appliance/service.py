@@ -129,7 +129,7 @@ class ChatService:
                                RequestRejected(status, decision.reason, type_, decision.code), req.model)
         sla = decision.sla_class
         prompt = self.engine.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-        prompt_ids = self.engine.tokenizer.encode(prompt)
+        prompt_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)  # template has them
         rate = self.limiter.check_and_record(
             principal.tenant, policy.rate_limit_rpm, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens
         )

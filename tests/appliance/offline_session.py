@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.appliance.support import BIN, VendorBundle, free_port, interrupt, run_installer, start
+from tests.appliance.support import BIN, VendorBundle, free_port, interrupt, run_installer, start, tls_ctx
 
 
 def _no_route_out() -> bool:
@@ -27,27 +27,27 @@ def _no_route_out() -> bool:
 
 
 def main(bundle: str, trusted_root: str, root: str) -> int:
-    interfaces = sorted(p.name for p in Path("/sys/class/net").iterdir())
-    installed = run_installer(VendorBundle(Path(bundle), Path(trusted_root)), Path(root))
+    interfaces = sorted(name for _index, name in socket.if_nameindex())  # this namespace's, via netlink
+    port = free_port()
+    installed = run_installer(VendorBundle(Path(bundle), Path(trusted_root)), Path(root), port)
     if installed.returncode != 0:
         print(installed.stdout, installed.stderr, file=sys.stderr)
         return 1
-    port = free_port()
     url = f"https://localhost:{port}"
     ca = Path(root) / "tls" / "ca.pem"
     proc = start([str(BIN / "appliance"), "serve", "--root", root, "--port", str(port)], url, ca)
     try:
-        admin = httpx.Client(base_url=url, verify=str(ca), timeout=30, headers={
+        admin = httpx.Client(base_url=url, verify=tls_ctx(ca), timeout=30, headers={
             "Authorization": f"Bearer {(Path(root) / 'secrets' / 'admin.token').read_text().strip()}"})
         admin.post("/admin/v1/tenants", json={"name": "offline"}).raise_for_status()
         key = admin.post("/admin/v1/tenants/offline/keys", json={}).json()["key"]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
-                               http_client=httpx.Client(verify=str(ca), timeout=120))
+                               http_client=httpx.Client(verify=tls_ctx(ca), timeout=120))
         reply = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", max_tokens=32, temperature=0,
             messages=[{"role": "user", "content": "What is the capital of France?"}])
     finally:
-        code, out = interrupt(proc)
+        code, _ = interrupt(proc)
     db = f"sqlite:///{Path(root) / 'data' / 'appliance.db'}"
     verify = subprocess.run([str(BIN / "appliance"), "audit", "verify", "--db", db, "--key",
                              str(Path(root) / "secrets" / "audit-signing.key")], capture_output=True, text=True)

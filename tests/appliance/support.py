@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,11 @@ from pathlib import Path
 import httpx
 
 BIN = Path(sys.executable).parent
+
+
+def tls_ctx(ca: Path | str) -> ssl.SSLContext:
+    """A client context that trusts only the appliance's own CA."""
+    return ssl.create_default_context(cafile=str(ca))
 
 
 def free_port() -> int:
@@ -43,10 +49,25 @@ def build_demo_bundle(workdir: Path, model_dir: Path, version: str = "0.1.0") ->
     return VendorBundle(bundle, keys / "root.json")
 
 
-def run_installer(vendor: VendorBundle, root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def write_inventory(path: Path, port: int) -> Path:
+    path.write_text(
+        f"gateway: {{host: 127.0.0.1, port: {port}}}\n"
+        "nodes:\n"
+        "  - name: local\n"
+        "    connection: local\n"
+        "    labels: {region: eu-test, site: lab, classification: internal}\n"
+    )
+    return path
+
+
+def run_installer(vendor: VendorBundle, root: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """Install as an IT admin would on a CPU-only machine, gateway on ``port``."""
+    root.mkdir(parents=True, exist_ok=True)
+    inventory = write_inventory(root.parent / f"{root.name}-inventory.yaml", port)
     return subprocess.run(
         [str(BIN / "sovereign-installer"), "install", "--bundle", str(vendor.bundle),
-         "--trusted-root", str(vendor.trusted_root), "--root", str(root), *extra],
+         "--trusted-root", str(vendor.trusted_root), "--root", str(root), "--inventory", str(inventory),
+         "--allow-cpu"],
         text=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}, timeout=600,
     )
 
@@ -59,7 +80,7 @@ def wait_healthy(proc: subprocess.Popen[str], url: str, ca: Path, timeout_s: flo
             raise AssertionError(f"appliance exited with {proc.returncode} before becoming healthy:\n{out}")
         if ca.exists():
             try:
-                if httpx.get(f"{url}/health", verify=str(ca), timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", verify=tls_ctx(ca), timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

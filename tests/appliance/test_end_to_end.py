@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.appliance.support import BIN, VendorBundle, free_port, interrupt, run_installer, start
+from tests.appliance.support import BIN, VendorBundle, free_port, interrupt, run_installer, start, tls_ctx
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -28,12 +28,12 @@ class Served:
     admin_token: str
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, verify=str(self.ca),
+        return httpx.Client(base_url=self.url, verify=tls_ctx(self.ca),
                             headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
 
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
-                             http_client=httpx.Client(verify=str(self.ca), timeout=120))
+                             http_client=httpx.Client(verify=tls_ctx(self.ca), timeout=120))
 
     def new_tenant_key(self, tenant: str) -> str:
         with self.admin() as admin:
@@ -46,9 +46,9 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, vendor_bundle: VendorBundle) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("root")
-    installed = run_installer(vendor_bundle, root)
-    assert installed.returncode == 0, installed.stdout + installed.stderr
     port = free_port()
+    installed = run_installer(vendor_bundle, root, port)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
     url = f"https://localhost:{port}"
     proc = start([str(BIN / "appliance"), "serve", "--root", str(root), "--port", str(port)], url,
                  root / "tls" / "ca.pem")
@@ -83,7 +83,7 @@ def test_streaming_gives_the_same_answer(served: Served) -> None:
 
 
 def test_missing_and_wrong_keys_get_401(served: Served) -> None:
-    resp = httpx.post(f"{served.url}/v1/chat/completions", verify=str(served.ca),
+    resp = httpx.post(f"{served.url}/v1/chat/completions", verify=tls_ctx(served.ca),
                       json={"model": MODEL, "messages": QUESTION})
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "missing_api_key"
@@ -99,7 +99,7 @@ def test_bad_requests_get_clear_openai_errors(served: Served) -> None:
         client.chat.completions.create(model=MODEL, messages=[])
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=7)
-    raw = httpx.post(f"{served.url}/v1/chat/completions", verify=str(served.ca), content=b"{not json",
+    raw = httpx.post(f"{served.url}/v1/chat/completions", verify=tls_ctx(served.ca), content=b"{not json",
                      headers={"Authorization": f"Bearer {served.new_tenant_key('rawbad')}",
                               "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
@@ -111,7 +111,7 @@ def test_plain_http_is_refused(served: Served) -> None:
 
 
 def test_admin_api_needs_the_admin_token(served: Served) -> None:
-    resp = httpx.get(f"{served.url}/admin/v1/tenants", verify=str(served.ca),
+    resp = httpx.get(f"{served.url}/admin/v1/tenants", verify=tls_ctx(served.ca),
                      headers={"Authorization": "Bearer not-the-token"})
     assert resp.status_code == 401
 

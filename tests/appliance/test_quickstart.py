@@ -10,14 +10,14 @@ import httpx
 import openai
 import pytest
 
-from tests.appliance.support import BIN, free_port, interrupt, start
+from tests.appliance.support import BIN, free_port, interrupt, start, tls_ctx
 
 pytestmark = pytest.mark.slow
 
 
 def _ask(url: str, ca: Path, key: str) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
-                           http_client=httpx.Client(verify=str(ca), timeout=120))
+                           http_client=httpx.Client(verify=tls_ctx(ca), timeout=120))
     reply = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", max_tokens=32, temperature=0,
         messages=[{"role": "user", "content": "What is the capital of France?"}])
@@ -33,7 +33,7 @@ def test_quickstart_serves_paris_and_restarts(tmp_path: Path, model_dir: Path) -
     proc = start(cmd, url, root / "tls" / "ca.pem")
     key = (root / "secrets" / "demo-tenant.key").read_text().strip()
     assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
-    assert httpx.post(f"{url}/v1/chat/completions", verify=str(root / "tls" / "ca.pem"),
+    assert httpx.post(f"{url}/v1/chat/completions", verify=tls_ctx(root / "tls" / "ca.pem"),
                       json={"model": "x", "messages": []}).status_code == 401
     code, out = interrupt(proc)
     assert code == 0, out
