@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from appliance.audit import AuditLog
 from appliance.errors import ApplianceError
@@ -24,7 +25,7 @@ class JournalTamperedError(ApplianceError):
 def import_journal(journal: Path, state_file: Path, audit: AuditLog) -> int:
     if not journal.exists():
         return 0
-    state = {"lines": 0, "sha256": hashlib.sha256().hexdigest()}
+    state: dict[str, Any] = {"lines": 0, "sha256": hashlib.sha256().hexdigest()}
     if state_file.exists():
         state = json.loads(state_file.read_text())
     lines = journal.read_bytes().splitlines(keepends=True)
