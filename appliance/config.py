@@ -21,6 +21,36 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """The ``engine:`` section (optional). ``auto`` picks CUDA + bfloat16 when a GPU is present."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"engine.device must be one of auto, cpu, cuda; found {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"engine.dtype must be one of auto, float32, bfloat16, float16; found {self.dtype!r}")
+        for name in ("kv_cache_bytes", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"engine.{name} must be a positive integer, found {value!r}")
+
+    def resolved(self, cuda_available: bool) -> dict[str, object]:
+        device = ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
+        dtype = ("bfloat16" if device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+        out: dict[str, object] = {"device": device, "dtype": dtype}
+        if self.kv_cache_bytes is not None:
+            out["kv_cache_bytes"] = self.kv_cache_bytes
+        if self.max_num_seqs is not None:
+            out["max_num_seqs"] = self.max_num_seqs
+        return out
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     root: Path
     version: str
@@ -31,6 +61,7 @@ class ApplianceConfig:
     node: NodeConfig
     host: str = "127.0.0.1"
     port: int = 8443
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -89,6 +120,10 @@ def load_config(root: Path) -> ApplianceConfig:
     port = gateway.get("port", 8443)
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"{path}: gateway.port must be an integer in 1..65535, found {port!r}")
+    engine = doc.get("engine") or {}
+    if not isinstance(engine, dict) or set(engine) - {"device", "dtype", "kv_cache_bytes", "max_num_seqs"}:
+        raise ConfigError(f"{path}: engine must be a mapping of device, dtype, kv_cache_bytes, max_num_seqs; "
+                          f"found {engine!r}")
     return ApplianceConfig(
         root=root,
         version=str(_require(doc, "version", str, path)),
@@ -99,4 +134,5 @@ def load_config(root: Path) -> ApplianceConfig:
         node=NodeConfig(name=str(node.get("name", "local")), labels=dict(node.get("labels") or {})),
         host=str(gateway.get("host", "127.0.0.1")),
         port=port,
+        engine=EngineSettings(**engine),
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+import torch
 
 from appliance.audit import AuditLog
 from appliance.config import ApplianceConfig, load_config
@@ -53,8 +54,9 @@ class Runtime:
             log.info("imported %d installer journal entries into the audit log", imported)
         admin_token = ensure_secret(config.secrets_dir / "admin.token")
         salt_key = ensure_secret(config.secrets_dir / "cache-salt.key").encode()
-        engine = AsyncEngine(EngineConfig(model=str(config.model_path), device="cpu", dtype="float32",
-                                          **(engine_overrides or {})))  # type: ignore[arg-type]
+        settings = config.engine.resolved(cuda_available=torch.cuda.is_available())
+        settings.update(engine_overrides or {})
+        engine = AsyncEngine(EngineConfig(model=str(config.model_path), **settings))  # type: ignore[arg-type]
         service = ChatService(
             engine=engine, policies=policies, audit=audit, node=config.node, model_name=config.model_name,
             salt_key=salt_key, metrics=GatewayMetrics(),

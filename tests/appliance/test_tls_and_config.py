@@ -49,3 +49,22 @@ def test_bad_config_values_name_the_field(tmp_path: Path) -> None:
     cfg.write_text("- not a mapping\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path)
+
+
+def test_engine_section_is_validated_and_resolved(tmp_path: Path) -> None:
+    (tmp_path / "current").mkdir()
+    cfg = tmp_path / "current" / "appliance.yaml"
+    base = "version: '1'\nmodel: {name: m, path: /x}\npolicies_dir: /p\n"
+    cfg.write_text(base)
+    settings = load_config(tmp_path).engine
+    assert settings.resolved(cuda_available=False) == {"device": "cpu", "dtype": "float32"}
+    assert settings.resolved(cuda_available=True) == {"device": "cuda", "dtype": "bfloat16"}
+    cfg.write_text(base + "engine: {device: tpu}\n")
+    with pytest.raises(ConfigError, match=r"engine.device must be one of auto, cpu, cuda; found 'tpu'"):
+        load_config(tmp_path)
+    cfg.write_text(base + "engine: {kv_cache_bytes: -5}\n")
+    with pytest.raises(ConfigError, match=r"engine.kv_cache_bytes must be a positive integer"):
+        load_config(tmp_path)
+    cfg.write_text(base + "engine: {colour: blue}\n")
+    with pytest.raises(ConfigError, match="engine must be a mapping of device"):
+        load_config(tmp_path)
