@@ -12,9 +12,13 @@ Public API (see each function's docstring)::
     unpack_bundle(bundle, dest, report) -> list[Path]
     inspect_bundle(bundle) -> dict                         untrusted look inside
     split_bundle(bundle, out_dir, part_size) / join_parts(index, out)   size-capped media
+    download_wheelhouse(requirements, out, WheelTarget(platform, python)) -> list[Path]   pip download
 
 Delta bundles: ``build_bundle(..., base_manifest=...)`` leaves unchanged files out of the tar;
 ``verify_bundle(..., base_dir=...)`` checks them in the installed base release instead.
+Large files: ``build_bundle(..., chunk_bytes=64 MiB)`` signs per-chunk sha256 too, so that
+``verify_bundle(..., workers=N)`` hashes the chunks of one big file on N threads.
+Format, checks and CLI: docs/bundles.md.
 
 Heavy dependencies (torch, gguf, transformers) are imported only by ``import_gguf``.
 """
@@ -40,6 +44,7 @@ from .testmodel import default_model_dir, find_smollm2_gguf
 from .trust_state import commit_trust
 from .unpack import unpack_bundle
 from .verify import CHECKS, verify_bundle
+from .wheelhouse import WheelTarget, download_wheelhouse
 
 __all__ = [
     "CHECKS",
@@ -55,9 +60,11 @@ __all__ = [
     "UnpackError",
     "VerificationError",
     "VerificationReport",
+    "WheelTarget",
     "build_bundle",
     "commit_trust",
     "default_model_dir",
+    "download_wheelhouse",
     "find_smollm2_gguf",
     "import_gguf",
     "import_hf",

@@ -1,4 +1,4 @@
-"""Building a bundle: collect inputs, hash (streamed), write manifest + SBOM, sign, write one tar.
+"""Building a bundle: collect inputs, write them into one tar while hashing, add manifest + SBOM, sign.
 
 Determinism: the same inputs, keys, version, ``created`` and ``expires`` give the same bytes
 (Ed25519 signatures are deterministic, JSON is key-sorted, tar entries have fixed metadata).
@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError
-from .fsutil import sha256_file
-from .layout import MANIFEST, SBOM, metadata_member, target_member
+from .hashing import DEFAULT_CHUNK_BYTES, ChunkHashes, RangeJob, default_workers, file_opener, hash_ranges, spans
+from .layout import MANIFEST, MIN_CHUNK_BYTES, SBOM, metadata_member, target_member
 from .model_meta import read_model_info
 from .progress import NullProgress, ProgressSink
 from .report import TargetInfo
 from .sbom import build_sbom
-from .signing import sign_metadata
+from .signing import check_signing_keys, sign_metadata
 from .sources import SourceFile, collect_tree
 from .tar_writer import DeterministicTar
 
@@ -43,15 +43,29 @@ def default_created() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _hash_sources(files: list[SourceFile], progress: ProgressSink) -> dict[str, TargetInfo]:
-    total = sum(f.source.stat().st_size for f in files)
-    progress.begin("hashing inputs", total)
-    out = {}
+def _hash_inputs(files: list[SourceFile], sizes: dict[str, int], chunk_bytes: int, workers: int,
+                 progress: ProgressSink) -> tuple[dict[str, TargetInfo], dict[str, ChunkHashes]]:
+    """sha256 (and chunk hashes of large files) of input files, read in place on ``workers`` threads."""
+    jobs: list[RangeJob] = []
     for f in files:
-        digest, length = sha256_file(f.source, on_chunk=progress.advance)
-        out[f.target] = TargetInfo(length, digest)
+        opener = file_opener(f.source)
+        jobs.append(RangeJob(f.target, -1, opener, 0, sizes[f.target]))
+        if sizes[f.target] > chunk_bytes:
+            jobs += [RangeJob(f.target, i, opener, off, n)
+                     for i, (off, n) in enumerate(spans(sizes[f.target], chunk_bytes))]
+    progress.begin("hashing unchanged inputs", sum(j.length for j in jobs))
+    infos: dict[str, TargetInfo] = {}
+    parts: dict[str, list[str]] = {}
+    for result in hash_ranges(jobs, workers, progress.advance):
+        job = result.job
+        if result.read != job.length:
+            raise BuildError(f"{job.key}: changed during the build: expected {job.length} bytes, found {result.read}")
+        if job.index < 0:
+            infos[job.key] = TargetInfo(job.length, result.sha256)
+        else:
+            parts.setdefault(job.key, []).append(result.sha256)
     progress.end()
-    return out
+    return infos, {k: ChunkHashes(chunk_bytes, tuple(v)) for k, v in parts.items()}
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -70,6 +84,13 @@ def _read_base(base_manifest: Path) -> dict[str, Any]:
 
 def _base_version(base_manifest: Path) -> str:
     return str(_read_base(base_manifest).get("version", ""))
+
+
+def _delta_candidates(files: list[SourceFile], sizes: dict[str, int], base_manifest: Path) -> list[SourceFile]:
+    """Inputs with the same path and length as in the base release (only these need hashing first)."""
+    contents = _read_base(base_manifest)["contents"]
+    return [f for f in files if isinstance(contents.get(f.target), dict)
+            and contents[f.target].get("length") == sizes[f.target]]
 
 
 def _unchanged(targets: dict[str, TargetInfo], base_manifest: Path) -> list[str]:
@@ -106,6 +127,8 @@ def build_bundle(
     metadata_version: int | None = None,
     progress: ProgressSink | None = None,
     base_manifest: Path | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    workers: int | None = None,
 ) -> Path:
     """Write a signed, deterministic bundle tar; return its path.
 
@@ -113,10 +136,17 @@ def build_bundle(
     ``base_manifest`` (the manifest.json of a release already installed) makes a delta bundle:
     targets.json still lists every file, but files with the same path, length and sha256 as in
     the base are left out of the tar; the verifier then reads them from the base release.
+    Files longer than ``chunk_bytes`` also get signed per-chunk sha256 (parallel verification).
+
+    Each input is read once, while it is written into the tar and hashed (delta candidates,
+    which must be hashed before deciding, are read twice). Tar order: payload targets sorted,
+    then targets/manifest.json and targets/sbom.cdx.json, then the metadata sorted by name.
     """
     progress = progress or NullProgress()
     if not version or "/" in version:
         raise ValueError(f"version must be a non-empty string without '/', got {version!r}")
+    if chunk_bytes < MIN_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be >= {MIN_CHUNK_BYTES}, got {chunk_bytes}")
     created = _utc(created or default_created(), "created")
     expires = _utc(expires, "expires")
     if expires <= created:
@@ -132,17 +162,66 @@ def build_bundle(
             files += collect_tree(Path(root), prefix)
     if not files:
         raise BuildError("expected at least one input (model, policies, playbooks or wheelhouse), found none")
-    targets = _hash_sources(files, progress)
-    omitted = _unchanged(targets, base_manifest) if base_manifest is not None else []
-
+    check_signing_keys(Path(keydir))  # a missing key fails now, not after writing gigabytes
+    sizes = {f.target: f.source.stat().st_size for f in files}
+    targets: dict[str, TargetInfo] = {}
+    chunks: dict[str, ChunkHashes] = {}
+    omitted: list[str] = []
+    if base_manifest is not None:
+        candidates = _delta_candidates(files, sizes, Path(base_manifest))
+        infos, cand_chunks = _hash_inputs(candidates, sizes, chunk_bytes, workers or default_workers(), progress)
+        omitted = _unchanged(infos, Path(base_manifest))
+        targets.update({p: infos[p] for p in omitted})
+        chunks.update({p: cand_chunks[p] for p in omitted if p in cand_chunks})
     info = read_model_info(Path(model_dir)) if model_dir is not None else {}
     model_name = str(info.get("name") or Path(model_dir).name) if model_dir is not None else None
+
+    bundle = _bundle_path(Path(out), name, version)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".tmp", dir=bundle.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as stream:
+            with DeterministicTar(stream, mtime=int(created.timestamp()), progress=progress) as tar:
+                payload = sorted((f for f in files if f.target not in omitted), key=lambda f: f.target)
+                progress.begin("writing bundle", sum(sizes[f.target] for f in payload))
+                for f in payload:
+                    size = sizes[f.target]
+                    digest, chunked = tar.add_file(target_member(f.target), f.source, size,
+                                                   chunk_bytes if size > chunk_bytes else None)
+                    targets[f.target] = TargetInfo(size, digest)
+                    if chunked is not None:
+                        chunks[f.target] = chunked
+                progress.end()
+                generated = _generated(targets, name, version, created, model_dir, model_name, info, base_manifest,
+                                       omitted)
+                for path, data in generated.items():
+                    tar.add_bytes(target_member(path), data)
+                    targets[path] = TargetInfo(len(data), hashlib.sha256(data).hexdigest())
+                signed = sign_metadata(Path(keydir), targets, expires=expires, version=tuf_version, chunks=chunks)
+                for meta_name in sorted(signed.files):
+                    tar.add_bytes(metadata_member(meta_name[: -len(".json")]), signed.files[meta_name])
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, bundle)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return bundle
+
+
+def _generated(targets: dict[str, TargetInfo], name: str, version: str, created: datetime, model_dir: Path | None,
+               model_name: str | None, info: dict[str, Any], base_manifest: Path | None,
+               omitted: list[str]) -> dict[str, bytes]:
+    """targets sbom.cdx.json, then manifest.json (which lists the SBOM among its contents)."""
     sbom = build_sbom(name=name, version=version, created=created, targets=targets, model_name=model_name,
                       model_license=str(info.get("license", "NOASSERTION")))
-    targets[SBOM] = TargetInfo(len(sbom), hashlib.sha256(sbom).hexdigest())
+    contents = dict(targets)
+    contents[SBOM] = TargetInfo(len(sbom), hashlib.sha256(sbom).hexdigest())
 
     def section(prefix: str) -> list[str]:
-        return sorted(p[len(prefix) + 1:] for p in targets if p.startswith(prefix + "/"))
+        return sorted(p[len(prefix) + 1:] for p in contents if p.startswith(prefix + "/"))
 
     manifest = _json_bytes({
         "schema": 1,
@@ -154,38 +233,7 @@ def build_bundle(
         "policies": section("policies"),
         "playbooks": section("playbooks"),
         "wheels": section("wheels"),
-        "contents": {p: {"length": t.length, "sha256": t.sha256} for p, t in sorted(targets.items())},
+        "contents": {p: {"length": t.length, "sha256": t.sha256} for p, t in sorted(contents.items())},
         **({"delta": {"base_version": _base_version(base_manifest), "omitted": omitted}} if base_manifest else {}),
     })
-    targets[MANIFEST] = TargetInfo(len(manifest), hashlib.sha256(manifest).hexdigest())
-
-    signed = sign_metadata(Path(keydir), targets, expires=expires, version=tuf_version)
-    generated = {SBOM: sbom, MANIFEST: manifest}
-    sources = {f.target: f.source for f in files}
-
-    bundle = _bundle_path(Path(out), name, version)
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{bundle.name}.", suffix=".tmp", dir=bundle.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        progress.begin("writing bundle", sum(t.length for p, t in targets.items() if p in sources and p not in omitted))
-        with os.fdopen(fd, "wb") as stream:
-            with DeterministicTar(stream, mtime=int(created.timestamp()), progress=progress) as tar:
-                for meta_name in sorted(signed.files):
-                    tar.add_bytes(metadata_member(meta_name[: -len(".json")]), signed.files[meta_name])
-                for path in sorted(targets):
-                    if path in omitted:
-                        continue
-                    if path in generated:
-                        tar.add_bytes(target_member(path), generated[path])
-                    else:
-                        tar.add_file(target_member(path), sources[path], targets[path].length, targets[path].sha256)
-            stream.flush()
-            os.fsync(stream.fileno())
-        progress.end()
-        os.replace(tmp, bundle)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return bundle
+    return {SBOM: sbom, MANIFEST: manifest}

@@ -1,7 +1,8 @@
-"""``airgap-bundle`` CLI: import-model, keys init/rotate, build, verify, unpack, inspect.
+"""``airgap-bundle`` CLI: import-model, wheelhouse, keys init/rotate, build, verify, unpack, inspect, split, join.
 
-Exit codes: 0 ok; 1 verification failed (or the verified content changed while unpacking);
-2 usage or input error (missing files, bad keys, bad arguments).
+Exit codes: 0 ok; 1 verification failed (or the verified content changed while unpacking, or a
+split part is missing, reordered or damaged); 2 usage or input error (missing files, bad keys,
+bad arguments).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -91,6 +93,32 @@ def import_model(
         out_console.print(f"[green]imported[/green] {result} ({', '.join(files)})")
 
 
+@app.command("wheelhouse")
+def wheelhouse(
+    out: Annotated[Path, typer.Option("--out", help="Wheelhouse directory (created).")],
+    requirement: Annotated[list[str] | None, typer.Argument(help="Requirements, e.g. 'pyyaml==6.0.2'.")] = None,
+    requirements_file: Annotated[list[Path] | None, typer.Option("--requirement", "-r")] = None,
+    platform: Annotated[str, typer.Option(help="Target platform tag.")] = "manylinux2014_x86_64",
+    python_version: Annotated[str, typer.Option(help="Target Python, e.g. 3.11.")] = "3.11",
+    implementation: Annotated[str, typer.Option(help="Target implementation tag.")] = "cp",
+    find_links: Annotated[list[Path] | None, typer.Option("--find-links")] = None,
+    no_index: Annotated[bool, typer.Option("--no-index", help="Only --find-links, no package index.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download wheels only (pip download) for the nodes' platform and Python, for 'build --wheelhouse'."""
+    from .wheelhouse import WheelTarget, download_wheelhouse
+
+    with err_console.status("pip download", spinner="dots") if not as_json else nullcontext():
+        wheels = _guard(lambda: download_wheelhouse(
+            requirement or [], out, WheelTarget(platform, python_version, implementation),
+            requirement_files=requirements_file or [], find_links=find_links or [], no_index=no_index))
+    if as_json:
+        _emit_json({"ok": True, "out": str(out), "wheels": [p.name for p in wheels]})
+    else:
+        out_console.print(f"[green]wheelhouse[/green] {escape(str(out))}: {len(wheels)} wheel(s) for "
+                          f"{escape(platform)} / Python {escape(python_version)}")
+
+
 @keys_app.command("init")
 def keys_init(
     keydir: Annotated[Path, typer.Argument(help="New key directory.")],
@@ -148,27 +176,45 @@ def build(
     created: Annotated[str | None, typer.Option(help="ISO timestamp (default $SOURCE_DATE_EPOCH or now).")] = None,
     base_manifest: Annotated[Path | None, typer.Option(
         "--base-manifest", help="manifest.json of the installed release: build a delta bundle.")] = None,
+    chunk_size: Annotated[str, typer.Option(
+        "--chunk-size", help="Files larger than this also get signed per-chunk sha256 (parallel verify).")] = "64M",
+    split_size: Annotated[str | None, typer.Option(
+        "--split-size", help="Also write the bundle as parts of at most this size (e.g. 4G) into <bundle>.parts/.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build one signed, deterministic bundle tar."""
+    """Build one signed, deterministic bundle tar (optionally also split into parts for removable media)."""
     when = _parse_created(created)
+    chunk_bytes = _guard(lambda: parse_size(chunk_size))
+    part_bytes = _guard(lambda: parse_size(split_size)) if split_size is not None else None
     with RichProgress(err_console, enabled=not as_json) as progress:
         bundle = _guard(lambda: build_bundle(
             out, keys, version, when + timedelta(days=expires_days), model_dir=model, policies_dir=policies,
             playbooks_dir=playbooks, wheelhouse=wheelhouse, name=name, created=when, progress=progress,
-            base_manifest=base_manifest))
+            base_manifest=base_manifest, chunk_bytes=chunk_bytes))
+    index = None
+    if part_bytes is not None:
+        with RichProgress(err_console, enabled=not as_json) as progress:
+            index = _guard(lambda: split_bundle(bundle, bundle.parent / f"{bundle.name}.parts", part_bytes,
+                                                progress=progress))
     if as_json:
-        _emit_json({"ok": True, "bundle": str(bundle), "size": bundle.stat().st_size})
+        _emit_json({"ok": True, "bundle": str(bundle), "size": bundle.stat().st_size,
+                    "parts_index": str(index) if index else None})
     else:
         out_console.print(f"[green]built[/green] {bundle} ({bundle.stat().st_size} bytes)")
+        if index is not None:
+            out_console.print(f"[green]split[/green] into parts; index {escape(str(index))}")
 
 
 def _print_report(report: VerificationReport) -> None:
     table = Table(title=escape(report.bundle))
-    for column in ("#", "check", "result", "detail"):
+    for column in ("#", "check", "result"):
         table.add_column(column)
+    table.add_column("detail", overflow="fold")  # hashes and paths in full
     for check in report.checks:
         result = "[green]pass[/green]" if check.passed else "[dim]skipped[/dim]" if check.skipped else "[red]FAIL[/red]"
+        if check.passed and check.detail.startswith("NOT CHECKED"):
+            result = "[yellow]not checked[/yellow]"  # no --state: nothing to compare versions with
         detail = check.detail + (f" [{check.path}]" if check.path and not check.passed else "")
         table.add_row(str(check.number), check.name, result, escape(detail))
     out_console.print(table)
@@ -208,8 +254,8 @@ def verify(
     if not report.ok:
         failed = report.first_failure()
         if not as_json and failed is not None:
-            err_console.print(f"[red]verification failed[/red] at check {escape(failed.label)}: "
-                              f"{escape(failed.detail)}", highlight=False)
+            err_console.print(f"[red]verification failed[/red] at check {escape(failed.label)} "
+                              f"{escape(f'[{failed.path}]')}: {escape(failed.detail)}", highlight=False)
         raise typer.Exit(EXIT_VERIFY_FAILED)
     if commit and state is not None:
         _guard(lambda: commit_trust(report, state))
@@ -295,6 +341,18 @@ def inspect(bundle: Annotated[Path, typer.Argument()], as_json: JsonOpt = False)
     for path, size in info["targets"].items():
         targets.add_row(escape(path), str(size))
     out_console.print(targets)
+    manifest = info["manifest"] if isinstance(info["manifest"], dict) else {}
+    out_console.print(f"{escape(str(manifest.get('name', '?')))} {escape(str(manifest.get('version', '?')))}, "
+                      f"digest {info['digest']} (unverified)", highlight=False)
+    sbom = info["sbom"] or {}
+    if "error" in sbom or not sbom:
+        out_console.print(f"SBOM: {escape(str(sbom.get('error', 'none')))}", highlight=False)
+    else:
+        models = ", ".join(
+            f"{m['name']} ({', '.join(str(x) for x in m['licenses']) or 'no licence'}, {m['files']} files)"
+            for m in sbom["models"]) or "none"
+        out_console.print(escape(f"SBOM {sbom['format']}: {sbom['components']} components; model {models}; "
+                                 f"{len(sbom['wheels'])} wheel(s) {', '.join(sbom['wheels'])}"), highlight=False)
 
 
 def main() -> None:

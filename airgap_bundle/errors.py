@@ -32,8 +32,8 @@ class BuildError(BundleError):
 class VerificationError(BundleError):
     """A bundle failed a numbered verification check.
 
-    ``check`` names the check ("3 timestamp signature threshold"), ``path`` the member or
-    target concerned (empty when the failure concerns the whole bundle).
+    ``check`` names the check ("3 timestamp signature threshold"), ``path`` the file concerned:
+    a member, target or metadata file, or the bundle itself for whole-bundle failures.
     """
 
     def __init__(self, check: str, message: str, path: str = "") -> None:

@@ -12,8 +12,27 @@ from typing import Any
 from tuf.api.metadata import Metadata
 
 from .errors import BundleError
-from .layout import MANIFEST, METADATA_DIR, TARGETS_DIR, Limits, target_member
-from .tar_reader import StructureProblem, read_member, scan_members
+from .layout import MANIFEST, METADATA_DIR, SBOM, TARGETS_DIR, Limits, target_member
+from .tar_reader import Member, StructureProblem, bundle_digest, read_member, scan_members
+
+
+def _sbom_summary(bundle: Path, members: dict[str, Member], limits: Limits) -> dict[str, Any] | None:
+    """Model (name, licence) and wheels (name, version) the CycloneDX SBOM lists; None without one."""
+    member = members.get(target_member(SBOM))
+    if member is None:
+        return None
+    try:
+        bom = json.loads(read_member(bundle, member, limits.max_manifest_bytes))
+        components = bom.get("components", [])
+        models = [{"name": c.get("name"), "files": len(c.get("components", [])),
+                   "licenses": [lic.get("license", {}).get("id") or lic.get("license", {}).get("name")
+                                for lic in c.get("licenses", [])]}
+                  for c in components if c.get("type") == "machine-learning-model"]
+        wheels = sorted(f"{c.get('name')}=={c.get('version')}" for c in components if c.get("type") == "library")
+        return {"format": f"{bom.get('bomFormat')} {bom.get('specVersion')}", "models": models, "wheels": wheels,
+                "components": len(components)}
+    except (StructureProblem, ValueError, AttributeError, TypeError) as exc:
+        return {"error": str(exc)}
 
 
 def inspect_bundle(bundle: Path, *, limits: Limits | None = None) -> dict[str, Any]:
@@ -48,6 +67,8 @@ def inspect_bundle(bundle: Path, *, limits: Limits | None = None) -> dict[str, A
         "bundle": str(bundle),
         "verified": False,
         "size": bundle.stat().st_size,
+        "digest": f"sha256:{bundle_digest(bundle, members)}",
+        "sbom": _sbom_summary(bundle, members, limits),
         "metadata": metadata,
         "targets": targets,
         "manifest": manifest,

@@ -12,6 +12,7 @@ Private keys are matched to roles by key id, never by file name.
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 from collections.abc import Mapping
@@ -163,7 +164,7 @@ def rotate_keys(keydir: Path, roles: list[str], *, root_expires: datetime | None
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     old_md = load_root(keydir)
     old_signers = load_signers(keydir, "root", old_md.signed)
-    new = Root.from_dict(old_md.signed.to_dict())
+    new = Root.from_dict(copy.deepcopy(old_md.signed.to_dict()))  # to_dict shares the keyid lists
     new.version += 1
     new.expires = _utc_seconds(root_expires or datetime.now(UTC) + DEFAULT_ROOT_EXPIRY)
     retired = keydir / PRIVATE_DIR / "retired"

@@ -11,6 +11,8 @@ TOP_LEVEL_ROLES = ("root", "timestamp", "snapshot", "targets")
 VERSIONED_ROOT = re.compile(r"^metadata/([1-9][0-9]{0,8})\.root\.json$")
 MANIFEST = "manifest.json"
 SBOM = "sbom.cdx.json"
+# Smallest signed chunk a verifier accepts: bounds the chunk-hash list (and the jobs) per byte.
+MIN_CHUNK_BYTES = 1024 * 1024
 # Characters refused in any path component: control characters and the Windows separator.
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -24,10 +26,16 @@ class Limits:
     max_manifest_bytes: int = 16 * 1024 * 1024
     max_root_rotations: int = 64
     max_path_length: int = 1024
+    # End-of-archive marker plus zero padding after the last member: tar writers pad to whole
+    # 10240-byte records, so at most 1024 + 9728 bytes; two records leave room for other writers.
+    max_trailing_bytes: int = 20480
+    min_chunk_bytes: int = MIN_CHUNK_BYTES
+    # Largest single header record (GNU long name, pax header) the tar parser may read into memory.
+    max_header_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         for name in ("max_members", "max_metadata_bytes", "max_manifest_bytes", "max_root_rotations",
-                     "max_path_length"):
+                     "max_path_length", "max_trailing_bytes", "min_chunk_bytes", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -17,7 +17,11 @@ class TargetInfo:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One numbered check. ``skipped`` checks did not run because an earlier one failed."""
+    """One numbered check. ``skipped`` checks did not run because an earlier one failed.
+
+    ``path`` (failures only) names the file concerned: a tar member, target or metadata file, the
+    trusted root, or the bundle file itself when the failure concerns the whole bundle.
+    """
 
     number: int
     name: str
@@ -37,6 +41,9 @@ class VerificationReport:
 
     ``versions`` are the verified TUF versions (root, timestamp, snapshot, targets);
     ``trusted_root`` the bytes of the final verified root, which ``commit_trust`` persists.
+    ``digest`` identifies the bundle: sha256 of every byte except target data, which the hashed
+    targets.json pins (see ``tar_reader.bundle_digest``); it is not the file's ``sha256sum``.
+    ``rollback_checked`` is True only when check 7 compared versions with a trusted-state directory.
     """
 
     bundle: str
@@ -52,6 +59,7 @@ class VerificationReport:
     trusted_root: bytes = b""
     from_base: tuple[str, ...] = ()  # delta bundle: targets verified in base_dir, not in the tar
     base_dir: str = ""
+    rollback_checked: bool = False
 
     def first_failure(self) -> CheckResult | None:
         for check in self.checks:
@@ -80,6 +88,7 @@ class VerificationReport:
             "versions": self.versions,
             "expires": self.expires,
             "from_base": list(self.from_base),
+            "rollback_checked": self.rollback_checked,
             "checks": [
                 {"number": c.number, "name": c.name, "passed": c.passed, "skipped": c.skipped, "detail": c.detail,
                  "path": c.path}

@@ -10,7 +10,8 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from .errors import KeyManagementError
-from .keys import load_root, load_signers
+from .hashing import CHUNK_FIELD, ChunkHashes
+from .keys import ROLES, load_root, load_signers
 from .report import TargetInfo
 
 
@@ -47,17 +48,33 @@ def _meta(data: bytes, version: int) -> MetaFile:
     return MetaFile(version=version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
 
 
+def check_signing_keys(keydir: Path) -> None:
+    """Fail before any bulky work when a role lacks its threshold of private keys or the chain is broken."""
+    root = load_root(keydir).signed
+    root_chain(keydir)
+    for role in ROLES:
+        if role != "root":
+            load_signers(keydir, role, root)
+
+
+def _target_file(path: str, info: TargetInfo, chunks: ChunkHashes | None) -> TargetFile:
+    custom = {"custom": {CHUNK_FIELD: chunks.to_custom()}} if chunks is not None else None
+    return TargetFile(length=info.length, hashes={"sha256": info.sha256}, path=path, unrecognized_fields=custom)
+
+
 def sign_metadata(
-    keydir: Path, targets: dict[str, TargetInfo], *, expires: datetime, version: int
+    keydir: Path, targets: dict[str, TargetInfo], *, expires: datetime, version: int,
+    chunks: dict[str, ChunkHashes] | None = None,
 ) -> SignedMetadata:
-    """targets.json, snapshot.json, timestamp.json at ``version``, plus the root chain."""
+    """targets.json, snapshot.json, timestamp.json at ``version``, plus the root chain.
+
+    ``chunks`` adds the signed per-chunk sha256 of large targets (custom ``sha256_chunks``).
+    """
     root_md = load_root(keydir)
     root = root_md.signed
     chain = root_chain(keydir)
-    target_files = {
-        path: TargetFile(length=info.length, hashes={"sha256": info.sha256}, path=path)
-        for path, info in sorted(targets.items())
-    }
+    chunks = chunks or {}
+    target_files = {path: _target_file(path, info, chunks.get(path)) for path, info in sorted(targets.items())}
     targets_md = Metadata(Targets(version=version, expires=expires, targets=target_files))
     _sign(targets_md, load_signers(keydir, "targets", root))
     targets_bytes = targets_md.to_bytes()

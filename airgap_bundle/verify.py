@@ -2,10 +2,11 @@
 
 Written in the style of python-tuf's ``TrustedMetadataSet``: each check builds on the state the
 previous ones established, and the first failure stops the run (later checks are recorded as
-skipped). Signatures and thresholds use ``tuf.api.metadata``'s ``verify_delegate``.
+skipped). Signatures and thresholds use ``tuf.api.metadata``'s ``get_verification_result``.
 
 1 bundle structure     readable uncompressed tar; regular files only; safe unique names; no
-                       unknown members; whole-bundle sha256
+                       unknown members; bounded header records and metadata sizes; zero
+                       padding; end marker with a bounded tail; bundle digest
 2 root chain           from the trusted root (or the newer persisted one) through every
                        metadata/<N>.root.json: each new root signed by a threshold of the old
                        and of the new keys
@@ -15,28 +16,31 @@ skipped). Signatures and thresholds use ``tuf.api.metadata``'s ``verify_delegate
 6 expiry               no role (root, timestamp, snapshot, targets) expired (freeze attack)
 7 rollback             no version older than the persisted trusted state
 8 target files         every listed target present with exact length and sha256 (streamed);
-                       no unlisted file; manifest.json readable
+                       no unlisted file; manifest.json readable. Targets with signed chunk hashes
+                       are verified chunk by chunk, all chunks of all files on parallel workers.
+
+Nothing here reads a byte beyond a length the signed metadata gave: member sizes are compared
+with signed lengths before any target data is read, and the bundle digest reads only headers,
+metadata and padding (see ``tar_reader.bundle_digest``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-from .base_source import BaseFileProblem, stream_base_file
-from .fsutil import sha256_file
-from .layout import MANIFEST, TARGETS_DIR, VERSIONED_ROOT, Limits, metadata_member, path_problem, target_member
+from .check_failure import CheckFailure as _Fail
+from .hashing import default_workers
+from .layout import MANIFEST, VERSIONED_ROOT, Limits, metadata_member, target_member
 from .progress import NullProgress, ProgressSink
 from .report import CheckResult, TargetInfo, VerificationReport
-from .tar_reader import Member, StructureProblem, read_member, scan_members, stream_member
+from .tar_reader import Member, StructureProblem, bundle_digest, read_member, scan_members
+from .target_check import TargetFilesCheck
 from .trust_state import load_state, load_state_root
 
 CHECKS = (
@@ -49,12 +53,6 @@ CHECKS = (
     (7, "rollback"),
     (8, "target files"),
 )
-
-
-class _Fail(Exception):
-    def __init__(self, detail: str, path: str = "") -> None:
-        self.path = path
-        super().__init__(detail)
 
 
 def _short(keyids: object) -> str:
@@ -98,6 +96,7 @@ class _Verifier:
         self.manifest: dict[str, Any] = {}
         self.base_dir: Path | None = None
         self.from_base: list[str] = []
+        self.rollback_checked = False
 
     def _meta_bytes(self, role: str) -> bytes:
         name = metadata_member(role)
@@ -118,11 +117,11 @@ class _Verifier:
         for role in ("root", "timestamp", "snapshot", "targets"):
             if metadata_member(role) not in self.members:
                 raise _Fail(f"expected {metadata_member(role)}, found none", metadata_member(role))
-        self.progress.begin("hashing bundle", self.bundle.stat().st_size)
-        digest, _ = sha256_file(self.bundle, on_chunk=self.progress.advance)
-        self.progress.end()
-        self.digest = f"sha256:{digest}"
-        return f"{len(self.members)} regular-file members; {self.digest}"
+        try:
+            self.digest = f"sha256:{bundle_digest(self.bundle, self.members)}"
+        except StructureProblem as exc:
+            raise _Fail(str(exc), exc.member) from exc
+        return f"{len(self.members)} regular-file members, zero padding, end marker; digest {self.digest}"
 
     def _trusted_start(self) -> tuple[Metadata[Root], bytes]:
         try:
@@ -146,7 +145,8 @@ class _Verifier:
         bundle_root = _parse(self._meta_bytes("root"), Root, metadata_member("root"))
         target = bundle_root.signed.version
         if target - start > self.limits.max_root_rotations:
-            raise _Fail(f"expected at most {self.limits.max_root_rotations} root rotations, found {target - start}")
+            raise _Fail(f"expected at most {self.limits.max_root_rotations} root rotations, found {target - start}",
+                        metadata_member("root"))
         for version in range(start + 1, target + 1):
             name = f"metadata/{version}.root.json"
             if name not in self.members:
@@ -218,8 +218,9 @@ class _Verifier:
 
     def check_7(self) -> str:
         if self.state_dir is None:
-            return "no state directory given: versions not compared with a trusted state"
+            return "NOT CHECKED: no state directory given, versions not compared with a trusted state"
         state = load_state(self.state_dir)
+        self.rollback_checked = True
         if not state:
             return f"no trusted state yet in {self.state_dir}"
         for role, md in self._roles().items():
@@ -233,62 +234,12 @@ class _Verifier:
                         metadata_member("timestamp"))
         return f"not older than trusted state (timestamp v{state['timestamp']})"
 
-    def _hash_target(self, path: str, length: int, advance: Callable[[int], None]) -> tuple[str, int]:
-        """(sha256, size) of a target, from the bundle or, for a delta bundle, from the base."""
-        digest = hashlib.sha256()
-
-        def sink(chunk: bytes) -> None:
-            digest.update(chunk)
-            advance(len(chunk))
-
-        if path in self.from_base:
-            assert self.base_dir is not None
-            try:
-                size = stream_base_file(self.base_dir, path, length, sink)
-            except BaseFileProblem as exc:
-                raise _Fail(str(exc), path) from exc
-            return digest.hexdigest(), size
-        member = self.members[target_member(path)]
-        stream_member(self.bundle, member, length, sink)
-        return digest.hexdigest(), member.size
-
     def check_8(self) -> str:
         assert self.targets is not None
-        listed = self.targets.signed.targets
-        parents = {p.rsplit("/", i)[0] for p in listed for i in range(1, p.count("/") + 1)}
-        for path, tf in sorted(listed.items()):
-            if path in parents:
-                raise _Fail("expected a file path, found a target that is also a directory of other targets", path)
-            problem = path_problem(path, self.limits.max_path_length)
-            if problem:
-                raise _Fail(f"expected a safe relative target path, found {problem}", path)
-            if "sha256" not in tf.hashes:
-                raise _Fail(f"expected a sha256 hash in targets.json, found {sorted(tf.hashes)}", path)
-            member = self.members.get(target_member(path))
-            if member is None:
-                if self.base_dir is None or path == MANIFEST:
-                    raise _Fail(f"expected {target_member(path)} ({tf.length} bytes), found none "
-                                "(a delta bundle also needs the base release directory)", path)
-                self.from_base.append(path)
-                continue
-            if member.size != tf.length:
-                raise _Fail(f"expected {tf.length} bytes, found {member.size}", path)
-        for name in sorted(self.members):
-            if name.startswith(TARGETS_DIR) and name[len(TARGETS_DIR):] not in listed:
-                raise _Fail("expected only targets listed in targets.json, found an unlisted file", name)
-        paths = sorted(listed)
-        self.progress.begin("verifying targets", sum(listed[p].length for p in paths))
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            digests = list(pool.map(lambda p: self._hash_target(p, listed[p].length, self.progress.advance), paths))
-        self.progress.end()
-        for path, (found, size) in zip(paths, digests, strict=True):
-            where = " in the base release" if path in self.from_base else ""
-            if size != listed[path].length:
-                raise _Fail(f"expected {listed[path].length} bytes{where}, found {size}", path)
-            if found != listed[path].hashes["sha256"]:
-                raise _Fail(f"expected sha256 {listed[path].hashes['sha256']}{where}, found {found}", path)
-        if MANIFEST not in listed:
-            raise _Fail(f"expected a {MANIFEST} target, found none", MANIFEST)
+        check = TargetFilesCheck(self.bundle, self.members, self.targets.signed.targets, self.limits, self.workers,
+                                 self.progress, self.base_dir)
+        detail = check.run()
+        self.from_base = check.from_base
         try:
             raw = read_member(self.bundle, self.members[target_member(MANIFEST)], self.limits.max_manifest_bytes)
             self.manifest = json.loads(raw)
@@ -296,8 +247,7 @@ class _Verifier:
             raise _Fail(f"expected a JSON manifest, found: {exc}", MANIFEST) from exc
         if not isinstance(self.manifest, dict) or not {"name", "version"} <= set(self.manifest):
             raise _Fail("expected a manifest object with name and version", MANIFEST)
-        base = f" ({len(self.from_base)} from the base release)" if self.from_base else ""
-        return f"{len(paths)} target(s){base}, {sum(listed[p].length for p in paths)} bytes, lengths and sha256 match"
+        return detail
 
     def report_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"digest": self.digest}
@@ -310,6 +260,7 @@ class _Verifier:
             out["timestamp_sha256"], out["trusted_root"] = self.timestamp_sha256, self.root_bytes
             out["from_base"] = tuple(sorted(self.from_base))
             out["base_dir"] = str(self.base_dir) if self.from_base else ""
+            out["rollback_checked"] = self.rollback_checked
         return out
 
 
@@ -327,13 +278,20 @@ def verify_bundle(
     """Run checks 1-8 in order; return the report (never raises for a bad bundle).
 
     ``state_dir`` enables rollback protection (check 7) against state written by
-    ``commit_trust``; nothing is written here. ``workers`` hashes targets in parallel.
+    ``commit_trust``; nothing is written here. Without it check 7 passes as "NOT CHECKED" and
+    the report's ``rollback_checked`` is False: callers that install must pass it.
+    ``workers`` hashes targets in parallel (default: one per CPU, at most 8).
     ``base_dir`` (an unpacked earlier release) lets a delta bundle leave out unchanged targets:
     each one absent from the tar must be a regular file there with the signed length and sha256.
+    ``now`` can only move the clock forward ("still valid on that date?"): a time earlier than
+    the system clock is ignored, so no argument can make an expired bundle pass.
+
+    No argument skips a check: every one of checks 1-8 runs on every call, in order.
     """
+    system_now = datetime.now(UTC)
+    when = max(now.astimezone(UTC), system_now) if now is not None else system_now
     verifier = _Verifier(Path(bundle), Path(trusted_root), Path(state_dir) if state_dir is not None else None,
-                         (now or datetime.now(UTC)).astimezone(UTC), limits or Limits(),
-                         workers or min(4, os.cpu_count() or 1), progress or NullProgress())
+                         when, limits or Limits(), workers or default_workers(), progress or NullProgress())
     verifier.base_dir = Path(base_dir) if base_dir is not None else None
     results: list[CheckResult] = []
     failed: CheckResult | None = None
@@ -344,11 +302,12 @@ def verify_bundle(
         try:
             detail = getattr(verifier, f"check_{number}")()
             results.append(CheckResult(number, name, True, detail))
-        except _Fail as exc:
-            failed = CheckResult(number, name, False, str(exc), path=exc.path)
+        except _Fail as exc:  # the bundle file itself when no member, target or metadata file is concerned
+            failed = CheckResult(number, name, False, str(exc), path=exc.path or str(bundle))
             results.append(failed)
         except Exception as exc:  # malformed input we did not anticipate still fails closed
-            failed = CheckResult(number, name, False, f"expected well-formed input, found {type(exc).__name__}: {exc}")
+            failed = CheckResult(number, name, False, f"expected well-formed input, found {type(exc).__name__}: {exc}",
+                                 path=str(bundle))
             results.append(failed)
     ok = failed is None
     fields = verifier.report_fields() if ok else {"digest": verifier.digest}

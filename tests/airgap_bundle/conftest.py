@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tuf.api.metadata import Metadata, MetaFile, Snapshot, Targets, Timestamp
 
 from airgap_bundle import build_bundle, init_keys
+from airgap_bundle.keys import load_root, load_signers
 
 CREATED = datetime(2025, 1, 1, tzinfo=UTC)
 EXPIRES = CREATED + timedelta(days=3650)
@@ -105,3 +109,41 @@ def member_data(bundle: Path, name: str) -> bytes:
         if info.name == name:
             return data
     raise KeyError(name)
+
+
+def resign(src: Path, dst: Path, keydir: Path, *, edit: dict[str, Callable[[Any], None]] | None = None,
+           signers: dict[str, list[Any]] | None = None) -> Path:
+    """Re-sign targets, snapshot and timestamp of ``src`` after ``edit[role](signed)`` changed them.
+
+    The hash chain (snapshot -> targets, timestamp -> snapshot) is recomputed, so the only defect
+    left is the one the edit or ``signers[role]`` (keys replacing the role's real ones) put in.
+    """
+    edit, signers = edit or {}, signers or {}
+    members = read_members(src)
+    data = {info.name: d for info, d in members}
+    root = load_root(keydir).signed
+
+    def finish(role: str, md: Metadata[Any]) -> bytes:
+        edit.get(role, lambda signed: None)(md.signed)
+        md.signatures.clear()
+        for signer in signers.get(role) or load_signers(keydir, role, root):
+            md.sign(signer, append=True)
+        return md.to_bytes()
+
+    def meta(raw: bytes, version: int) -> MetaFile:
+        return MetaFile(version=version, length=len(raw), hashes={"sha256": hashlib.sha256(raw).hexdigest()})
+
+    targets = Metadata[Targets].from_bytes(data["metadata/targets.json"])
+    new = {"metadata/targets.json": finish("targets", targets)}
+    snapshot = Metadata[Snapshot].from_bytes(data["metadata/snapshot.json"])
+    snapshot.signed.meta["targets.json"] = meta(new["metadata/targets.json"], targets.signed.version)
+    new["metadata/snapshot.json"] = finish("snapshot", snapshot)
+    timestamp = Metadata[Timestamp].from_bytes(data["metadata/timestamp.json"])
+    timestamp.signed.snapshot_meta = meta(new["metadata/snapshot.json"], snapshot.signed.version)
+    new["metadata/timestamp.json"] = finish("timestamp", timestamp)
+    return write_members(dst, [(info, new.get(info.name, d)) for info, d in members])
+
+
+def replace_members(src: Path, dst: Path, replacements: dict[str, bytes]) -> Path:
+    """Copy ``src`` with the data of the named members replaced (other members unchanged)."""
+    return write_members(dst, [(info, replacements.get(info.name, d)) for info, d in read_members(src)])

@@ -12,6 +12,10 @@ import pytest
 from airgap_bundle import BuildError, KeyManagementError
 from tests.airgap_bundle.conftest import CREATED, Inputs, member_data
 
+GENERATED = ["targets/sbom.cdx.json", "targets/manifest.json"]
+METADATA = ["metadata/1.root.json", "metadata/root.json", "metadata/snapshot.json", "metadata/targets.json",
+            "metadata/timestamp.json"]
+
 
 def test_same_inputs_give_same_bytes(build: Callable[..., Path]) -> None:
     first = build("one.tar")
@@ -21,20 +25,35 @@ def test_same_inputs_give_same_bytes(build: Callable[..., Path]) -> None:
     assert later.read_bytes() != first.read_bytes()
 
 
-def test_tar_layout_is_sorted_regular_files_with_fixed_metadata(bundle: Path) -> None:
+def test_same_inputs_give_same_bytes_with_chunk_hashes(build: Callable[..., Path], inputs: Inputs) -> None:
+    (inputs.model / "model.safetensors").write_bytes(os.urandom(1024 * 1024) * 3)
+    first = build("one.tar", chunk_bytes=1024 * 1024)
+    assert first.read_bytes() == build("two.tar", chunk_bytes=1024 * 1024, workers=1).read_bytes()
+    targets = json.loads(member_data(first, "metadata/targets.json"))["signed"]["targets"]
+    chunks = targets["model/model.safetensors"]["custom"]["sha256_chunks"]
+    assert chunks["chunk_size"] == 1024 * 1024 and len(set(chunks["sha256"])) == 1 and len(chunks["sha256"]) == 3
+    assert "custom" not in targets["model/config.json"]
+
+
+def test_chunk_size_below_the_minimum_is_a_value_error(build: Callable[..., Path]) -> None:
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        build(chunk_bytes=4096)
+
+
+def test_tar_layout_is_payload_then_generated_then_metadata_with_fixed_metadata(bundle: Path) -> None:
     with tarfile.open(bundle, "r:") as tar:
         members = tar.getmembers()
         assert tar.pax_headers == {}
     names = [m.name for m in members]
-    assert names == sorted(names)
-    assert names[:5] == ["metadata/1.root.json", "metadata/root.json", "metadata/snapshot.json",
-                         "metadata/targets.json", "metadata/timestamp.json"]
-    assert "targets/manifest.json" in names and "targets/sbom.cdx.json" in names
+    payload = [n for n in names if n.startswith("targets/") and n not in GENERATED]
+    assert names == [*sorted(payload), *GENERATED, *METADATA]
     assert "targets/model/model.safetensors" in names
     assert "targets/playbooks/roles/app/tasks/main.yml" in names
     for m in members:
         assert m.isreg() and m.mode == 0o644 and (m.uid, m.gid, m.uname, m.gname) == (0, 0, "", "")
         assert m.mtime == int(CREATED.timestamp())
+    size = bundle.stat().st_size
+    assert size % tarfile.RECORDSIZE == 0
 
 
 def test_manifest_lists_sections_and_contents(bundle: Path) -> None:

@@ -45,6 +45,10 @@ def test_keys_build_verify_unpack_inspect(tmp_path: Path, inputs: Inputs) -> Non
     assert result.exit_code == 0
     info = json.loads(result.stdout)
     assert info["verified"] is False and "model/model.safetensors" in info["targets"]
+    assert info["digest"] == report["digest"]  # the same identity, with or without trust
+    assert info["sbom"]["wheels"] == ["pyyaml==6.0.2"] and info["sbom"]["models"][0]["licenses"] == ["Apache-2.0"]
+    text = runner.invoke(app, ["inspect", str(bundle)])
+    assert text.exit_code == 0 and "(unverified)" in text.stdout and "SBOM CycloneDX 1.5" in text.stdout
 
 
 def test_verify_failure_exits_1_and_names_the_check(tmp_path: Path, inputs: Inputs) -> None:
@@ -74,3 +78,17 @@ def test_usage_and_input_errors_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["build", "--keys", str(tmp_path / "nokeys"), "--version", "1", "--out",
                                  str(tmp_path / "x.tar"), "--policies", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_build_can_also_split_into_parts_that_join_and_verify(tmp_path: Path, inputs: Inputs) -> None:
+    keys = tmp_path / "keys"
+    assert runner.invoke(app, ["keys", "init", str(keys)]).exit_code == 0
+    result = runner.invoke(app, ["build", "--keys", str(keys), "--model", str(inputs.model), "--version", "1.0.0",
+                                 "--out", str(tmp_path / "b.tar"), "--split-size", "8K", "--json"])
+    assert result.exit_code == 0, result.output
+    index = Path(json.loads(result.stdout)["parts_index"])
+    assert index.parent.name == "b.tar.parts" and len(list(index.parent.glob("b.tar.part-*"))) > 1
+    result = runner.invoke(app, ["join", str(index), "--out", str(tmp_path / "joined.tar")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["verify", str(tmp_path / "joined.tar"), "--root", str(keys / "root.json")])
+    assert result.exit_code == 0, result.output

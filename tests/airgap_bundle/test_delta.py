@@ -90,3 +90,32 @@ def test_base_changed_after_verification_aborts_unpack(releases: tuple[Path, Pat
     with pytest.raises(UnpackError, match=r"model\.safetensors"):
         unpack_bundle(delta, tmp_path / "v2", report)
     assert not (tmp_path / "v2").exists()
+
+
+def test_longer_base_file_is_refused_before_reading(releases: tuple[Path, Path, Path], keydir: Path) -> None:
+    base, _, delta = releases
+    with open(base / "model" / "model.safetensors", "ab") as extra:
+        extra.write(b"#!/bin/sh\n")
+    failed = verify_bundle(delta, keydir / "root.json", base_dir=base).first_failure()
+    assert failed is not None and failed.number == 8 and failed.path == "model/model.safetensors"
+    assert "expected 4096 bytes in the base release, found 4106" in failed.detail
+
+
+def test_large_base_file_is_verified_by_chunks(build: Callable[..., Path], keydir: Path, inputs: Inputs,
+                                               tmp_path: Path) -> None:
+    (inputs.model / "model.safetensors").write_bytes(b"\x05" * (3 * 1024 * 1024 + 7))
+    v1 = build("v1.tar", chunk_bytes=1024 * 1024)
+    base = tmp_path / "release-v1"
+    unpack_bundle(v1, base, verify_bundle(v1, keydir / "root.json"))
+    (inputs.policies / "tenants.yaml").write_text("tenants: {acme: {}}\n")
+    delta = build("v2.tar", created=CREATED + timedelta(days=1), base_manifest=base / "manifest.json",
+                  chunk_bytes=1024 * 1024)
+    report = verify_bundle(delta, keydir / "root.json", base_dir=base, workers=2)
+    assert report.ok, report.first_failure()
+    assert "model/model.safetensors" in report.from_base and "1 large target(s)" in report.checks[7].detail
+    data = bytearray((base / "model" / "model.safetensors").read_bytes())
+    data[2 * 1024 * 1024] ^= 1
+    (base / "model" / "model.safetensors").write_bytes(bytes(data))
+    failed = verify_bundle(delta, keydir / "root.json", base_dir=base).first_failure()
+    assert failed is not None and failed.number == 8 and failed.path == "model/model.safetensors"
+    assert "chunk 2" in failed.detail and "in the base release" in failed.detail

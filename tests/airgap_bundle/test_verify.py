@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from airgap_bundle import CHECKS, VerificationError, rotate_keys, verify_bundle
+from airgap_bundle import CHECKS, VerificationError, rotate_keys, unpack_bundle, verify_bundle
 from airgap_bundle.layout import Limits
 from tests.airgap_bundle.conftest import repack
 
@@ -65,3 +66,50 @@ def test_parallel_and_serial_verification_agree(bundle: Path, keydir: Path) -> N
 def test_member_limit_is_configuration(bundle: Path, keydir: Path) -> None:
     failure = verify_bundle(bundle, keydir / "root.json", limits=Limits(max_members=3)).first_failure()
     assert failure is not None and failure.number == 1 and "at most 3 members" in failure.detail
+
+
+def _tampered(bundle: Path, tmp_path: Path) -> Path:
+    def edit(members: list) -> None:
+        for i, (info, data) in enumerate(members):
+            if info.name == "targets/model/model.safetensors":
+                members[i] = (info, b"\x01" + data[1:])
+
+    return repack(bundle, tmp_path / "tampered.tar", edit)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"workers": 1}, {"workers": 16}, {"limits": Limits(max_members=10**9, max_metadata_bytes=2**40)},
+    {"now": datetime(1990, 1, 1, tzinfo=UTC)}, {"progress": None}, {"base_dir": None}, {"state_dir": None},
+])
+def test_no_optional_argument_skips_a_check(options: dict, bundle: Path, keydir: Path, tmp_path: Path) -> None:
+    good = verify_bundle(bundle, keydir / "root.json", **options)
+    assert good.ok and [c.number for c in good.checks if c.passed and not c.skipped] == list(range(1, 9))
+    bad = verify_bundle(_tampered(bundle, tmp_path), keydir / "root.json", **options)
+    failed = bad.first_failure()
+    assert not bad.ok and failed is not None and failed.number == 8
+
+
+def test_a_base_directory_does_not_excuse_a_target_in_the_tar(bundle: Path, keydir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    unpack_bundle(bundle, base, verify_bundle(bundle, keydir / "root.json"))
+    failed = verify_bundle(_tampered(bundle, tmp_path), keydir / "root.json", base_dir=base).first_failure()
+    assert failed is not None and failed.number == 8 and failed.path == "model/model.safetensors"
+
+
+def test_rollback_check_says_when_it_had_no_state(bundle: Path, keydir: Path, tmp_path: Path) -> None:
+    without = verify_bundle(bundle, keydir / "root.json")
+    assert without.ok and not without.rollback_checked and without.checks[6].detail.startswith("NOT CHECKED")
+    with_state = verify_bundle(bundle, keydir / "root.json", tmp_path / "state")
+    assert with_state.ok and with_state.rollback_checked
+
+
+def test_cli_has_no_option_that_skips_verification() -> None:
+    from typer.main import get_command
+
+    from airgap_bundle.cli import app
+
+    group = get_command(app)
+    for name in ("verify", "unpack"):
+        command = group.commands[name]  # type: ignore[attr-defined]
+        options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+        assert not {o for o in options if any(w in o for w in ("skip", "no-verify", "insecure", "force", "trust"))}

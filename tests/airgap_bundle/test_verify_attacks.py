@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from tuf.api.metadata import Metadata
 
 from airgap_bundle import commit_trust, init_keys, verify_bundle
@@ -50,13 +51,15 @@ def test_tampered_target_byte(bundle: Path, keydir: Path, tmp_path: Path) -> Non
 def test_truncated_target(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", edit_member(MODEL, lambda d: d[:-10]))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 8 and "expected 4096 bytes, found 4086" in failed.detail
+    assert failed.number == 8 and failed.path == "model/model.safetensors"
+    assert "expected 4096 bytes, found 4086" in failed.detail
 
 
-def test_longer_target_is_refused(bundle: Path, keydir: Path, tmp_path: Path) -> None:
+def test_endless_data_member_longer_than_signed(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", edit_member(MODEL, lambda d: d + b"#!/bin/sh"))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 8 and "expected 4096 bytes, found 4105" in failed.detail
+    assert failed.number == 8 and failed.path == "model/model.safetensors"
+    assert "expected 4096 bytes, found 4105" in failed.detail
 
 
 def test_truncated_bundle_file(bundle: Path, keydir: Path, tmp_path: Path) -> None:
@@ -64,7 +67,7 @@ def test_truncated_bundle_file(bundle: Path, keydir: Path, tmp_path: Path) -> No
     bad = tmp_path / "bad.tar"
     bad.write_bytes(data[: len(data) // 2])
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1
+    assert failed.number == 1 and failed.path and "truncated" in failed.detail
 
 
 def test_extra_unlisted_file(bundle: Path, keydir: Path, tmp_path: Path) -> None:
@@ -84,7 +87,7 @@ def test_missing_file(bundle: Path, keydir: Path, tmp_path: Path) -> None:
 def test_wrong_trusted_root(bundle: Path, tmp_path: Path) -> None:
     other = init_keys(tmp_path / "other-keys")
     failed = failure(verify_bundle(bundle, other))
-    assert failed.number == 2 and "metadata/root.json" in failed.detail
+    assert failed.number == 2 and failed.path == "metadata/root.json" and "metadata/root.json" in failed.detail
 
 
 def test_bundle_signed_by_another_key_set_carrying_our_root(build: Callable[..., Path], keydir: Path,
@@ -102,7 +105,7 @@ def test_bundle_signed_by_another_key_set_carrying_our_root(build: Callable[...,
     bad = repack(forged, tmp_path / "bad.tar", swap_root)
     failed = failure(verify_bundle(bad, keydir / "root.json"))
     assert failed.number == 3 and "expected >= 1 valid signature(s) from timestamp keys" in failed.detail
-    assert "found 0" in failed.detail
+    assert "found 0" in failed.detail and failed.path == "metadata/timestamp.json"
 
 
 def test_under_threshold_signatures(tmp_path: Path, build: Callable[..., Path]) -> None:
@@ -118,7 +121,8 @@ def test_under_threshold_signatures(tmp_path: Path, build: Callable[..., Path]) 
 
     bad = repack(good, tmp_path / "bad.tar", edit_member("metadata/timestamp.json", drop_one_signature))
     failed = failure(verify_bundle(bad, keys / "root.json"))
-    assert failed.number == 3 and "expected >= 2 valid signature(s)" in failed.detail and "found 1" in failed.detail
+    assert failed.number == 3 and failed.path == "metadata/timestamp.json"
+    assert "expected >= 2 valid signature(s)" in failed.detail and "found 1" in failed.detail
 
 
 def test_forged_targets_metadata(bundle: Path, keydir: Path, tmp_path: Path) -> None:
@@ -129,18 +133,19 @@ def test_forged_targets_metadata(bundle: Path, keydir: Path, tmp_path: Path) -> 
 
     bad = repack(bundle, tmp_path / "bad.tar", edit_member("metadata/targets.json", forge_targets))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 5  # hash no longer matches snapshot.json
+    assert failed.number == 5 and failed.path == "metadata/targets.json"  # hash no longer matches snapshot.json
 
 
 def test_expired_metadata(build: Callable[..., Path], keydir: Path) -> None:
     old = build("old.tar", created=datetime(2020, 1, 1, tzinfo=UTC), expires=datetime(2021, 1, 1, tzinfo=UTC))
     failed = failure(verify_bundle(old, keydir / "root.json"))
-    assert failed.number == 6 and "found expiry 2021-01-01T00:00:00Z" in failed.detail
+    assert failed.number == 6 and failed.path == "metadata/timestamp.json"
+    assert "found expiry 2021-01-01T00:00:00Z" in failed.detail
 
 
 def test_expiry_is_judged_at_now(bundle: Path, keydir: Path) -> None:
     failed = failure(verify_bundle(bundle, keydir / "root.json", now=CREATED + timedelta(days=4000)))
-    assert failed.number == 6
+    assert failed.number == 6 and failed.path == "metadata/root.json"
 
 
 def test_rollback_to_older_bundle(build: Callable[..., Path], keydir: Path, tmp_path: Path) -> None:
@@ -151,7 +156,7 @@ def test_rollback_to_older_bundle(build: Callable[..., Path], keydir: Path, tmp_
     assert report.ok
     commit_trust(report, state)
     failed = failure(verify_bundle(older, keydir / "root.json", state))
-    assert failed.number == 7 and "trusted state" in failed.detail
+    assert failed.number == 7 and failed.path == "metadata/timestamp.json" and "trusted state" in failed.detail
     assert verify_bundle(newer, keydir / "root.json", state).ok  # re-verifying the same bundle is fine
 
 
@@ -163,7 +168,7 @@ def test_same_version_different_content_is_refused(build: Callable[..., Path], k
     (tmp_path / "inputs" / "policies" / "tenants.yaml").write_text("tenants: {evil: {}}\n")
     fork = build("fork.tar")  # same created time -> same metadata versions
     failed = failure(verify_bundle(fork, keydir / "root.json", state))
-    assert failed.number == 7 and "timestamp" in failed.detail
+    assert failed.number == 7 and failed.path == "metadata/timestamp.json" and "sha256" in failed.detail
 
 
 def test_mix_and_match_targets_from_another_bundle(build: Callable[..., Path], keydir: Path,
@@ -179,7 +184,7 @@ def test_mix_and_match_targets_from_another_bundle(build: Callable[..., Path], k
                 members[i] = (info, b_members[info.name])
 
     failed = failure(verify_bundle(repack(a, tmp_path / "mixed.tar", take_targets_from_b), keydir / "root.json"))
-    assert failed.number == 5 and "from snapshot.json" in failed.detail
+    assert failed.number == 5 and failed.path == "metadata/targets.json" and "from snapshot.json" in failed.detail
 
     def take_snapshot_from_b(members: Members) -> None:
         for i, (info, _) in enumerate(members):
@@ -187,19 +192,19 @@ def test_mix_and_match_targets_from_another_bundle(build: Callable[..., Path], k
                 members[i] = (info, b_members[info.name])
 
     failed = failure(verify_bundle(repack(a, tmp_path / "mixed2.tar", take_snapshot_from_b), keydir / "root.json"))
-    assert failed.number == 4 and "from timestamp.json" in failed.detail
+    assert failed.number == 4 and failed.path == "metadata/snapshot.json" and "from timestamp.json" in failed.detail
 
 
 def test_tar_slip_dotdot(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", add_member(tarfile.TarInfo("targets/../../etc/cron.d/x"), b"x"))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "'..'" in failed.detail
+    assert failed.number == 1 and failed.path == "targets/../../etc/cron.d/x" and "'..'" in failed.detail
 
 
 def test_tar_slip_absolute(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", add_member(tarfile.TarInfo("/etc/passwd"), b"x"))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "absolute path" in failed.detail
+    assert failed.number == 1 and failed.path == "/etc/passwd" and "absolute path" in failed.detail
 
 
 def _special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
@@ -218,19 +223,21 @@ def test_symlink_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
 def test_hardlink_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", add_member(_special("targets/model/y", tarfile.LNKTYPE, "/etc/shadow")))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "hard link" in failed.detail
+    assert failed.number == 1 and failed.path == "targets/model/y" and "hard link" in failed.detail
 
 
-def test_device_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
-    bad = repack(bundle, tmp_path / "bad.tar", add_member(_special("targets/model/dev", tarfile.CHRTYPE)))
+@pytest.mark.parametrize(("kind", "word"), [(tarfile.CHRTYPE, "character device"), (tarfile.BLKTYPE, "block device"),
+                                           (tarfile.FIFOTYPE, "fifo")])
+def test_device_member(kind: bytes, word: str, bundle: Path, keydir: Path, tmp_path: Path) -> None:
+    bad = repack(bundle, tmp_path / "bad.tar", add_member(_special("targets/model/dev", kind)))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "character device" in failed.detail
+    assert failed.number == 1 and failed.path == "targets/model/dev" and word in failed.detail
 
 
 def test_directory_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", add_member(_special("targets/model", tarfile.DIRTYPE)))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "directory" in failed.detail
+    assert failed.number == 1 and failed.path == "targets/model" and "directory" in failed.detail
 
 
 def test_duplicate_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
@@ -245,14 +252,14 @@ def test_duplicate_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
 def test_unknown_metadata_member(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = repack(bundle, tmp_path / "bad.tar", add_member(tarfile.TarInfo("metadata/evil.json"), b"{}"))
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "unknown member" in failed.detail
+    assert failed.number == 1 and failed.path == "metadata/evil.json" and "unknown member" in failed.detail
 
 
 def test_compressed_or_garbage_bundle(keydir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"\x1f\x8b" + b"garbage" * 100)
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1
+    assert failed.number == 1 and failed.path == str(bad)
 
 
 def test_bundle_cut_at_a_member_boundary(bundle: Path, keydir: Path, tmp_path: Path) -> None:
@@ -263,14 +270,14 @@ def test_bundle_cut_at_a_member_boundary(bundle: Path, keydir: Path, tmp_path: P
     bad = tmp_path / "cut.tar"
     bad.write_bytes(whole.read_bytes()[: last.offset])  # ends exactly before the last header
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "end-of-archive" in failed.detail
+    assert failed.number == 1 and failed.path == str(bad) and "end-of-archive" in failed.detail
 
 
 def test_data_hidden_after_end_of_archive(bundle: Path, keydir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.tar"
     bad.write_bytes(bundle.read_bytes() + b"hidden payload")
     failed = failure(verify_bundle(bad, keydir / "root.json"))
-    assert failed.number == 1 and "trailing data" in failed.detail
+    assert failed.number == 1 and failed.path == str(bad) and "trailing data" in failed.detail
 
 
 def test_target_that_is_also_a_directory(keydir: Path, tmp_path: Path) -> None:
