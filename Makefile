@@ -23,6 +23,12 @@ install: $(STAMP)
 
 model: $(MODEL_DIR)/config.json
 
+# The offline installer as one executable (PyInstaller one-file, ansible-core and the playbooks
+# inside, no torch): dist/sovereign-installer. Cached in .cache/pyinstaller by a hash of its sources.
+.PHONY: installer
+installer: $(STAMP)
+	$(BIN)/python -m installer.freeze --out dist/sovereign-installer
+
 lint: $(STAMP)
 	$(BIN)/ruff check appliance engine installer policies airgap_bundle tests
 	$(BIN)/mypy

@@ -94,9 +94,10 @@ def write_inventory(root: Path, host: str, port: int) -> Path:
 def run_installer(artifacts: VendorArtifacts, root: Path, inventory: Path, console: Console) -> None:
     console.print("[bold]installer[/]: verifying the bundle and installing with ansible-playbook")
     # --allow-cpu: the quickstart is an evaluation on whatever machine it runs on, GPU or not.
+    # --no-start: the quickstart serves in the foreground itself, so Ctrl-C stops it.
     cmd = [*installer_command(), "install", "--bundle", str(artifacts.bundle),
            "--trusted-root", str(artifacts.trusted_root), "--root", str(root), "--inventory", str(inventory),
-           "--allow-cpu"]
+           "--allow-cpu", "--no-start"]
     proc = subprocess.run(cmd, text=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"})
     if proc.returncode != 0:
         raise ApplianceError(

@@ -9,6 +9,7 @@ once, at import, and keeps global state.
 
 from __future__ import annotations
 
+import os
 import sys
 
 FROZEN_SUBCOMMAND = "__ansible-playbook"
@@ -21,6 +22,8 @@ CHILD_CODE = (
 def main(argv: list[str] | None = None) -> None:
     """Run ansible-playbook with ``argv`` (without the program name); exits with its code."""
     args = sys.argv[1:] if argv is None else argv
+    if not any(os.environ.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
+        os.environ["LC_ALL"] = "C.UTF-8"  # ansible refuses a non-UTF-8 locale; it reads this at import
     from ansible.cli.playbook import PlaybookCLI  # imported late: ANSIBLE_* must be set first
 
     PlaybookCLI.cli_executor(["ansible-playbook", *args])

@@ -15,12 +15,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from installer.ansible_entry import CHILD_CODE, FROZEN_SUBCOMMAND
+from installer.frozen import is_frozen, restore_loader_path
 
 PLAYBOOK_DIR = Path(__file__).resolve().parent / "playbooks"
 EVENT_PREFIX = "@@sovereign-event "
@@ -52,6 +54,11 @@ class PlaybookResult:
     output: list[str] = field(default_factory=list)
     stderr: str = ""
     timed_out: bool = False
+    # reports of the node's appliance supervisor: {"host", "task", **report}
+    service_reports: list[dict[str, Any]] = field(default_factory=list)
+    # (host, task, seconds) for every finished task
+    task_times: list[tuple[str, str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -78,11 +85,22 @@ class PlaybookResult:
             "playbook": self.playbook, "rc": self.rc, "ok": self.ok, "changed": self.changed,
             "hosts": self.hosts, "changed_tasks": self.changed_tasks,
             "failures": [{"host": f.host, "task": f.task, "msg": f.msg} for f in self.failures],
+            "service": self.service_reports, "wall_s": round(self.wall_s, 3),
+            "task_times": [{"host": h, "task": t, "s": s} for h, t, s in self.task_times],
         }
+
+    def seconds_in(self, *task_names: str) -> float:
+        """Time spent in the named tasks, summed over hosts."""
+        return sum(t for _h, name, t in self.task_times if any(task_is(name, n) for n in task_names))
+
+
+def task_is(name: str, wanted: str) -> bool:
+    """Whether ansible's task name ``name`` ("role : Task name" inside a role) is ``wanted``."""
+    return name == wanted or name.endswith(f" : {wanted}")
 
 
 def child_command() -> list[str]:
-    if getattr(sys, "frozen", False):
+    if is_frozen():
         return [sys.executable, FROZEN_SUBCOMMAND]
     return [sys.executable, "-c", CHILD_CODE]
 
@@ -98,6 +116,7 @@ def _utf8_locale(env: dict[str, str]) -> bool:
 def ansible_env(work_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: ours, minus any inherited ANSIBLE_*, plus fixed settings."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("ANSIBLE_")}
+    restore_loader_path(env)  # frozen: node python3 and ssh must not load our bundled libraries
     if not _utf8_locale(env):
         env["LC_ALL"] = "C.UTF-8"  # ansible refuses to start under a non-UTF-8 locale
     env.update({
@@ -137,6 +156,7 @@ def run_playbook(
     vars_file.write_text(json.dumps(extra_vars, indent=1))
     argv = [*child_command(), "-i", str(inv_file), "-e", f"@{vars_file}", str(PLAYBOOK_DIR / playbook)]
     result = PlaybookResult(playbook=playbook, rc=-1)
+    started = time.monotonic()
     stderr_path = work_dir / "ansible.stderr"
     with stderr_path.open("w+") as stderr:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
@@ -160,6 +180,7 @@ def run_playbook(
                 proc.kill()
                 proc.wait()
         result.timed_out = timed_out.is_set()
+        result.wall_s = time.monotonic() - started
         stderr.seek(0)
         result.stderr = stderr.read()[-20000:]
     return result
@@ -176,6 +197,11 @@ def _take_line(line: str, result: PlaybookResult, on_event: EventHandler | None)
         result.output.append(line)
         return
     kind = event.get("event")
+    if kind in ("ok", "failed", "unreachable", "skipped", "ignored") and "duration_s" in event:
+        result.task_times.append((str(event.get("host", "?")), str(event.get("task", "?")),
+                                  float(event["duration_s"])))
+    if isinstance(event.get("service"), dict):
+        result.service_reports.append({"host": event.get("host"), "task": event.get("task"), **event["service"]})
     if kind in ("failed", "unreachable"):
         result.failures.append(TaskFailure(event.get("host", "?"), event.get("task", "?"), event.get("msg", "")))
     elif kind == "ok" and event.get("changed"):

@@ -1,8 +1,10 @@
-"""`sovereign-installer`: preflight, verify, install, upgrade, rollback, status.
+"""`sovereign-installer`: preflight, verify, install, upgrade, rollback, start, stop, restart,
+status, uninstall.
 
 Exit codes: 0 ok; 1 verification or preflight failure (or a refused release); 2 usage or
-input error; 3 ansible failure. ``--json`` prints one JSON document on stdout; progress and
-messages go to stderr.
+input error; 3 ansible failure; 4 the new release failed its health check on a node and that
+node was rolled back to its previous release (running again). ``--json`` prints one JSON
+document on stdout; progress and messages go to stderr.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from installer.ansible_entry import FROZEN_SUBCOMMAND
-from installer.errors import EXIT_INPUT, EXIT_OK, EXIT_REFUSED, InstallerError
+from installer.errors import EXIT_INPUT, EXIT_OK, EXIT_REFUSED, InputError, InstallerError
+from installer.frozen import prepare_process
 from installer.install import InstallResult, install_bundle
 from installer.inventory import Inventory, load_inventory
 from installer.preflight import FAIL, PASS, PreflightReport, run_preflight
@@ -35,6 +38,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle .tar to install.")]
 TrustOpt = Annotated[Path, typer.Option("--trusted-root", "-r", help="Trusted root.json, received out of band.")]
 AllowCpuOpt = Annotated[bool, typer.Option("--allow-cpu", help="Accept a node without an NVIDIA GPU.")]
+StartOpt = Annotated[bool, typer.Option("--start/--no-start", help="Put the release in service: (re)start the "
+                                        "appliance and wait for its HTTPS health check (--no-start: only switch "
+                                        "current).")]
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -121,8 +127,19 @@ def verify(bundle: BundleOpt, trusted_root: TrustOpt,
     raise typer.Exit(EXIT_OK if report.ok else EXIT_REFUSED)
 
 
+def _error_extra(exc: InstallerError) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    report_obj = getattr(exc, "report", None)
+    if report_obj is not None and hasattr(report_obj, "to_dict"):
+        extra["verification"] = report_obj.to_dict()
+    result_obj = getattr(exc, "result", None)
+    if result_obj is not None and hasattr(result_obj, "to_dict"):
+        extra["playbook"] = result_obj.to_dict()
+    return extra
+
+
 def _install(upgrade: bool, bundle: Path, trusted_root: Path, root: Path, inventory: Path | None,
-             allow_cpu: bool, skip_preflight: bool, as_json: bool) -> None:
+             allow_cpu: bool, skip_preflight: bool, as_json: bool, start: bool) -> None:
     inv = _load_inventory(inventory, as_json)
     console = err_console
     if not skip_preflight:
@@ -136,16 +153,9 @@ def _install(upgrade: bool, bundle: Path, trusted_root: Path, root: Path, invent
                 err_console.print("[red]preflight failed[/red]: fix the failed checks (or --skip-preflight)")
             raise typer.Exit(EXIT_REFUSED)
     try:
-        result = install_bundle(bundle, trusted_root, root, inv, console=console, upgrade=upgrade)
+        result = install_bundle(bundle, trusted_root, root, inv, console=console, upgrade=upgrade, start=start)
     except InstallerError as exc:
-        extra: dict[str, Any] = {}
-        report_obj = getattr(exc, "report", None)
-        if report_obj is not None and hasattr(report_obj, "to_dict"):
-            extra["verification"] = report_obj.to_dict()
-        result_obj = getattr(exc, "result", None)
-        if result_obj is not None and hasattr(result_obj, "to_dict"):
-            extra["playbook"] = result_obj.to_dict()
-        raise _fail(exc, as_json, extra) from exc
+        raise _fail(exc, as_json, _error_extra(exc)) from exc
     _print_result(result, as_json)
 
 
@@ -162,8 +172,11 @@ def _print_result(result: InstallResult, as_json: bool) -> None:
     table.add_row("nodes", ", ".join(result.nodes))
     table.add_row("changes", str(result.changed) + (" (already installed)" if result.already_installed else ""))
     table.add_row("current", f"{result.previous or '-'} -> {result.version}" if result.switched else result.version)
+    table.add_row("appliance", "running, healthy" if result.started else "not started (--no-start)")
     for note in result.notes:
         table.add_row("note", note)
+    if result.timings:
+        table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     out_console.print(table)
 
 
@@ -172,36 +185,101 @@ def install(bundle: BundleOpt, trusted_root: TrustOpt, root: RootOpt = DEFAULT_R
             allow_cpu: AllowCpuOpt = False,
             skip_preflight: Annotated[bool, typer.Option("--skip-preflight", help="Do not run preflight first "
                                                           "(verification always runs).")] = False,
-            as_json: JsonOpt = False) -> None:
-    """Verify a bundle and install it; a second run of the same bundle changes nothing."""
-    _install(False, bundle, trusted_root, root, inventory, allow_cpu, skip_preflight, as_json)
+            start: StartOpt = True, as_json: JsonOpt = False) -> None:
+    """Verify a bundle, install it and start the appliance; a second run of the same bundle changes nothing."""
+    _install(False, bundle, trusted_root, root, inventory, allow_cpu, skip_preflight, as_json, start)
 
 
 @app.command()
 def upgrade(bundle: BundleOpt, trusted_root: TrustOpt, root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
             allow_cpu: AllowCpuOpt = False,
             skip_preflight: Annotated[bool, typer.Option("--skip-preflight")] = False,
-            as_json: JsonOpt = False) -> None:
-    """Install a newer release next to the current one and switch to it."""
-    _install(True, bundle, trusted_root, root, inventory, allow_cpu, skip_preflight, as_json)
+            start: StartOpt = True, as_json: JsonOpt = False) -> None:
+    """Install a newer release beside the current one and put it in service node by node; a failing node is rolled back.
+
+    Per node: stop the appliance, switch current, start the new release and wait for its HTTPS health check. On any
+    failure the node is switched back, its previous release started again, and the exit code is 4."""
+    _install(True, bundle, trusted_root, root, inventory, allow_cpu, skip_preflight, as_json, start)
 
 
 @app.command("rollback")
 def rollback_cmd(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
                  to: Annotated[str | None, typer.Option("--to", help="Release version (default: previous).")] = None,
-                 as_json: JsonOpt = False) -> None:
-    """Switch current back to an installed release after re-checking its files."""
+                 start: StartOpt = True, as_json: JsonOpt = False) -> None:
+    """Put an installed release back in service after re-checking its files."""
     inv = _load_inventory(inventory, as_json)
     try:
-        result = rollback(root, to, inv, console=err_console)
+        result = rollback(root, to, inv, console=err_console, start=start)
     except InstallerError as exc:
-        raise _fail(exc, as_json) from exc
+        raise _fail(exc, as_json, _error_extra(exc)) from exc
     _print_result(result, as_json)
+
+
+def _service(action: str, root: Path, inventory: Path | None, as_json: bool) -> None:
+    from installer.service import control_service
+
+    inv = _load_inventory(inventory, as_json)
+    try:
+        result = control_service(root, action, inv, console=err_console)
+    except InstallerError as exc:
+        raise _fail(exc, as_json, _error_extra(exc)) from exc
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    for note in result.notes or ["nothing to do"]:
+        out_console.print(f"{action}: {note}", highlight=False)
+
+
+@app.command()
+def start(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None, as_json: JsonOpt = False) -> None:
+    """Start the appliance of the current release and wait for its HTTPS health check."""
+    _service("start", root, inventory, as_json)
+
+
+@app.command()
+def stop(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop the appliance (SIGTERM; SIGKILL after the inventory's service.stop_timeout_s)."""
+    _service("stop", root, inventory, as_json)
+
+
+@app.command()
+def restart(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None, as_json: JsonOpt = False) -> None:
+    """Stop and start the appliance node by node, waiting for each node's health check."""
+    _service("restart", root, inventory, as_json)
+
+
+@app.command("uninstall")
+def uninstall_cmd(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
+                  purge_audit: Annotated[int, typer.Option("--purge-audit", count=True, help=(
+                      "Give it twice to delete the audit data too (data/, journal/, trust state, audit key)."))] = 0,
+                  as_json: JsonOpt = False) -> None:
+    """Stop the appliance and remove the releases; audit data stays unless --purge-audit is given twice."""
+    from installer.uninstall import uninstall
+
+    if purge_audit == 1:
+        exc = InputError("--purge-audit: expected it twice to delete the audit log irrevocably, found it once; "
+                         "nothing was removed")
+        raise _fail(exc, as_json)
+    inv = _load_inventory(inventory, as_json)
+    try:
+        result = uninstall(root, inv, purge_audit=purge_audit >= 2, console=err_console)
+    except InstallerError as exc:
+        raise _fail(exc, as_json, _error_extra(exc)) from exc
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    for note in result.notes:
+        out_console.print(f"uninstall: {note}", highlight=False)
+    if result.purged:
+        out_console.print(f"uninstalled; removed {result.root} entirely, audit data included", highlight=False)
+    else:
+        out_console.print(f"uninstalled release {result.version or '-'}; kept in {result.root}: "
+                          f"{', '.join(result.kept) or 'nothing'}", highlight=False)
 
 
 @app.command()
 def status(root: RootOpt = DEFAULT_ROOT, as_json: JsonOpt = False) -> None:
-    """Releases present, the current one and the bundle it came from."""
+    """Releases present, the current one, the bundle it came from, and the appliance's health."""
     report = read_status(root)
     if as_json:
         _emit_json(report.to_dict())
@@ -217,6 +295,19 @@ def status(root: RootOpt = DEFAULT_ROOT, as_json: JsonOpt = False) -> None:
         table.add_row(r.version, "[green]*[/green]" if r.current else "", r.model, r.bundle_digest)
     out_console.print(table)
     out_console.print(f"current: {report.current or '-'}")
+    svc = report.service
+    if svc is None:
+        out_console.print("appliance: never started here by the supervisor")
+    elif svc.running:
+        colour = "green" if svc.healthy else "red"
+        out_console.print(f"appliance: [{colour}]running[/{colour}] pid {svc.pid}, {svc.url}, version {svc.version}, "
+                          f"{'healthy' if svc.healthy else 'NOT healthy'}", highlight=False)
+    else:
+        out_console.print(f"appliance: [yellow]stopped[/yellow] ({svc.detail})", highlight=False)
+    if report.last_rollout and report.last_rollout.get("result") != "ok":
+        ro = report.last_rollout
+        out_console.print(f"last rollout: {ro.get('version')} on {ro.get('node')} was [red]{ro.get('result')}[/red]: "
+                          f"{ro.get('error')}", highlight=False)
     if report.last_action:
         a = report.last_action
         out_console.print(f"last action: {a.get('ts')} {a.get('actor')} {a.get('action')} {a.get('version')} "
@@ -225,6 +316,7 @@ def status(root: RootOpt = DEFAULT_ROOT, as_json: JsonOpt = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. The frozen executable also serves as its own ansible-playbook."""
+    prepare_process()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == [FROZEN_SUBCOMMAND]:
         from installer.ansible_entry import main as ansible_main

@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1  # verification or preflight failure, or a refused release
 EXIT_INPUT = 2  # usage or input error (bad inventory, bad arguments, bundle not installable)
 EXIT_ANSIBLE = 3  # the playbook failed on a node
+EXIT_ROLLED_BACK = 4  # the new release failed on a node, which was rolled back to the previous one
 
 
 class InstallerError(Exception):
@@ -74,3 +75,10 @@ class AnsibleFailed(InstallerError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class RolledBack(AnsibleFailed):
+    """A release failed to come up healthy on a node; the node was put back on its previous
+    release (running again) and no further node was touched. ``result`` is the PlaybookResult."""
+
+    exit_code = EXIT_ROLLED_BACK

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,21 +22,29 @@ from typing import Any
 from rich.console import Console
 
 from airgap_bundle import BundleError, VerificationReport, commit_trust, unpack_bundle, verify_bundle
-from installer.ansible_runner import DEFAULT_TIMEOUT_S, PlaybookResult, run_playbook
+from installer.ansible_runner import PlaybookResult, run_playbook
 from installer.display import ByteProgress, playbook_progress
 from installer.errors import (
-    AnsibleFailed,
     BundleContentError,
     InputError,
     NotInstalledError,
     PreflightFailed,
     ReleaseConflict,
+    RolledBack,
     VerificationFailed,
 )
 from installer.inventory import Inventory, load_inventory
-from installer.journal import JournalEntry, append_entry
+from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 from installer.preflight import run_preflight
+from installer.service import (
+    COPY_TASKS,
+    playbook_error,
+    service_notes,
+    service_timeout,
+    service_vars,
+    start_seconds,
+)
 from installer.staging import installer_lock, run_dir
 from installer.versions import is_newer, read_release_config
 from policies import PolicyError, default_policy_dir, load_policy_set
@@ -62,6 +71,10 @@ class InstallResult:
     playbook: PlaybookResult
     verification: VerificationReport | None = None
     notes: list[str] = field(default_factory=list)
+    # seconds: verify, unpack, copy (ansible's copy task), ansible (the rest of the playbook),
+    # service_start (spawn to healthy /health), total
+    timings: dict[str, float] = field(default_factory=dict)
+    started: bool = False
 
     @property
     def already_installed(self) -> bool:
@@ -72,16 +85,11 @@ class InstallResult:
             "ok": True, "action": self.action, "version": self.version, "bundle_digest": self.bundle_digest,
             "root": str(self.root), "release_dir": str(self.release_dir), "nodes": self.nodes,
             "changed": self.changed, "switched": self.switched, "previous": self.previous,
-            "already_installed": self.already_installed, "notes": self.notes,
+            "already_installed": self.already_installed, "notes": self.notes, "started": self.started,
+            "timings": self.timings,
             "playbook": self.playbook.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
-
-
-def journal_action(layout: RootLayout, entry: JournalEntry, *, create: bool) -> None:
-    """Append to the journal; with ``create=False`` only where a journal directory exists."""
-    if create or layout.journal_dir.is_dir():
-        append_entry(layout.journal, entry, create_dir=create)
 
 
 def resolve_inventory(inventory: Path | str | Inventory | None) -> Inventory:
@@ -165,12 +173,18 @@ def install_bundle(
     upgrade: bool = False,
     preflight: bool = False,
     allow_cpu: bool = False,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    start: bool = False,
+    timeout_s: float | None = None,
 ) -> InstallResult:
     """Verify ``bundle`` against ``trusted_root`` and install it under ``root`` on the inventory's
     nodes (default: this machine). Raises an InstallerError subclass whose ``exit_code`` is the
     CLI's. Verification cannot be skipped. ``upgrade=True`` also requires an installed release
-    older than the bundle's."""
+    older than the bundle's.
+
+    ``start=True`` (the CLI's default) also puts the release in service node by node: stop the
+    running appliance, switch ``current``, start the new release and wait for its HTTPS health
+    check; a node that fails is switched back and restarted on its previous release and
+    RolledBack (exit code 4) is raised. ``start=False`` only switches ``current``."""
     action = "upgrade" if upgrade else "install"
     bundle, trusted_root, layout = Path(bundle), Path(trusted_root), RootLayout(root)
     if not bundle.is_file():
@@ -186,7 +200,9 @@ def install_bundle(
         if not pre.ok:
             raise PreflightFailed("preflight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in pre.failures), pre)
 
+    t0 = time.monotonic()
     report = _verify(bundle, trusted_root, layout, console)
+    verify_s = time.monotonic() - t0
     if not report.ok:
         failed = report.first_failure()
         where = f" [{failed.path}]" if failed and failed.path else ""
@@ -203,16 +219,23 @@ def install_bundle(
         raise
 
     with installer_lock(layout), run_dir(layout) as work:
-        return _install_verified(action, bundle, report, layout, inv, work, console, timeout_s)
+        result = _install_verified(action, bundle, report, layout, inv, work, console,
+                                   timeout_s or service_timeout(inv), start)
+    result.timings["verify"] = round(verify_s, 3)
+    result.timings["total"] = round(time.monotonic() - t0, 3)
+    return result
 
 
 def _install_verified(action: str, bundle: Path, report: VerificationReport, layout: RootLayout,
-                      inv: Inventory, work: Path, console: Console | None, timeout_s: float) -> InstallResult:
-    def journal(result: str, detail: str) -> None:
-        entry = JournalEntry(action, result, report.version, report.digest, inv.names, detail)
+                      inv: Inventory, work: Path, console: Console | None, timeout_s: float,
+                      start: bool) -> InstallResult:
+    def journal(result: str, detail: str, *, what: str = action, version: str = report.version,
+                digest: str = report.digest) -> None:
+        entry = JournalEntry(what, result, version, digest, inv.names, detail)
         journal_action(layout, entry, create=True)
 
     stage = work / "bundle"
+    t_unpack = time.monotonic()
     try:
         unpack_bundle(bundle, stage, report, progress=ByteProgress(console))
         model_name = _model_name(stage, report)
@@ -234,36 +257,52 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         journal("refused", str(exc))
         raise
 
+    unpack_s = time.monotonic() - t_unpack
     previous = layout.current_version()
     extra_vars = {
         "sovereign_root": str(layout.root),
         "sovereign_version": report.version,
         "sovereign_bundle_digest": report.digest,
-        "sovereign_staging_dir": str(stage),
+        "sovereign_release_staging_dir": str(stage),
         "sovereign_release_files": files,
-        "sovereign_model_name": model_name,
-        "sovereign_gateway_host": inv.gateway.host,
-        "sovereign_gateway_port": inv.gateway.port,
+        "sovereign_release_model_name": model_name,
+        "sovereign_release_gateway_host": inv.gateway.host,
+        "sovereign_release_gateway_port": inv.gateway.port,
+        **service_vars(inv, start=start),
     }
     with playbook_progress(console, f"{action} {report.version}") as on_event:
         result = run_playbook("install.yml", inventory=inv.to_ansible(work / "remote-tmp"), extra_vars=extra_vars,
                               work_dir=work / "ansible", on_event=on_event, timeout_s=timeout_s)
     if not result.ok:
-        journal("failed", result.summary())
-        raise AnsibleFailed(f"ansible-playbook failed: {result.summary()}", result)
+        error = playbook_error(result)
+        journal("failed", str(error) if isinstance(error, RolledBack) else result.summary())
+        if isinstance(error, RolledBack) and previous and previous != report.version:
+            journal("ok", f"put {previous} back in service after {report.version} failed its health check",
+                    what="auto-rollback", version=previous,
+                    digest=str((read_release_config(layout.release(previous)) or {}).get("bundle_digest", "")))
+        raise error
     try:
         commit_trust(report, layout.trust)
     except BundleError as exc:
         journal("failed", f"installed but the trusted state was not committed: {exc}")
         raise VerificationFailed(f"{layout.trust}: expected to commit the trusted state, found {exc}") from exc
     switched = previous != report.version
+    service_s = start_seconds(result)
+    copy_s = result.seconds_in(*COPY_TASKS)
+    timings = {"unpack": round(unpack_s, 3), "copy": round(copy_s, 3),
+               "ansible": round(max(result.wall_s - copy_s - service_s, 0.0), 3),
+               "service_start": round(service_s, 3), "playbook": round(result.wall_s, 3)}
+    notes += service_notes(result)
     if result.changed == 0:
         detail = f"release {report.version} already installed and current: no changes"
     else:
         detail = f"installed release {report.version} ({result.changed} changes)"
         if switched:
             detail += f", switched current from {previous}" if previous else ", switched current"
+        if start:
+            detail += "; appliance running and healthy"
     journal("ok", detail)
     return InstallResult(action=action, version=report.version, bundle_digest=report.digest, root=layout.root,
                          release_dir=layout.release(report.version), nodes=inv.names, changed=result.changed,
-                         switched=switched, previous=previous, playbook=result, verification=report, notes=notes)
+                         switched=switched, previous=previous, playbook=result, verification=report, notes=notes,
+                         timings=timings, started=start)

@@ -3,10 +3,15 @@
 YAML format::
 
     gateway: {host: 127.0.0.1, port: 8443}      # optional; these are the defaults
+    service:                                    # optional; these are the defaults
+      mode: auto                                # auto | systemd | supervisor (auto: systemd if PID 1)
+      start_timeout_s: 300                      # wait this long for HTTPS /health after a start
+      stop_timeout_s: 30                        # SIGTERM, then SIGKILL after this long
     nodes:
       - name: local                             # [A-Za-z0-9][A-Za-z0-9._-]*
         connection: local                       # local | ssh
         python: /usr/bin/python3                # optional; the node's python3 for ansible modules
+        appliance: /opt/venv/bin/appliance      # optional; default: `appliance` next to python
         gpus: 1                                 # optional; expected NVIDIA GPU count
         labels: {region: eu-west, site: dc1, classification: confidential}   # all three required
       - name: gpu-2
@@ -24,7 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -55,6 +60,16 @@ class GatewaySettings(BaseModel):
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 8443
 
 
+class ServiceSettings(BaseModel):
+    """How the appliance runs on the nodes (see installer/service.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["auto", "systemd", "supervisor"] = "auto"
+    start_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    stop_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
 class InventoryNode(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,6 +79,7 @@ class InventoryNode(BaseModel):
     user: StrictStr | None = None
     port: Annotated[StrictInt, Field(ge=1, le=65535)] = 22
     python: StrictStr | None = None
+    appliance: StrictStr | None = None
     gpus: Annotated[StrictInt, Field(ge=0)] | None = None
     labels: dict[Label, Label]
 
@@ -83,6 +99,8 @@ class InventoryNode(BaseModel):
             raise ValueError(f"no host for connection local, found host {self.host!r}")
         if self.python is not None and not self.python.startswith("/"):
             raise ValueError(f"an absolute python path, found {self.python!r}")
+        if self.appliance is not None and not self.appliance.startswith("/"):
+            raise ValueError(f"an absolute path of the appliance script, found {self.appliance!r}")
         return self
 
     def interpreter(self) -> str:
@@ -95,12 +113,21 @@ class InventoryNode(BaseModel):
             return shutil.which("python3") or "/usr/bin/python3"
         return "/usr/bin/python3"
 
+    def appliance_command(self) -> str:
+        """The node's ``appliance`` console script: the inventory's, else the one installed next
+        to the node's python (a virtual environment's bin/ holds both). Not resolved through
+        symlinks: a venv's python is a link to the base interpreter, its scripts are not."""
+        if self.appliance:
+            return self.appliance
+        return str(PurePosixPath(self.interpreter()).parent / "appliance")
+
 
 class Inventory(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     nodes: Annotated[list[InventoryNode], Field(min_length=1)]
     gateway: GatewaySettings = GatewaySettings()
+    service: ServiceSettings = ServiceSettings()
     source: str = "<default>"
 
     @model_validator(mode="after")
@@ -129,6 +156,7 @@ class Inventory(BaseModel):
                 "ansible_connection": node.connection,
                 "ansible_python_interpreter": node.interpreter(),
                 "sovereign_node_labels": dict(node.labels),
+                "sovereign_service_exe": node.appliance_command(),
             }
             if node.gpus is not None:
                 hostvars["sovereign_node_gpus"] = node.gpus

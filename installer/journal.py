@@ -14,7 +14,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from installer.layout import RootLayout
 
 JOURNAL_FILE_MODE = 0o640
 JOURNAL_DIR_MODE = 0o750
@@ -90,3 +93,9 @@ def read_entries(journal: Path) -> list[dict[str, Any]]:
         if isinstance(value, dict):
             entries.append(value)
     return entries
+
+
+def journal_action(layout: RootLayout, entry: JournalEntry, *, create: bool) -> None:
+    """Append to ROOT's journal; with ``create=False`` only where a journal directory exists."""
+    if create or layout.journal_dir.is_dir():
+        append_entry(layout.journal, entry, create_dir=create)

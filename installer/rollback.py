@@ -1,6 +1,8 @@
-"""rollback: re-check an installed release against its recorded hashes and switch `current`
-back to it. No bundle is needed; the trusted state is left as it is (its versions never go
-backwards), so an older bundle cannot be re-installed over a newer trusted state."""
+"""rollback: re-check an installed release against its recorded hashes and put it back in
+service (node by node: stop, switch `current`, start, HTTPS health check; a node whose target
+fails is put back as it was). No bundle is needed; the trusted state is left as it is (its
+versions never go backwards), so an older bundle cannot be re-installed over a newer trusted
+state."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from installer.ansible_runner import DEFAULT_TIMEOUT_S, run_playbook
+from installer.ansible_runner import run_playbook
 from installer.display import playbook_progress
-from installer.errors import AnsibleFailed, InputError, NotInstalledError
-from installer.install import InstallResult, journal_action, resolve_inventory
+from installer.errors import InputError, NotInstalledError
+from installer.install import InstallResult, resolve_inventory
 from installer.inventory import Inventory
-from installer.journal import JournalEntry
+from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
+from installer.service import playbook_error, service_notes, service_timeout, service_vars, start_seconds
 from installer.staging import installer_lock, run_dir
 from installer.versions import read_release_config, version_key
 
@@ -50,9 +53,11 @@ def rollback(
     inventory: Path | str | Inventory | None = None,
     *,
     console: Console | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    start: bool = False,
+    timeout_s: float | None = None,
 ) -> InstallResult:
-    """Switch ``current`` to release ``to`` (default: the previous one) after re-checking its files."""
+    """Switch ``current`` to release ``to`` (default: the previous one) after re-checking its
+    files; with ``start=True`` (the CLI's default) restart the appliance on it and check its health."""
     layout = RootLayout(root)
     inv = resolve_inventory(inventory)
     current = layout.current_version()
@@ -74,15 +79,19 @@ def rollback(
 
     with installer_lock(layout), run_dir(layout) as work:
         extra_vars = {"sovereign_root": str(layout.root), "sovereign_version": target,
-                      "sovereign_bundle_digest": digest}
+                      "sovereign_bundle_digest": digest, **service_vars(inv, start=start)}
         with playbook_progress(console, f"rollback to {target}") as on_event:
             result = run_playbook("rollback.yml", inventory=inv.to_ansible(work / "remote-tmp"),
                                   extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
-                                  timeout_s=timeout_s)
+                                  timeout_s=timeout_s or service_timeout(inv))
         if not result.ok:
-            journal("failed", result.summary())
-            raise AnsibleFailed(f"ansible-playbook failed: {result.summary()}", result)
-        journal("ok", f"switched current from {current} to {target}")
+            error = playbook_error(result)
+            journal("failed", str(error))
+            raise error
+        running = "; appliance running and healthy" if start else ""
+        journal("ok", f"switched current from {current} to {target}{running}")
     return InstallResult(action="rollback", version=target, bundle_digest=digest, root=layout.root,
                          release_dir=layout.release(target), nodes=inv.names, changed=result.changed,
-                         switched=True, previous=current, playbook=result)
+                         switched=True, previous=current, playbook=result, notes=service_notes(result),
+                         timings={"service_start": round(start_seconds(result), 3),
+                                  "playbook": round(result.wall_s, 3)}, started=start)

@@ -1,15 +1,24 @@
-"""status: which releases are installed under ROOT, which is current, from which bundle."""
+"""status: which releases are installed under ROOT, which is current, from which bundle, and
+whether the appliance runs and answers its HTTPS health check (supervisor mode, this machine)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from installer.ansible_runner import PLAYBOOK_DIR
 from installer.journal import read_entries
 from installer.layout import RootLayout
 from installer.rollback import installed_versions
 from installer.versions import read_release_config
+
+CTL_SCRIPT = PLAYBOOK_DIR / "roles" / "sovereign_service" / "files" / "appliancectl.py"
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,18 @@ class ReleaseInfo:
 
 
 @dataclass(frozen=True)
+class ServiceState:
+    """The appliance as the supervisor on this machine sees it (None where it never ran here)."""
+
+    running: bool
+    pid: int | None
+    version: str | None
+    url: str | None
+    healthy: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class StatusReport:
     root: str
     installed: bool
@@ -29,12 +50,49 @@ class StatusReport:
     bundle_digest: str | None
     releases: list[ReleaseInfo] = field(default_factory=list)
     last_action: dict[str, Any] | None = None
+    service: ServiceState | None = None
+    last_rollout: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_status(root: Path) -> StatusReport:
+@cache
+def appliancectl() -> ModuleType:
+    """The node supervisor script shipped in the service role, loaded as a module (one source of
+    truth for pidfile, liveness and the health probe)."""
+    spec = importlib.util.spec_from_file_location("sovereign_appliancectl", CTL_SCRIPT)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {CTL_SCRIPT}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_service_state(layout: RootLayout) -> ServiceState | None:
+    ctl = appliancectl()
+    paths = ctl.Paths(str(layout.root))
+    if not paths.pidfile.exists() and not paths.state.exists():
+        return None
+    state = ctl.read_state(paths)
+    pid = ctl.running_pid(paths)
+    host, port = str(state.get("host", "127.0.0.1")), int(state.get("port", 0) or 0)
+    url = f"https://{host}:{port}" if port else None
+    if pid is None:
+        if "stopped_at" in state:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(state["stopped_at"])))
+            how = "SIGKILL after the stop timeout" if state.get("killed") else "SIGTERM"
+            return ServiceState(False, None, state.get("version"), url, False, f"stopped at {when} ({how})")
+        return ServiceState(False, None, state.get("version"), url, False, "not running (it exited by itself; "
+                            "see logs/appliance.log)")
+    health = ctl.probe(paths, host, port) if port else "no port recorded"
+    if isinstance(health, dict):
+        return ServiceState(True, pid, str(health.get("version")), url, health.get("status") == "ok",
+                            f"/health: {json.dumps(health, sort_keys=True)}")
+    return ServiceState(True, pid, state.get("version"), url, False, f"/health: {health}")
+
+
+def read_status(root: Path, *, probe_service: bool = True) -> StatusReport:
     layout = RootLayout(root)
     current = layout.current_version()
     releases = []
@@ -46,5 +104,11 @@ def read_status(root: Path) -> StatusReport:
                                     model=str((model or {}).get("name", "")), current=version == current))
     digest = next((r.bundle_digest for r in releases if r.current), None)
     entries = read_entries(layout.journal)
+    try:
+        rollout = json.loads((layout.state / "rollout.json").read_text())
+    except (OSError, ValueError):
+        rollout = None
     return StatusReport(root=str(layout.root), installed=current is not None, current=current, bundle_digest=digest,
-                        releases=releases, last_action=entries[-1] if entries else None)
+                        releases=releases, last_action=entries[-1] if entries else None,
+                        service=read_service_state(layout) if probe_service else None,
+                        last_rollout=rollout if isinstance(rollout, dict) else None)

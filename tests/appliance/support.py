@@ -61,13 +61,13 @@ def write_inventory(path: Path, port: int) -> Path:
 
 
 def run_installer(vendor: VendorBundle, root: Path, port: int) -> subprocess.CompletedProcess[str]:
-    """Install as an IT admin would on a CPU-only machine, gateway on ``port``."""
+    """Install as an IT admin would on a CPU-only machine, gateway on ``port``; the test serves it."""
     root.mkdir(parents=True, exist_ok=True)
     inventory = write_inventory(root.parent / f"{root.name}-inventory.yaml", port)
     return subprocess.run(
         [str(BIN / "sovereign-installer"), "install", "--bundle", str(vendor.bundle),
          "--trusted-root", str(vendor.trusted_root), "--root", str(root), "--inventory", str(inventory),
-         "--allow-cpu"],
+         "--allow-cpu", "--no-start"],
         text=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}, timeout=600,
     )
 

@@ -140,3 +140,32 @@ def test_audit_records_exist_verify_and_hold_no_secrets(served: Served) -> None:
             assert secret.encode() not in path.read_bytes(), f"key material found in {path}"
     # Another tenant's records never show up in this tenant's stream.
     assert all(r.tenant == "audited" for r in records)
+
+
+def test_client_that_disconnects_mid_stream_is_audited_as_aborted(served: Served) -> None:
+    import time
+
+    key = served.new_tenant_key("leaver")
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 400, "temperature": 1.0, "seed": 1,
+            "stream": True}
+    with httpx.Client(verify=tls_ctx(served.ca), timeout=60) as http, http.stream(
+        "POST", f"{served.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break  # got real output; hang up on the server
+    from appliance.audit import AuditLog
+
+    log = AuditLog(f"sqlite:///{served.root / 'data' / 'appliance.db'}",
+                   served.root / "secrets" / "audit-signing.key")
+    deadline = time.monotonic() + 30
+    kinds: list[str] = []
+    while time.monotonic() < deadline:
+        kinds = [r.event_type for r in log.query("leaver", None, None)]
+        if len(kinds) >= 2:
+            break
+        time.sleep(0.2)
+    assert kinds == ["accepted", "aborted"]
+    aborted = log.query("leaver", None, None)[-1].data
+    assert 0 < aborted["completion_tokens"] < 400

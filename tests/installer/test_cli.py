@@ -27,7 +27,8 @@ def test_ansible_env_is_built_from_scratch(tmp_path: Path) -> None:
 def test_help_and_usage_errors() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for command in ("preflight", "verify", "install", "upgrade", "rollback", "status"):
+    for command in ("preflight", "verify", "install", "upgrade", "rollback", "start", "stop", "restart", "status",
+                    "uninstall"):
         assert command in proc.stdout
     assert run_cli("frobnicate").returncode == 2
 

@@ -82,7 +82,7 @@ def test_journal_records_the_install(installed: Path) -> None:
 def test_second_install_changes_nothing(installed: Path, bundle_v1: Path, trusted_root: Path) -> None:
     before = (installed / "releases" / "0.1.0" / "appliance.yaml").stat().st_mtime_ns
     proc = run_cli("install", "--bundle", str(bundle_v1), "--trusted-root", str(trusted_root),
-                   "--root", str(installed), "--skip-preflight", "--json")
+                   "--root", str(installed), "--skip-preflight", "--no-start", "--json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     out = json.loads(proc.stdout)
     assert out["changed"] == 0 and out["already_installed"] and not out["switched"]
@@ -116,7 +116,7 @@ def test_tampered_bundle_writes_nothing_on_a_fresh_root(tmp_path: Path, bundle_v
     assert "[model/model.safetensors]" in str(info.value) and "expected sha256" in str(info.value)
     assert not root.exists()
     proc = run_cli("install", "--bundle", str(bad), "--trusted-root", str(trusted_root), "--root", str(root),
-                   "--skip-preflight", "--json")
+                   "--skip-preflight", "--no-start", "--json")
     assert proc.returncode == 1, proc.stderr
     out = json.loads(proc.stdout)
     assert out["ok"] is False and out["error"] == "VerificationFailed"
@@ -184,7 +184,7 @@ def test_bundle_with_invalid_policies_is_refused(tmp_path: Path, bundle_factory:
     bundle = bundle_factory("0.3.0", policies=policies)
     root = tmp_path / "root"
     proc = run_cli("install", "--bundle", str(bundle), "--trusted-root", str(trusted_root), "--root", str(root),
-                   "--skip-preflight", "--json")
+                   "--skip-preflight", "--no-start", "--json")
     assert proc.returncode == 2, proc.stderr + proc.stdout
     out = json.loads(proc.stdout)
     assert out["error"] == "BundleContentError" and "policies/site.yaml: tenants.acme.sla_class" in out["message"]

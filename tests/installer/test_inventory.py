@@ -45,6 +45,7 @@ def test_valid_inventory_to_ansible(tmp_path: Path) -> None:
         "ansible_connection": "ssh", "ansible_python_interpreter": "/usr/bin/python3.11",
         "sovereign_node_labels": {"region": "eu-west", "site": "dc2", "classification": "confidential"},
         "ansible_host": "10.0.0.12", "ansible_port": 22, "ansible_user": "deploy",
+        "sovereign_service_exe": "/usr/bin/appliance",  # next to the node's python by default
     }
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from installer.ansible_runner import PLAYBOOK_DIR
 
-ROLES = ["common", "release", "switch"]
+ROLES = ["sovereign_common", "sovereign_release", "sovereign_switch", "sovereign_service", "sovereign_rollout"]
 TASK_KEYWORDS = {"name", "loop", "loop_control", "register", "when", "notify", "changed_when", "failed_when",
                  "tags", "become", "vars", "args", "ignore_errors", "no_log"}
 

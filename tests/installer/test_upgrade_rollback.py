@@ -28,7 +28,7 @@ def test_upgrade_then_rollback(tmp_path: Path, bundle_factory: BundleFactory, tr
     install_bundle(v1, trusted_root, root)
 
     proc = run_cli("upgrade", "--bundle", str(v2), "--trusted-root", str(trusted_root), "--root", str(root),
-                   "--skip-preflight", "--json")
+                   "--skip-preflight", "--no-start", "--json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     out = json.loads(proc.stdout)
     assert out["action"] == "upgrade" and out["switched"] and out["previous"] == "0.1.0"
@@ -39,7 +39,7 @@ def test_upgrade_then_rollback(tmp_path: Path, bundle_factory: BundleFactory, tr
     with pytest.raises(VerificationFailed, match="check 7"):
         install_bundle(v1, trusted_root, root)
 
-    proc = run_cli("rollback", "--root", str(root), "--json")
+    proc = run_cli("rollback", "--root", str(root), "--no-start", "--json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     out = json.loads(proc.stdout)
     assert out["action"] == "rollback" and out["version"] == "0.1.0" and out["previous"] == "0.2.0"
@@ -48,7 +48,7 @@ def test_upgrade_then_rollback(tmp_path: Path, bundle_factory: BundleFactory, tr
     entry = read_entries(root / "journal" / "installer.jsonl")[-1]
     assert (entry["action"], entry["result"], entry["version"]) == ("rollback", "ok", "0.1.0")
 
-    proc = run_cli("rollback", "--root", str(root), "--to", "0.2.0")
+    proc = run_cli("rollback", "--root", str(root), "--to", "0.2.0", "--no-start")
     assert proc.returncode == 0, proc.stderr
     assert os.readlink(root / "current") == "releases/0.2.0"
 
@@ -56,7 +56,7 @@ def test_upgrade_then_rollback(tmp_path: Path, bundle_factory: BundleFactory, tr
     victim = root / "releases" / "0.1.0" / "model" / "config.json"
     victim.chmod(0o644)
     victim.write_text('{"model_type": "evil"}')
-    proc = run_cli("rollback", "--root", str(root), "--to", "0.1.0", "--json")
+    proc = run_cli("rollback", "--root", str(root), "--to", "0.1.0", "--no-start", "--json")
     assert proc.returncode == 3, proc.stderr + proc.stdout
     out = json.loads(proc.stdout)
     assert out["error"] == "AnsibleFailed" and "model/config.json: expected sha256" in out["message"]

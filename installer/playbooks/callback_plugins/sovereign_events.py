@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from ansible.plugins.callback import CallbackBase
@@ -19,13 +20,26 @@ DOCUMENTATION = """
 
 EVENT_PREFIX = "@@sovereign-event "
 _MAX_MSG = 2000
+SERVICE_MARK = '{"sovereign_service"'
+
+
+def _service_report(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON report of the node's appliance supervisor (appliancectl), when the task ran it."""
+    stdout = result.get("stdout")
+    if not isinstance(stdout, str) or not stdout.startswith(SERVICE_MARK):
+        return None
+    try:
+        report = json.loads(stdout.splitlines()[0])
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _message(result: dict[str, Any]) -> str:
     parts = []
     for key in ("msg", "stderr", "module_stderr", "exception"):
         value = result.get(key)
-        if value:
+        if value and str(value).strip() != "(traceback unavailable)":
             parts.append(str(value))
     for item in result.get("results", []) or []:
         if isinstance(item, dict) and item.get("failed"):
@@ -42,24 +56,34 @@ class CallbackModule(CallbackBase):
         sys.stdout.write(EVENT_PREFIX + json.dumps(event, default=str) + "\n")
         sys.stdout.flush()
 
+    _task_started = 0.0
+
     def _result(self, kind: str, result: Any) -> None:
         data = dict(result.result)
-        self._emit(
-            event=kind,
-            host=result.host.get_name(),
-            task=result.task.get_name(),
-            action=result.task.action,
-            changed=bool(data.get("changed", False)),
-            msg=_message(data) if kind in ("failed", "unreachable") else "",
-        )
+        event: dict[str, Any] = {
+            "event": kind,
+            "host": result.host.get_name(),
+            "task": result.task.get_name(),
+            "action": result.task.action,
+            "changed": bool(data.get("changed", False)),
+            "msg": _message(data) if kind in ("failed", "unreachable") else "",
+            # since the task started (for a loop: all items so far on all hosts)
+            "duration_s": round(time.monotonic() - self._task_started, 3),
+        }
+        service = _service_report(data)
+        if service is not None:
+            event["service"] = service
+        self._emit(**event)
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
         self._emit(event="play_start", name=play.get_name())
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        self._task_started = time.monotonic()
         self._emit(event="task_start", task=task.get_name())
 
     def v2_playbook_on_handler_task_start(self, task: Any) -> None:
+        self._task_started = time.monotonic()
         self._emit(event="task_start", task=task.get_name(), handler=True)
 
     def v2_runner_on_ok(self, result: Any) -> None:

@@ -1,0 +1,1 @@
+"""Freezing the installer into one executable with PyInstaller (``make installer``)."""

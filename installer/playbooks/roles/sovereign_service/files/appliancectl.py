@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Supervisor of the appliance on a node without systemd (containers, evaluation machines).
+
+Installed by sovereign-installer as ROOT/bin/appliancectl and run by its playbooks with the
+node's python3; standard library only. Every command prints one JSON object on stdout whose
+first key is "sovereign_service" (the installer's event callback forwards it) and exits 0 on
+success, 1 on failure.
+
+  start   --root R --exe APPLIANCE --host H --port P --expect-version V [--timeout S]
+          Starts `APPLIANCE serve --root R --host H --port P` in a new session (setsid), stdout and
+          stderr appended to R/logs/appliance.log, pid written atomically to R/run/appliance.pid,
+          then waits until https://H:P/health answers with version V, trusting only R/tls/ca.pem.
+          An appliance already running and healthy on V is left alone (changed: false).
+  stop    --root R [--timeout S]
+          SIGTERM, wait up to S seconds, then SIGKILL (reported as such).
+  status  --root R
+          Whether the recorded process is alive, and what it serves.
+  health  --root R --host H --port P [--expect-version V] [--timeout S]
+          Waits for /health (used after a systemd start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+LOG_TAIL_LINES = 25
+POLL_S = 0.5
+KILL_WAIT_S = 10.0
+# Variables passed on to the appliance; everything else (ANSIBLE_*, the installer's PyInstaller
+# loader paths, proxies) is left behind. The offline switches are set, never assumed.
+PASS_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
+            "CUDA_HOME", "NVIDIA_VISIBLE_DEVICES", "TRITON_CACHE_DIR")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1", "NO_PROXY": "*", "no_proxy": "*"}
+
+
+class Paths:
+    def __init__(self, root: str) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.run = self.root / "run"
+        self.pidfile = self.run / "appliance.pid"
+        self.state = self.run / "appliance.json"
+        self.logs = self.root / "logs"
+        self.log = self.logs / "appliance.log"
+        self.ca = self.root / "tls" / "ca.pem"
+
+
+def emit(ok: bool, **fields: Any) -> int:
+    sys.stdout.write(json.dumps({"sovereign_service": "ok" if ok else "failed", **fields}) + "\n")
+    return 0 if ok else 1
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_pid(paths: Paths) -> int | None:
+    try:
+        return int(paths.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def read_state(paths: Paths) -> dict[str, Any]:
+    try:
+        data = json.loads(paths.state.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def is_our_appliance(pid: int, paths: Paths) -> bool:
+    """The pid still names `appliance serve --root ROOT` (a recycled pid must not be signalled)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pidfile
+    args = [a.decode(errors="replace") for a in argv if a]
+    return "serve" in args and str(paths.root) in args
+
+
+def running_pid(paths: Paths) -> int | None:
+    pid = read_pid(paths)
+    if pid is None or not alive(pid) or not is_our_appliance(pid, paths):
+        return None
+    return pid
+
+
+def log_tail(paths: Paths, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with paths.log.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def last_error(text: str) -> str:
+    """The line of a log tail that names the error (a traceback's last line), else its last line."""
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if line == line.lstrip() and ("Error" in head or "Exception" in head) and " " not in head:
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def probe(paths: Paths, host: str, port: int) -> dict[str, Any] | str:
+    """GET /health over HTTPS trusting only the appliance CA: the answer, or why there is none."""
+    if not paths.ca.is_file():
+        return f"no CA certificate yet at {paths.ca}"
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    netloc = f"[{connect}]" if ":" in connect else connect
+    ctx = ssl.create_default_context(cafile=str(paths.ca))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
+    try:
+        with opener.open(f"https://{netloc}:{port}/health", timeout=5) as resp:
+            data = json.loads(resp.read().decode())
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    return data if isinstance(data, dict) else f"unexpected answer {data!r}"
+
+
+def wait_healthy(paths: Paths, host: str, port: int, expect: str | None, timeout_s: float,
+                 proc: subprocess.Popen[bytes] | None = None, pid: int | None = None) -> tuple[bool, str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last: Any = "not asked yet"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False, f"the appliance exited with code {proc.returncode} before it was healthy", last
+        if proc is None and pid is not None and not alive(pid):
+            return False, f"the appliance (pid {pid}) exited before it was healthy", last
+        last = probe(paths, host, port)
+        if isinstance(last, dict) and last.get("status") == "ok":
+            if expect is None or str(last.get("version")) == expect:
+                return True, "healthy", last
+            return False, f"expected /health to report version {expect}, found {last.get('version')}", last
+        time.sleep(POLL_S)
+    return False, f"expected https://{host}:{port}/health to answer within {timeout_s:.0f} s, last: {last}", last
+
+
+def child_env(exe: str) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    if "LD_LIBRARY_PATH_ORIG" in os.environ:  # a PyInstaller loader path leaked this far: undo it
+        env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH_ORIG"]
+    path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["PATH"] = os.pathsep.join([os.path.dirname(exe), path])
+    if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
+        env["LC_ALL"] = "C.UTF-8"
+    env.update(OFFLINE_ENV)
+    return env
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    paths = Paths(args.root)
+    pid = running_pid(paths)
+    if pid is not None:
+        ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout, pid=pid)
+        if ok:
+            return emit(True, changed=False, pid=pid, health=health, message=f"already running (pid {pid})")
+        return emit(False, changed=False, pid=pid, health=health,
+                    message=f"an appliance is already running (pid {pid}) but {why}; stop it first")
+    exe = args.exe
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return emit(False, changed=False, message=f"expected the appliance console script at {exe} (inventory "
+                    "nodes[].appliance, or next to the node's python), found no executable file")
+    for directory in (paths.run, paths.logs):
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    argv = [exe, "serve", "--root", str(paths.root), "--host", args.host, "--port", str(args.port)]
+    started = time.time()
+    log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(log_fd, f"--- {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(started))} appliancectl start: "
+                         f"{' '.join(argv)}\n".encode())
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+                                cwd=str(paths.root), env=child_env(exe), start_new_session=True, close_fds=True)
+    finally:
+        os.close(log_fd)
+    write_atomic(paths.pidfile, f"{proc.pid}\n")
+    state = {"pid": proc.pid, "argv": argv, "host": args.host, "port": args.port, "version": args.expect_version,
+             "started_at": started}
+    write_atomic(paths.state, json.dumps(state, indent=1) + "\n")
+    ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout, proc=proc)
+    elapsed = round(time.time() - started, 3)
+    if ok:
+        write_atomic(paths.state, json.dumps({**state, "healthy_after_s": elapsed}, indent=1) + "\n")
+        return emit(True, changed=True, pid=proc.pid, health=health, start_s=elapsed,
+                    message=f"started (pid {proc.pid}), healthy after {elapsed:.1f} s")
+    if proc.poll() is None:
+        stop_pid(proc.pid, paths, KILL_WAIT_S, proc)
+    for path in (paths.pidfile, paths.state):
+        path.unlink(missing_ok=True)
+    tail = log_tail(paths)
+    return emit(False, changed=True, pid=proc.pid, start_s=elapsed, log_tail=tail,
+                message=f"{why}: {last_error(tail)} (see {paths.log})")
+
+
+def stop_pid(pid: int, paths: Paths, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout_s``. Returns True when SIGKILL was needed."""
+    def gone() -> bool:
+        return proc.poll() is not None if proc is not None else not alive(pid)
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gone():
+            return False
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the appliance leads its own session and process group
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return True
+    deadline = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < deadline and not gone():
+        time.sleep(0.1)
+    return True
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    paths = Paths(args.root)
+    pid = running_pid(paths)
+    if pid is None:
+        stale = paths.pidfile.exists()
+        paths.pidfile.unlink(missing_ok=True)
+        return emit(True, changed=stale, message="not running" + (" (removed a stale pidfile)" if stale else ""))
+    killed = stop_pid(pid, paths, args.timeout)
+    if alive(pid):
+        return emit(False, changed=True, pid=pid, message=f"appliance (pid {pid}) still alive after SIGKILL")
+    paths.pidfile.unlink(missing_ok=True)
+    state = read_state(paths)
+    if state:  # kept, marked stopped, so that status can say when and what last ran
+        write_atomic(paths.state, json.dumps({**state, "stopped_at": time.time(), "killed": killed}, indent=1) + "\n")
+    if killed:
+        return emit(True, changed=True, pid=pid, killed=True,
+                    message=f"appliance (pid {pid}) did not stop within {args.timeout:.0f} s of SIGTERM: "
+                            "sent SIGKILL (requests in flight were cut off)")
+    return emit(True, changed=True, pid=pid, killed=False, message=f"stopped (pid {pid}) after SIGTERM")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    paths = Paths(args.root)
+    pid = running_pid(paths)
+    state = read_state(paths)
+    if pid is None:
+        return emit(True, changed=False, running=False, pid=None, version=None, message="not running")
+    health = probe(paths, str(state.get("host", "127.0.0.1")), int(state.get("port", 8443)))
+    version = health.get("version") if isinstance(health, dict) else state.get("version")
+    return emit(True, changed=False, running=True, pid=pid, version=version, port=state.get("port"),
+                healthy=isinstance(health, dict) and health.get("status") == "ok", health=health,
+                message=f"running (pid {pid})")
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    paths = Paths(args.root)
+    ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout)
+    if ok:
+        return emit(True, changed=False, health=health, message="healthy")
+    tail = log_tail(paths)
+    return emit(False, changed=False, health=health, log_tail=tail,
+                message=f"{why}: {last_error(tail)} (see {paths.log})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="appliancectl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, timeout in (("start", 300.0), ("stop", 30.0), ("status", 0.0), ("health", 300.0)):
+        p = sub.add_parser(name)
+        p.add_argument("--root", required=True)
+        p.add_argument("--timeout", type=float, default=timeout)
+        if name in ("start", "health"):
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, required=True)
+            p.add_argument("--expect-version", default=None)
+        if name == "start":
+            p.add_argument("--exe", required=True)
+    args = parser.parse_args(argv)
+    handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

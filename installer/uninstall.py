@@ -1,0 +1,80 @@
+"""uninstall: stop the appliance and remove what the installer put on the nodes.
+
+Kept unless the audit data is purged: ROOT/data (database and tamper-evident audit log),
+ROOT/journal (installer journal), ROOT/state/trust (bundle rollback protection for a later
+install) and ROOT/secrets/audit-signing.key (so a reinstall continues the same audit chain).
+Purging (``purge_audit=True``; the CLI wants ``--purge-audit`` twice) removes the whole root; its
+journal goes with it, so that last action is reported only on the command line.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from installer.ansible_runner import PlaybookResult, run_playbook
+from installer.display import playbook_progress
+from installer.errors import NotInstalledError
+from installer.inventory import Inventory
+from installer.journal import JournalEntry, journal_action
+from installer.layout import RootLayout
+from installer.service import playbook_error, service_notes, service_timeout, service_vars
+from installer.staging import installer_lock
+from installer.versions import read_release_config
+
+KEPT = ("data", "journal", "state/trust", "secrets/audit-signing.key")
+
+
+@dataclass(frozen=True)
+class UninstallResult:
+    root: Path
+    version: str | None
+    nodes: list[str]
+    purged: bool
+    kept: list[str]
+    notes: list[str]
+    playbook: PlaybookResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": True, "action": "uninstall", "root": str(self.root), "version": self.version,
+                "nodes": self.nodes, "purged": self.purged, "kept": self.kept, "notes": self.notes,
+                "playbook": self.playbook.to_dict()}
+
+
+def uninstall(root: Path, inventory: Inventory, *, purge_audit: bool = False,
+              console: Console | None = None) -> UninstallResult:
+    layout = RootLayout(root)
+    if not layout.root.is_dir():
+        raise NotInstalledError(f"{layout.root}: expected an appliance root to uninstall, found no directory")
+    version = layout.current_version()
+    digest = str((read_release_config(layout.release(version)) or {}).get("bundle_digest", "")) if version else ""
+    extra_vars = {"sovereign_root": str(layout.root), "sovereign_common_purge_audit": purge_audit,
+                  **service_vars(inventory, start=False)}
+    # The work directory lies outside ROOT: ROOT (or most of it) is removed while ansible runs.
+    with installer_lock(layout), tempfile.TemporaryDirectory(prefix="sovereign-uninstall-") as tmp:
+        work = Path(tmp)
+        with playbook_progress(console, "uninstall") as on_event:
+            result = run_playbook("uninstall.yml", inventory=inventory.to_ansible(work / "remote-tmp"),
+                                  extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
+                                  timeout_s=service_timeout(inventory))
+    notes = service_notes(result)
+    if not result.ok:
+        error = playbook_error(result)
+        journal_action(layout, JournalEntry("uninstall", "failed", version or "", digest, inventory.names, str(error)),
+                       create=False)
+        raise error
+    kept = [] if purge_audit else [k for k in KEPT if (layout.root / k).exists()]
+    if not purge_audit:
+        detail = f"removed release {version or '-'} and its service; kept {', '.join(kept) or 'nothing'}"
+        journal_action(layout, JournalEntry("uninstall", "ok", version or "", digest, inventory.names, detail),
+                       create=False)
+        try:
+            layout.staging.rmdir()
+        except OSError:
+            pass
+    return UninstallResult(root=layout.root, version=version, nodes=inventory.names, purged=purge_audit,
+                           kept=kept, notes=notes, playbook=result)
