@@ -23,6 +23,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     check_integrity: bool = False  # run BlockManager.check_integrity() after every step (tests)
+    load_format: str = "auto"  # "auto": safetensors; "dummy": random weights of config.json's shape (benchmarks)
+    num_threads: int | None = None  # CPU: torch intra-op threads; None = the cores this process may use
+    cuda_graphs: bool = True  # CUDA: replay captured graphs for decode-only steps
+    cpu_packed_linear: bool = True  # CPU fp32: oneDNN GEMMs on weights pre-packed at load
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -43,6 +47,10 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be 'auto', 'torch' or 'triton'; got {self.attention_backend!r}"
             )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be None or >= 1; got {self.num_threads}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

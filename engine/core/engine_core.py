@@ -40,6 +40,8 @@ class EngineCore:
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.num_prompt_tokens = 0  # of admitted requests (cumulative)
+        self.num_generation_tokens = 0  # sampled tokens (cumulative)
 
     # ---- requests -----------------------------------------------------------------------
     def make_sequence(
@@ -95,6 +97,7 @@ class EngineCore:
             raise DuplicateRequestError(f"request id {seq.request_id!r} is already in flight")
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
+        self.num_prompt_tokens += seq.num_prompt_tokens
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     **kwargs: object) -> Sequence:
@@ -125,6 +128,7 @@ class EngineCore:
             item.seq.num_computed_tokens += item.num_new_tokens
         results = self.sampler(logits, [s.seq for s in sampled]) if sampled else []
         touched: list[Sequence] = []
+        self.num_generation_tokens += len(results)
         for item, res in zip(sampled, results, strict=True):
             seq = item.seq
             seq.output_token_ids.append(res.token_id)
@@ -161,6 +165,10 @@ class EngineCore:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use are untouched); for benchmarks and tests."""
+        self.block_manager.reset_prefix_cache()
 
     def check_integrity(self) -> None:
         self.block_manager.check_integrity(self.scheduler.live_sequences())
@@ -205,5 +213,7 @@ class EngineCore:
             "prefix_cache_queries": bm.prefix_cache_queries,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generation_tokens,
             "time": time.time(),
         }

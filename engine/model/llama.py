@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, SmolLM2) over a flattened token batch.
 
-Parameter names follow Hugging Face (model.layers.N.self_attn.q_proj.weight, ...) so the loader
-maps checkpoint tensors one to one.
+q/k/v and gate/up projections are fused into one matrix each (`qkv_proj`, `gate_up_proj`): one
+GEMM instead of three (two) per layer. `PACKED_MODULES` tells the loader which Hugging Face
+checkpoint tensors are concatenated (along the output dimension, in order) into each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from engine.model.rope import RotaryEmbedding
 from engine.ops.attention_metadata import AttentionMetadata
 from engine.ops.backend import AttentionBackend, TorchAttentionBackend
 
+# fused module -> the checkpoint modules stacked into it, in output-row order
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -22,6 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as transformers' LlamaRMSNorm, so fp32 results are bit-comparable.
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -31,38 +39,39 @@ class RMSNorm(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
-        rotary: RotaryEmbedding,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [N, B, KV, D]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],  # 2 x [T, 1, D], from RotaryEmbedding.cos_sin
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [KV, N, B, D]
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = RotaryEmbedding.rotate(qk, *cos_sin)  # q and k heads rotated together
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(t, -1))
 
@@ -94,6 +103,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
         self.backend: AttentionBackend = TorchAttentionBackend()
+        self._layers: list[LlamaDecoderLayer] = []
 
     def init_rotary(self, max_positions: int, device: torch.device) -> None:
         self.rotary = RotaryEmbedding(self.config.rope, self.config.head_dim, max_positions).to(device)
@@ -103,17 +113,18 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer 2 x [N, B, KV, D]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer 2 x [KV, N, B, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # hidden states [T, hidden]
         if self.rotary is None:
             raise RuntimeError("init_rotary() must be called before forward()")
-        h = self.model.embed_tokens(input_ids)
-        residual = h
-        for i, layer in enumerate(self.model.layers):
-            assert isinstance(layer, LlamaDecoderLayer)
-            h = layer.input_layernorm(residual)
-            h = layer.self_attn(h, positions, self.rotary, kv_caches[i], meta, self.backend)
+        if len(self._layers) != len(self.model.layers):
+            self._layers = [layer for layer in self.model.layers if isinstance(layer, LlamaDecoderLayer)]
+        cos_sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
+        backend = self.backend
+        residual = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self._layers, kv_caches, strict=True):
+            h = layer.self_attn(layer.input_layernorm(residual), cos_sin, kv_cache, meta, backend)
             residual = residual + h
             h = layer.mlp(layer.post_attention_layernorm(residual))
             residual = residual + h

@@ -29,10 +29,14 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables, indexed by absolute token position."""
+    """Precomputed cos/sin tables, indexed by absolute token position.
+
+    `sin_signed` is sin with its first half negated, so that rotate_half(x) * sin equals
+    x.roll(D/2) * sin_signed: one copy instead of a negation and a concatenation, same values.
+    """
 
     cos_cache: torch.Tensor
-    sin_cache: torch.Tensor
+    sin_signed_cache: torch.Tensor
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
@@ -40,18 +44,25 @@ class RotaryEmbedding(torch.nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.register_buffer("sin_signed_cache", sin, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, signed sin), each [T, 1, D] in dtype; computed once per step."""
+        cos = self.cos_cache.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.sin_signed_cache.index_select(0, positions).unsqueeze(1).to(dtype)
+        return cos, sin
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] -> rotated x (a new tensor)."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, H, D]; k: [T, KV, D]. Returns rotated (q, k) in their dtype."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

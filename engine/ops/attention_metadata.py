@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,17 @@ class AttentionMetadata:
     prefill_seq_lens_host: list[int]
     decode_max_seq_len: int = 0
     prefill_max_seq_len: int = 0
+    # Decodes are ordered by context length; each bucket (start, end, max_seq_len) is a slice of
+    # decode rows run as one padded batch by the torch path. Empty = one bucket of all decodes.
+    decode_buckets: list[tuple[int, int, int]] = field(default_factory=list)
+    # Values a backend derives from this metadata once per step and reuses in every layer
+    # (gather indices, attention masks); owned by the backend, empty when built.
+    scratch: dict[Any, Any] = field(default_factory=dict)
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        if self.decode_buckets or not self.num_decode_tokens:
+            return self.decode_buckets
+        return [(0, self.num_decode_tokens, self.decode_max_seq_len)]
 
     @property
     def num_decodes(self) -> int:

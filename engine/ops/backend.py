@@ -1,4 +1,8 @@
-"""Attention backends: the torch reference (CPU path) and, on CUDA, Triton kernels."""
+"""Attention backends: the torch reference (CPU path) and, on CUDA, Triton kernels.
+
+Both use the cache layout of `reference.kv_cache_shape`: [num_kv_heads, num_blocks, block_size,
+head_dim] per layer, so a cache written by one backend reads the same in the other.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ class AttentionBackend(Protocol):
         query: torch.Tensor,  # [T, H, D]
         key: torch.Tensor,  # [T, KV, D]
         value: torch.Tensor,  # [T, KV, D]
-        key_cache: torch.Tensor,  # [N, B, KV, D]
+        key_cache: torch.Tensor,  # [KV, N, B, D]
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
@@ -27,9 +31,16 @@ class AttentionBackend(Protocol):
 
 
 class TorchAttentionBackend:
-    """Writes new K/V to the cache, then attends over the cache with the reference ops."""
+    """Writes new K/V to the cache, then attends over the cache with the reference ops.
+
+    Decodes run per length bucket (meta.buckets()), so a short context is not padded to the
+    longest one in the batch.
+    """
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self.workspace = reference.GatherWorkspace()
 
     def forward(
         self,
@@ -43,18 +54,36 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         reference.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
+        buckets = meta.buckets()
+        if not meta.num_prefills and len(buckets) == 1:  # the common decode-only step: no copy into `out`
+            return self._decode(query, key_cache, value_cache, meta, buckets[0], scale)
         out = torch.empty_like(query)
-        if nd:
-            out[:nd] = reference.paged_decode_attention(
-                query[:nd], key_cache, value_cache, meta.decode_block_tables,
-                meta.decode_seq_lens, meta.decode_max_seq_len, scale,
-            )
+        for bucket in buckets:
+            out[bucket[0] : bucket[1]] = self._decode(query, key_cache, value_cache, meta, bucket, scale)
         if meta.num_prefills:
+            plans = meta.scratch.setdefault("prefill_plans", {})
             out[nd:] = reference.paged_prefill_attention(
                 query[nd:], key_cache, value_cache, meta.prefill_block_tables,
                 meta.prefill_query_start_loc_host, meta.prefill_seq_lens_host, scale,
+                key=key[nd:], value=value[nd:], plans=plans, workspace=self.workspace,
             )
         return out
+
+    def _decode(
+        self,
+        query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta: AttentionMetadata,
+        bucket: tuple[int, int, int], scale: float,
+    ) -> torch.Tensor:
+        start, end, max_len = bucket
+        tables, lens = meta.decode_block_tables[start:end], meta.decode_seq_lens[start:end]
+        plan = meta.scratch.get(("decode", start))
+        if plan is None:  # once per step; every layer reuses it
+            plan = reference.decode_plan(tables, lens, max_len, key_cache.shape[2], torch.float32)
+            meta.scratch[("decode", start)] = plan
+        return reference.paged_decode_attention(
+            query[start:end], key_cache, value_cache, tables, lens, max_len, scale, plan=plan,
+            workspace=self.workspace,
+        )
 
 
 def get_backend(device: torch.device, name: str = "auto") -> AttentionBackend:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import ScheduledSeq
 from engine.errors import ModelLoadError
 from engine.model.config import ModelConfig
+from engine.model.cpu_linear import pack_linears
 from engine.model.loader import load_model
 from engine.ops.backend import get_backend
-from engine.worker.batch import build_model_input
+from engine.ops.reference import kv_cache_shape
+from engine.worker.batch import ModelInput, build_model_input
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -19,12 +23,35 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def usable_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_cpu_threads(num_threads: int | None) -> int:
+    """Intra-op threads: as asked, else OMP_NUM_THREADS if set, else every core we may run on."""
+    if num_threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = num_threads or usable_cpu_count()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.model, self.model_config = load_model(config.model_path, config.torch_dtype, self.device)
+        if self.device.type == "cpu":
+            configure_cpu_threads(config.num_threads)
+        self.model, self.model_config = load_model(
+            config.model_path, config.torch_dtype, self.device, config.load_format
+        )
         mc = self.model_config
+        if self.device.type == "cpu" and config.cpu_packed_linear:
+            pack_linears(self.model, batch_hint=min(config.max_num_seqs, config.max_num_batched_tokens))
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if mc.sliding_window is not None:
             # Attention here is full-context; within the window the two are identical.
@@ -37,17 +64,30 @@ class ModelRunner:
             raise ModelLoadError(
                 f"kv_cache_bytes: expected at least one block ({per_block} bytes); found {config.kv_cache_bytes}"
             )
-        shape = (self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = kv_cache_shape(self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
         # Zero-filled so padded, never-written slots can't inject NaN into masked attention.
         self.kv_caches = [
             (torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
              torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
             for _ in range(mc.num_layers)
         ]
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from engine.worker.cuda_graphs import DecodeGraphRunner
 
+            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config, self.num_blocks, self.max_model_len)
+
+    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Run one step. Returns float32 logits [S, V] for the sequences that sample, and them."""
         inp = build_model_input(batch, self.config.block_size, self.device)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        hidden = self._forward(inp)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         return logits, inp.sampled
+
+    def _forward(self, inp: ModelInput) -> torch.Tensor:
+        if self.graphs is not None and inp.meta.num_prefills == 0:
+            hidden = self.graphs.run(inp)
+            if hidden is not None:
+                return hidden
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)

@@ -55,20 +55,10 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        """logits: float32 [S, V], one row per sequence that samples this step."""
-        raw_logprobs = None
-        if any(s.params.logprobs is not None for s in seqs):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = logits.clone()
-        for i, seq in enumerate(seqs):
-            if seq.params.needs_penalties:
-                _apply_penalties(logits[i], seq)
-            if seq.num_output_tokens < seq.params.min_tokens:
-                banned = list(seq.params.stop_token_ids or [])
-                if not seq.params.ignore_eos:
-                    banned += list(self.eos_token_ids)
-                if banned:
-                    logits[i, banned] = float("-inf")
+        """logits: float32 [S, V], one row per sequence that samples this step (not modified)."""
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = self._constrain(logits, seqs)
         tokens = logits.argmax(dim=-1)  # greedy for every row; random rows overwritten below
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
@@ -80,12 +70,14 @@ class Sampler:
             for j, s in enumerate(sub_seqs):
                 noise[j].exponential_(generator=s.generator)  # per-request stream when seeded
             tokens[rows] = (probs / noise).argmax(dim=-1)  # exponential race == categorical draw
-        token_list = tokens.tolist()
+        token_list: list[int] = tokens.tolist()
+        if raw_logprobs is None:  # the common case: no per-row work at all
+            return [SampleResult(t, None) for t in token_list]
         results = []
         for i, seq in enumerate(seqs):
             lp: dict[int, float] | None = None
             n = seq.params.logprobs
-            if n is not None and raw_logprobs is not None:
+            if n is not None:
                 row = raw_logprobs[i]
                 lp = {token_list[i]: float(row[token_list[i]])}
                 if n > 0:
@@ -94,3 +86,27 @@ class Sampler:
                         lp.setdefault(t, v)
             results.append(SampleResult(token_list[i], lp))
         return results
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties and min_tokens bans, on a copy made only when some row needs one."""
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        penalised: list[int] = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.needs_penalties:
+                penalised.append(i)
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids or [])
+                if not p.ignore_eos:
+                    banned += self.eos_token_ids
+                ban_rows += [i] * len(banned)
+                ban_cols += banned
+        if not penalised and not ban_rows:
+            return logits
+        logits = logits.clone()
+        for i in penalised:
+            _apply_penalties(logits[i], seqs[i])
+        if ban_rows:
+            logits[ban_rows, ban_cols] = float("-inf")
+        return logits

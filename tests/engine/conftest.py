@@ -12,7 +12,6 @@ import torch
 from engine import LLM
 
 
-
 @pytest.fixture(scope="session")
 def engine_model_dir(request: pytest.FixtureRequest) -> Path:
     """Our import of the real SmolLM2 GGUF (the shared `model_dir` fixture), unless overridden."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from engine.model import load_model
-from engine.ops import AttentionMetadata
+from engine.ops import AttentionMetadata, kv_cache_shape
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +35,7 @@ def _prefill_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     model, cfg = load_model(model_dir, torch.float32, torch.device("cpu"))
     model.init_rotary(256, torch.device("cpu"))
     n = len(ids)
-    shape = (4, 16, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_cache_shape(4, 16, cfg.num_kv_heads, cfg.head_dim)
     kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n), num_decode_tokens=0,

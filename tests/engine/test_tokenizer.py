@@ -77,3 +77,20 @@ def test_stop_string_is_not_leaked_while_streaming(tok: Tokenizer) -> None:
             break
     assert d.stopped_by == "STOP"
     assert streamed == d.text == "The answer is 42. "
+
+
+def test_lazy_detokenizer_keeps_text_before_a_trailing_partial_character(tok: Tokenizer) -> None:
+    """Tokens queued without stop strings decode in one go; a cut-off emoji at the end must not
+    hold back the text before it, and the result equals token-by-token streaming."""
+    ids = tok.encode("wörld 日本 🎉", add_special_tokens=False)
+    for cut in range(1, len(ids) + 1):
+        lazy = IncrementalDetokenizer(tok)
+        eager = IncrementalDetokenizer(tok)
+        streamed = ""
+        for i in ids[:cut]:
+            lazy.add_token(i)
+            eager.add_token(i)
+            streamed += eager.take_delta(False)
+        streamed += eager.take_delta(True)
+        assert lazy.take_delta(True) == streamed == lazy.text
+        assert "\ufffd" not in streamed and tok.decode(ids[:cut]).startswith(streamed)

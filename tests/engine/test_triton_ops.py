@@ -18,7 +18,7 @@ from engine.ops import triton_backend as tb
 def _cache(lens: list[int], block_size: int, kv: int, dim: int) -> tuple[torch.Tensor, ...]:
     torch.manual_seed(0)
     nb = sum((n + block_size - 1) // block_size for n in lens) + 2
-    kc, vc = torch.randn(nb, block_size, kv, dim), torch.randn(nb, block_size, kv, dim)
+    kc, vc = torch.randn(kv, nb, block_size, dim), torch.randn(kv, nb, block_size, dim)  # head-major
     perm = torch.randperm(nb).tolist()
     tables = []
     for n in lens:
@@ -33,28 +33,31 @@ def _cache(lens: list[int], block_size: int, kv: int, dim: int) -> tuple[torch.T
 def test_write_kv_matches_reference() -> None:
     k, v = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
     slots = torch.tensor([0, 7, -1, 3, 12])
-    caches = [torch.zeros(4, 4, 2, 3) for _ in range(4)]
+    caches = [torch.zeros(2, 4, 4, 3) for _ in range(4)]  # [KV, N, B, D]
     reference.write_kv_cache(k, v, caches[0], caches[1], slots)
     tb.write_kv_cache(k, v, caches[2], caches[3], slots)
     torch.testing.assert_close(caches[2], caches[0])
     torch.testing.assert_close(caches[3], caches[1])
 
 
-@pytest.mark.parametrize(("block_size", "heads", "kv", "dim", "splits"),
-                         [(4, 6, 2, 8, 1), (4, 6, 2, 8, 3), (8, 9, 3, 12, 2)])
-def test_decode_matches_reference(block_size: int, heads: int, kv: int, dim: int, splits: int) -> None:
-    lens = [1, 7, 13]
+@pytest.mark.parametrize(("block_size", "heads", "kv", "dim", "splits", "tile_n"),
+                         [(4, 6, 2, 8, 1, 16), (4, 6, 2, 8, 3, 16), (8, 9, 3, 12, 2, 32), (16, 4, 1, 16, None, 64)])
+def test_decode_matches_reference(
+    block_size: int, heads: int, kv: int, dim: int, splits: int | None, tile_n: int
+) -> None:
+    lens = [1, 7, 13, 50]  # 50 tokens: several tiles of 16 and pages per tile
     kc, vc, bt = _cache(lens, block_size, kv, dim)
     q = torch.randn(len(lens), heads, dim)
     sl = torch.tensor(lens, dtype=torch.int32)
     ref = reference.paged_decode_attention(q, kc, vc, bt, sl, max(lens), 0.3)
-    got = tb.paged_decode_attention(q, kc, vc, bt, sl, max(lens), 0.3, num_splits=splits)
+    got = tb.paged_decode_attention(q, kc, vc, bt, sl, max(lens), 0.3, num_splits=splits, tile_n=tile_n)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("block_size", "heads", "kv", "dim", "block_m"), [(4, 4, 2, 8, 4), (8, 6, 3, 12, 8)])
+@pytest.mark.parametrize(("block_size", "heads", "kv", "dim", "block_m"), [(4, 4, 2, 8, 16), (8, 6, 3, 12, 16)])
 def test_prefill_matches_reference(block_size: int, heads: int, kv: int, dim: int, block_m: int) -> None:
-    lens, new = [6, 11, 3], [6, 5, 1]  # a fresh prompt, a chunk over a cached prefix, one token
+    # a fresh prompt, chunks over a cached prefix (one spanning several query and key tiles), one token
+    lens, new = [6, 45, 3, 20], [6, 37, 1, 2]
     kc, vc, bt = _cache(lens, block_size, kv, dim)
     starts = [0]
     for n in new:
@@ -62,7 +65,8 @@ def test_prefill_matches_reference(block_size: int, heads: int, kv: int, dim: in
     q = torch.randn(starts[-1], heads, dim)
     ref = reference.paged_prefill_attention(q, kc, vc, bt, starts, lens, 0.25)
     got = tb.paged_prefill_attention(q, kc, vc, bt, torch.tensor(starts, dtype=torch.int32),
-                                     torch.tensor(lens, dtype=torch.int32), max(new), 0.25, block_m=block_m)
+                                     torch.tensor(lens, dtype=torch.int32), max(new), 0.25, block_m=block_m,
+                                     tile_n=16)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
