@@ -133,10 +133,11 @@ class AsyncEngine:
                 self._drain(core, sinks, block=not core.has_unfinished())
                 if self._stop.is_set():
                     break
-                if core.has_unfinished():
-                    for seq in core.step():
-                        self._emit(core, sinks, seq)
+                stepped = core.step() if core.has_unfinished() else []
+                # Stats first: a consumer woken by the last delta must already see this step's counts.
                 self._stats = core.stats()
+                for seq in stepped:
+                    self._emit(core, sinks, seq)
             error: BaseException = EngineDeadError("engine shut down before the request finished")
         except Exception as exc:  # a crash fails every open request, loudly
             log.exception("engine loop crashed")
