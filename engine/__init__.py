@@ -1,8 +1,12 @@
 """Sovereign paged-attention inference engine.
 
 Public API: `LLM` (offline batch), `AsyncEngine` (online streaming), `SamplingParams`,
-`EngineConfig`, output types and the exception hierarchy.
+`EngineConfig`, output types and the exception hierarchy. `RemoteEngine` (AsyncEngine's interface
+over a node server's mutual-TLS API) is imported on first use, so `import engine` does not pull
+in httpx and pydantic.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -27,6 +31,18 @@ from engine.outputs import RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from engine.remote import RemoteEngine
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RemoteEngine":
+        from engine.remote import RemoteEngine
+
+        return RemoteEngine
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
 __all__ = [
     "LLM",
     "AsyncEngine",
@@ -41,6 +57,7 @@ __all__ = [
     "MissingTensorError",
     "ModelLoadError",
     "PromptTooLongError",
+    "RemoteEngine",
     "RequestError",
     "RequestOutput",
     "SamplingParams",

@@ -4,6 +4,7 @@ from engine.ops.attention_metadata import AttentionMetadata
 from engine.ops.backend import AttentionBackend, TorchAttentionBackend, get_backend
 from engine.ops.reference import (
     gather_pages,
+    head_page_ids,
     kv_cache_shape,
     paged_decode_attention,
     paged_prefill_attention,
@@ -16,6 +17,7 @@ __all__ = [
     "TorchAttentionBackend",
     "gather_pages",
     "get_backend",
+    "head_page_ids",
     "kv_cache_shape",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -58,28 +58,37 @@ class GatherWorkspace:
         return buf[:numel]
 
 
+def head_page_ids(block_ids: torch.Tensor, num_kv: int, num_blocks: int) -> torch.Tensor:
+    """block_ids [P] -> [KV * P] int64 rows of cache.view(KV * N, B * D): every head's copy of
+    each page, head-major. One index_select over these rows parallelises across threads (an
+    index_select along dim 1 did not: 0.64 ms on 1 or 2 threads vs 0.36 ms on 2 for 12.6 MB)."""
+    heads = torch.arange(num_kv, device=block_ids.device, dtype=torch.int64)[:, None] * num_blocks
+    return (heads + block_ids.long()[None, :]).reshape(-1)
+
+
 def gather_pages(
-    cache: torch.Tensor, block_ids: torch.Tensor, workspace: GatherWorkspace | None = None, slot: int = 0
+    cache: torch.Tensor, rows: torch.Tensor, workspace: GatherWorkspace | None = None, slot: int = 0
 ) -> torch.Tensor:
-    """cache [KV, N, B, D], block_ids [P] -> [KV, P * B, D] (a contiguous copy; in workspace[slot]
-    if given, valid until the next gather into that slot)."""
+    """cache [KV, N, B, D], rows = head_page_ids(P block ids) -> [KV, P * B, D], a contiguous copy
+    (in workspace[slot] if given: valid until the next gather into that slot)."""
     num_kv, num_blocks, block_size, dim = cache.shape
-    src = cache.view(num_kv, num_blocks, block_size * dim)
-    n = block_ids.shape[0]
+    src = cache.view(num_kv * num_blocks, block_size * dim)
+    n = rows.shape[0]
     if workspace is None:
-        pages = src.index_select(1, block_ids)
+        pages = src.index_select(0, rows)
     else:
-        pages = workspace.take(slot, num_kv * n * block_size * dim, cache).view(num_kv, n, block_size * dim)
-        torch.index_select(src, 1, block_ids, out=pages)
-    return pages.view(num_kv, n * block_size, dim)
+        pages = workspace.take(slot, n * block_size * dim, cache).view(n, block_size * dim)
+        torch.index_select(src, 0, rows, out=pages)
+    return pages.view(num_kv, (n // num_kv) * block_size, dim)
 
 
 def prefill_plan(
-    block_table: torch.Tensor, seq_len: int, num_new: int, block_size: int, dtype: torch.dtype
+    block_table: torch.Tensor, seq_len: int, num_new: int, cache_shape: torch.Size, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Page ids [P] and additive causal mask [n, L] (0 or -inf) of one prefill chunk."""
+    """Gather rows (head_page_ids) and additive causal mask [n, L] (0 or -inf) of one prefill chunk."""
     device = block_table.device
-    pages = block_table[: (seq_len + block_size - 1) // block_size].long()
+    num_kv, num_blocks, block_size, _ = cache_shape
+    pages = head_page_ids(block_table[: (seq_len + block_size - 1) // block_size], num_kv, num_blocks)
     q_pos = torch.arange(seq_len - num_new, seq_len, device=device)[:, None]  # [n, 1]
     allowed = torch.arange(seq_len, device=device)[None, :] <= q_pos  # [n, L]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
@@ -100,7 +109,6 @@ def paged_prefill_attention(
     workspace: GatherWorkspace | None = None,
 ) -> torch.Tensor:
     """Causal attention of each chunk over its cached prefix and itself. Returns [Tp, H, D]."""
-    block_size = key_cache.shape[2]
     out = torch.empty_like(query)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
@@ -115,7 +123,7 @@ def paged_prefill_attention(
         else:
             plan = plans.get(i) if plans is not None else None
             if plan is None:
-                plan = prefill_plan(block_tables[i], seq_len, num_new, block_size, query.dtype)
+                plan = prefill_plan(block_tables[i], seq_len, num_new, key_cache.shape, query.dtype)
                 if plans is not None:
                     plans[i] = plan
             pages, mask = plan
@@ -129,11 +137,14 @@ def paged_prefill_attention(
 
 
 def decode_plan(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, block_size: int, dtype: torch.dtype
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, cache_shape: torch.Size,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened page ids [S * pages] and additive mask [S, L] (0 or -inf, L = pages * block_size)."""
+    """Gather rows (head_page_ids of S * pages block ids) and additive mask [S, L] (0 or -inf,
+    L = pages * block_size)."""
+    num_kv, num_blocks, block_size, _ = cache_shape
     pages = (max_seq_len + block_size - 1) // block_size
-    ids = block_tables[:, :pages].reshape(-1).long()
+    ids = head_page_ids(block_tables[:, :pages].reshape(-1), num_kv, num_blocks)
     positions = torch.arange(pages * block_size, device=block_tables.device)
     invalid = positions[None, :] >= seq_lens[:, None].to(positions.dtype)  # [S, L]
     bias = torch.zeros(invalid.shape, dtype=dtype, device=block_tables.device).masked_fill_(invalid, float("-inf"))
@@ -157,9 +168,9 @@ def paged_decode_attention(
     caller bounds the padding by passing sequences of similar length together (decode buckets).
     """
     num_seqs, num_heads, dim = query.shape
-    num_kv, _, block_size, _ = key_cache.shape
+    num_kv = key_cache.shape[0]
     group = num_heads // num_kv
-    ids, bias = plan or decode_plan(block_tables, seq_lens, max_seq_len, block_size, torch.float32)
+    ids, bias = plan or decode_plan(block_tables, seq_lens, max_seq_len, key_cache.shape, torch.float32)
     width = bias.shape[1]
     k = gather_pages(key_cache, ids, workspace, 0).view(num_kv * num_seqs, width, dim).to(query.dtype)  # [KV*S,L,D]
     v = gather_pages(value_cache, ids, workspace, 1).view(num_kv * num_seqs, width, dim).to(query.dtype)

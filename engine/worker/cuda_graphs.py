@@ -30,7 +30,10 @@ class DecodeGraphRunner:
         config: EngineConfig,
         num_blocks: int,
         max_model_len: int,
+        capture: bool = True,
     ) -> None:
+        """capture=False runs the padded static-buffer path eagerly instead of replaying graphs
+        (any device): tests check the padding logic on CPU with it."""
         self.model = model
         self.kv_caches = kv_caches
         device = torch.device(config.device)
@@ -48,7 +51,9 @@ class DecodeGraphRunner:
         self.hidden = torch.zeros(max_bs, model.config.hidden_size, dtype=config.torch_dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: Any = None  # the first graph's memory pool, shared by all
-        self._capture_all()
+        self.capture = capture
+        if capture:
+            self._capture_all()
 
     def _meta(self, bs: int) -> AttentionMetadata:
         empty = self.seq_lens[:0]
@@ -95,5 +100,9 @@ class DecodeGraphRunner:
             self.positions[n:bs].zero_()
             self.slots[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(1)
-        self.graphs[bs].replay()
+        if self.capture:
+            self.graphs[bs].replay()
+        else:
+            with torch.inference_mode():
+                self.hidden[:bs].copy_(self._run_model(bs))
         return self.hidden[:n]

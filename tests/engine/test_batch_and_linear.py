@@ -37,3 +37,22 @@ def test_packed_linears_match_nn_linear() -> None:
     else:
         assert replaced == 2 and all(isinstance(m, PackedLinear) for m in model)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_graph_padding_path_is_exact_on_cpu(engine_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """The CUDA-graph runner's static, padded inputs (slot -1, length 1, token 0 for rows beyond the
+    batch), run eagerly on CPU: same greedy tokens as the plain path."""
+    from engine import LLM, SamplingParams
+    from engine.worker.cuda_graphs import DecodeGraphRunner
+
+    prompts = [[1, 504, 3458, 282], [1, 17, 28, 3458, 29, 198, 504, 4649, 314, 690, 3045, 30, 216, 1070, 3001, 17, 9]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(model=engine_model_dir, max_model_len=64, max_num_seqs=4, check_integrity=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params)]
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphRunner(runner.model, runner.kv_caches, llm.config, runner.num_blocks,
+                                      runner.max_model_len, capture=False)
+    assert runner.graphs.sizes == [1, 2, 4]  # 3 decodes run padded to 4
+    llm.engine.reset_prefix_cache()
+    padded = [o.token_ids for o in llm.generate([*prompts, [5, 6, 7]], params)]
+    assert padded[:2] == plain

@@ -24,3 +24,17 @@ def test_generate_bad_model_dir_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path), "--prompt", "hi"])
     assert result.exit_code == 2
     assert "config.json" in result.output
+
+
+def test_serve_refuses_a_readable_key_and_missing_ca(tmp_path: Path) -> None:
+    from tests.engine.tls_certs import make_tls_set
+
+    tls = make_tls_set(tmp_path)
+    args = ["serve", "--model", str(tmp_path), "--tls-cert", str(tls.server.cert), "--tls-key",
+            str(tls.server.key), "--port", "18999"]
+    tls.server.key.chmod(0o644)
+    result = CliRunner().invoke(app, [*args, "--client-ca", str(tls.ca)])
+    assert result.exit_code == 2 and "expected file mode 0600" in result.output
+    tls.server.key.chmod(0o600)
+    result = CliRunner().invoke(app, [*args, "--client-ca", str(tmp_path / "missing.crt")])
+    assert result.exit_code == 2 and "client_ca: expected a PEM file" in result.output
