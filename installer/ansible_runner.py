@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +57,10 @@ class PlaybookResult:
     timed_out: bool = False
     # reports of the node's appliance supervisor: {"host", "task", **report}
     service_reports: list[dict[str, Any]] = field(default_factory=list)
+    # reports of the node's runtime builder (runtimectl): {"host", "task", **report}
+    runtime_reports: list[dict[str, Any]] = field(default_factory=list)
+    # reports of the egress firewall role: {"host", "task", "node", "mode", "enforced", "file", "reason"}
+    firewall_reports: list[dict[str, Any]] = field(default_factory=list)
     # (host, task, seconds) for every finished task
     task_times: list[tuple[str, str, float]] = field(default_factory=list)
     wall_s: float = 0.0
@@ -85,7 +90,8 @@ class PlaybookResult:
             "playbook": self.playbook, "rc": self.rc, "ok": self.ok, "changed": self.changed,
             "hosts": self.hosts, "changed_tasks": self.changed_tasks,
             "failures": [{"host": f.host, "task": f.task, "msg": f.msg} for f in self.failures],
-            "service": self.service_reports, "wall_s": round(self.wall_s, 3),
+            "service": self.service_reports, "runtime": self.runtime_reports,
+            "firewall": self.firewall_reports, "wall_s": round(self.wall_s, 3),
             "task_times": [{"host": h, "task": t, "s": s} for h, t, s in self.task_times],
         }
 
@@ -138,6 +144,9 @@ def ansible_env(work_dir: Path, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
+STOP_GRACE_S = 10.0
+
+
 def run_playbook(
     playbook: str,
     *,
@@ -161,12 +170,12 @@ def run_playbook(
     with stderr_path.open("w+") as stderr:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                 env=ansible_env(work_dir), cwd=work_dir, text=True, encoding="utf-8",
-                                errors="replace")
+                                errors="replace", start_new_session=True)
         timed_out = threading.Event()
 
         def kill() -> None:
             timed_out.set()
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
 
         timer = threading.Timer(timeout_s, kill)
         timer.start()
@@ -176,14 +185,33 @@ def run_playbook(
             result.rc = proc.wait()
         finally:
             timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
         result.timed_out = timed_out.is_set()
         result.wall_s = time.monotonic() - started
         stderr.seek(0)
         result.stderr = stderr.read()[-20000:]
     return result
+
+
+def _signal_group(proc: subprocess.Popen[str], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """ansible-playbook runs in its own process group (its forked workers included): when the
+    installer stops early (Ctrl-C, SIGTERM, timeout) the whole group gets SIGTERM, then SIGKILL
+    after STOP_GRACE_S, so no worker goes on writing into a release or a staging directory."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)  # workers left behind by an ansible that did exit
+    proc.wait()
 
 
 def _take_line(line: str, result: PlaybookResult, on_event: EventHandler | None) -> None:
@@ -202,6 +230,10 @@ def _take_line(line: str, result: PlaybookResult, on_event: EventHandler | None)
                                   float(event["duration_s"])))
     if isinstance(event.get("service"), dict):
         result.service_reports.append({"host": event.get("host"), "task": event.get("task"), **event["service"]})
+    if isinstance(event.get("runtime"), dict):
+        result.runtime_reports.append({"host": event.get("host"), "task": event.get("task"), **event["runtime"]})
+    if isinstance(event.get("firewall"), dict):
+        result.firewall_reports.append({"host": event.get("host"), "task": event.get("task"), **event["firewall"]})
     if kind in ("failed", "unreachable"):
         result.failures.append(TaskFailure(event.get("host", "?"), event.get("task", "?"), event.get("msg", "")))
     elif kind == "ok" and event.get("changed"):

@@ -3,7 +3,8 @@ status, uninstall.
 
 Exit codes: 0 ok; 1 verification or preflight failure (or a refused release); 2 usage or
 input error; 3 ansible failure; 4 the new release failed its health check on a node and that
-node was rolled back to its previous release (running again). ``--json`` prints one JSON
+node was rolled back to its previous release (running again); 130 stopped by Ctrl-C or SIGTERM
+(journalled as interrupted; running the same command again resumes). ``--json`` prints one JSON
 document on stdout; progress and messages go to stderr.
 """
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from installer.ansible_entry import FROZEN_SUBCOMMAND
-from installer.errors import EXIT_INPUT, EXIT_OK, EXIT_REFUSED, InputError, InstallerError
+from installer.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, InputError, InstallerError
 from installer.frozen import prepare_process
 from installer.install import InstallResult, install_bundle
 from installer.inventory import Inventory, load_inventory
@@ -83,7 +84,7 @@ def _preflight_table(report: PreflightReport) -> Table:
 def preflight(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
               bundle: Annotated[Path | None, typer.Option("--bundle", "-b", help="Size disk needs from it.")] = None,
               allow_cpu: AllowCpuOpt = False, as_json: JsonOpt = False) -> None:
-    """Check this machine: python3, OS/glibc, disk, memory, gateway port, GPUs, ansible."""
+    """Check this machine: python3, OS/glibc, disk, memory, gateway port, GPUs, ansible, egress firewall."""
     inv = _load_inventory(inventory, as_json)
     report = run_preflight(root, inventory=inv, bundle=bundle, allow_cpu=allow_cpu)
     if as_json:
@@ -106,9 +107,17 @@ def verify(bundle: BundleOpt, trusted_root: TrustOpt,
         missing = bundle if not bundle.is_file() else trusted_root
         err_console.print(f"[red]error[/red]: expected a file, found nothing at {missing}")
         raise typer.Exit(EXIT_INPUT)
+    base_dir = None
+    if root is not None:  # a delta bundle reads its unchanged files from the installed base release
+        from installer.install import delta_base_dir
+
+        try:
+            base_dir = delta_base_dir(bundle, RootLayout(root))
+        except InstallerError as exc:
+            raise _fail(exc, as_json) from exc
     try:
         report = verify_bundle(bundle, trusted_root, state_dir=RootLayout(root).trust if root else None,
-                               progress=ByteProgress(None if as_json else err_console))
+                               progress=ByteProgress(None if as_json else err_console), base_dir=base_dir)
     except BundleError as exc:
         err_console.print(f"[red]error[/red]: {exc}")
         raise typer.Exit(EXIT_REFUSED) from exc
@@ -156,7 +165,21 @@ def _install(upgrade: bool, bundle: Path, trusted_root: Path, root: Path, invent
         result = install_bundle(bundle, trusted_root, root, inv, console=console, upgrade=upgrade, start=start)
     except InstallerError as exc:
         raise _fail(exc, as_json, _error_extra(exc)) from exc
+    except KeyboardInterrupt as exc:
+        raise _interrupted("upgrade" if upgrade else "install", exc, as_json) from exc
     _print_result(result, as_json)
+
+
+def _interrupted(action: str, exc: KeyboardInterrupt, as_json: bool) -> typer.Exit:
+    """Ctrl-C or SIGTERM: the run has journalled it and cleaned its staging; say how to go on."""
+    how = str(exc) or "Ctrl-C"
+    message = (f"{action} stopped by {how}; run the same command again to resume it "
+               "(or `sovereign-installer rollback` to go back)")
+    if as_json:
+        _emit_json({"ok": False, "exit_code": EXIT_INTERRUPTED, "error": "Interrupted", "message": message})
+    else:
+        err_console.print(f"[bold red]interrupted[/bold red]: {message}", highlight=False)
+    return typer.Exit(EXIT_INTERRUPTED)
 
 
 def _print_result(result: InstallResult, as_json: bool) -> None:
@@ -212,6 +235,8 @@ def rollback_cmd(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
         result = rollback(root, to, inv, console=err_console, start=start)
     except InstallerError as exc:
         raise _fail(exc, as_json, _error_extra(exc)) from exc
+    except KeyboardInterrupt as exc:
+        raise _interrupted("rollback", exc, as_json) from exc
     _print_result(result, as_json)
 
 
@@ -277,22 +302,43 @@ def uninstall_cmd(root: RootOpt = DEFAULT_ROOT, inventory: InventoryOpt = None,
                           f"{', '.join(result.kept) or 'nothing'}", highlight=False)
 
 
+def _print_pki(pki: dict[str, Any] | None) -> None:
+    """The installation CA's fingerprint and each node certificate's expiry."""
+    if pki is None:
+        out_console.print("internal CA: none yet (the first install creates it)")
+        return
+    out_console.print(f"internal CA: {pki.get('ca_fingerprint') or 'unreadable'}, valid until "
+                      f"{pki.get('ca_not_after') or '-'} ({pki.get('detail')})", highlight=False)
+    table = Table(title="Node certificates")
+    for col in ("Node", "Certificate", "Valid until", "Days left"):
+        table.add_column(col)
+    for c in pki.get("certificates", []):
+        days = c.get("days_left")
+        colour = "red" if days is None or days < 30 else "green"
+        table.add_row(c["node"], c["certificate"], c.get("not_after") or c.get("detail", "-"),
+                      f"[{colour}]{days if days is not None else '-'}[/{colour}]")
+    out_console.print(table)
+
+
 @app.command()
 def status(root: RootOpt = DEFAULT_ROOT, as_json: JsonOpt = False) -> None:
-    """Releases present, the current one, the bundle it came from, and the appliance's health."""
+    """Releases present, the current one, the bundle it came from, the appliance's health, the internal CA."""
     report = read_status(root)
     if as_json:
         _emit_json(report.to_dict())
         return
+    if report.interrupted:
+        out_console.print(f"[bold yellow]interrupted run[/bold yellow]: {report.interrupted}", highlight=False)
     if not report.releases:
         out_console.print(f"{report.root}: no release installed")
         return
     table = Table(title=f"Releases in {report.root}")
-    for col in ("Version", "Current", "Model"):
+    for col in ("Version", "Current", "Model", "Runtime"):
         table.add_column(col)
     table.add_column("Bundle digest", overflow="fold")
     for r in report.releases:
-        table.add_row(r.version, "[green]*[/green]" if r.current else "", r.model, r.bundle_digest)
+        runtime = "node" if r.runtime == "node" else r.runtime + ("" if r.runtime_present else " [red](missing)[/red]")
+        table.add_row(r.version, "[green]*[/green]" if r.current else "", r.model, runtime, r.bundle_digest)
     out_console.print(table)
     out_console.print(f"current: {report.current or '-'}")
     svc = report.service
@@ -304,6 +350,7 @@ def status(root: RootOpt = DEFAULT_ROOT, as_json: JsonOpt = False) -> None:
                           f"{'healthy' if svc.healthy else 'NOT healthy'}", highlight=False)
     else:
         out_console.print(f"appliance: [yellow]stopped[/yellow] ({svc.detail})", highlight=False)
+    _print_pki(report.pki)
     if report.last_rollout and report.last_rollout.get("result") != "ok":
         ro = report.last_rollout
         out_console.print(f"last rollout: {ro.get('version')} on {ro.get('node')} was [red]{ro.get('result')}[/red]: "

@@ -10,6 +10,7 @@ EXIT_REFUSED = 1  # verification or preflight failure, or a refused release
 EXIT_INPUT = 2  # usage or input error (bad inventory, bad arguments, bundle not installable)
 EXIT_ANSIBLE = 3  # the playbook failed on a node
 EXIT_ROLLED_BACK = 4  # the new release failed on a node, which was rolled back to the previous one
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM during a run (journalled; running the same command again resumes)
 
 
 class InstallerError(Exception):
@@ -65,6 +66,13 @@ class NotInstalledError(InputError):
 
 class InstallerBusy(InputError):
     """Another installer run holds the lock on this root."""
+
+
+class PkiError(InstallerError):
+    """The installation's internal CA (ROOT/state/pki) is unusable: unreadable, corrupt, exposed
+    by its file modes or expiring. Nothing was issued or installed."""
+
+    exit_code = EXIT_REFUSED
 
 
 class AnsibleFailed(InstallerError):

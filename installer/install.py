@@ -21,7 +21,14 @@ from typing import Any
 
 from rich.console import Console
 
-from airgap_bundle import BundleError, VerificationReport, commit_trust, unpack_bundle, verify_bundle
+from airgap_bundle import (
+    BundleError,
+    VerificationReport,
+    commit_trust,
+    inspect_bundle,
+    unpack_bundle,
+    verify_bundle,
+)
 from installer.ansible_runner import PlaybookResult, run_playbook
 from installer.display import ByteProgress, playbook_progress
 from installer.errors import (
@@ -33,6 +40,7 @@ from installer.errors import (
     RolledBack,
     VerificationFailed,
 )
+from installer.interrupted import tracked_run
 from installer.inventory import Inventory, load_inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
@@ -96,9 +104,57 @@ def resolve_inventory(inventory: Path | str | Inventory | None) -> Inventory:
     return inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
 
 
-def _verify(bundle: Path, trusted_root: Path, layout: RootLayout, console: Console | None) -> VerificationReport:
+def declared_delta_base(bundle: Path) -> str | None:
+    """The base version a delta bundle's manifest names, read WITHOUT trusting it: it only picks
+    the installed release that verification reads the omitted targets from, and each of those is
+    then checked against its signed length and sha256 like any other target. Verification then
+    confirms the signed manifest names the same base (see _check_delta)."""
     try:
-        return verify_bundle(bundle, trusted_root, state_dir=layout.trust, progress=ByteProgress(console))
+        manifest = inspect_bundle(bundle).get("manifest")
+    except BundleError:
+        return None  # verification will say what is wrong with it
+    delta = manifest.get("delta") if isinstance(manifest, dict) else None
+    base = delta.get("base_version") if isinstance(delta, dict) else None
+    return str(base) if base else None
+
+
+def delta_base_dir(bundle: Path, layout: RootLayout) -> Path | None:
+    """The installed release a delta bundle builds on; raises NotInstalledError when it is not
+    installed here (nothing is verified or written then)."""
+    base = declared_delta_base(bundle)
+    if base is None:
+        return None
+    from installer.rollback import installed_versions
+
+    installed = installed_versions(layout)
+    if "/" in base or base in (".", "..") or base not in installed:
+        raise NotInstalledError(
+            f"{bundle}: a delta bundle on release {base}: expected {layout.release(base)} installed (a complete "
+            f"release), found {'installed: ' + ', '.join(installed) if installed else 'no release'}; install the "
+            f"full bundle of {base} first, or use the full bundle of this version")
+    return layout.release(base)
+
+
+def _check_delta(stage: Path, report: VerificationReport) -> None:
+    """After unpacking: a delta bundle's signed manifest must name the base it was verified against."""
+    if not report.from_base:
+        return
+    try:
+        delta = json.loads((stage / "manifest.json").read_text()).get("delta")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise BundleContentError(f"{report.bundle}: expected a readable manifest.json, found {exc}") from exc
+    signed_base = delta.get("base_version") if isinstance(delta, dict) else None
+    used = Path(report.base_dir).name
+    if str(signed_base) != used:
+        raise BundleContentError(f"{report.bundle}: expected the signed manifest to name base release {used}, "
+                                 f"found {signed_base!r}")
+
+
+def _verify(bundle: Path, trusted_root: Path, layout: RootLayout, console: Console | None,
+            base_dir: Path | None = None) -> VerificationReport:
+    try:
+        return verify_bundle(bundle, trusted_root, state_dir=layout.trust, progress=ByteProgress(console),
+                             base_dir=base_dir)
     except BundleError as exc:
         raise VerificationFailed(f"{bundle}: expected a verifiable bundle, found {exc}") from exc
 
@@ -201,7 +257,12 @@ def install_bundle(
             raise PreflightFailed("preflight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in pre.failures), pre)
 
     t0 = time.monotonic()
-    report = _verify(bundle, trusted_root, layout, console)
+    try:
+        base_dir = delta_base_dir(bundle, layout)
+    except NotInstalledError as exc:
+        journal_action(layout, JournalEntry(action, "refused", "", "", inv.names, str(exc)), create=False)
+        raise
+    report = _verify(bundle, trusted_root, layout, console, base_dir)
     verify_s = time.monotonic() - t0
     if not report.ok:
         failed = report.first_failure()
@@ -218,9 +279,11 @@ def install_bundle(
         journal_action(layout, entry, create=False)
         raise
 
-    with installer_lock(layout), run_dir(layout) as work:
+    with installer_lock(layout), tracked_run(layout, action, report.version, report.digest, inv.names) as notes, \
+            run_dir(layout) as work:
         result = _install_verified(action, bundle, report, layout, inv, work, console,
                                    timeout_s or service_timeout(inv), start)
+    result.notes[:0] = notes
     result.timings["verify"] = round(verify_s, 3)
     result.timings["total"] = round(time.monotonic() - t0, 3)
     return result
@@ -238,6 +301,7 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
     t_unpack = time.monotonic()
     try:
         unpack_bundle(bundle, stage, report, progress=ByteProgress(console))
+        _check_delta(stage, report)
         model_name = _model_name(stage, report)
         files = _release_files(report)
         notes = []

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 JOURNAL_FILE_MODE = 0o640
 JOURNAL_DIR_MODE = 0o750
-RESULTS = ("ok", "failed", "refused")
+RESULTS = ("ok", "failed", "refused", "interrupted")
 MAX_DETAIL_CHARS = 4000
 
 

@@ -15,6 +15,7 @@ from installer.ansible_runner import run_playbook
 from installer.display import playbook_progress
 from installer.errors import InputError, NotInstalledError
 from installer.install import InstallResult, resolve_inventory
+from installer.interrupted import tracked_run
 from installer.inventory import Inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
@@ -77,7 +78,8 @@ def rollback(
     def journal(result: str, detail: str) -> None:
         journal_action(layout, JournalEntry("rollback", result, target, digest, inv.names, detail), create=True)
 
-    with installer_lock(layout), run_dir(layout) as work:
+    with installer_lock(layout), tracked_run(layout, "rollback", target, digest, inv.names) as notes, \
+            run_dir(layout) as work:
         extra_vars = {"sovereign_root": str(layout.root), "sovereign_version": target,
                       "sovereign_bundle_digest": digest, **service_vars(inv, start=start)}
         with playbook_progress(console, f"rollback to {target}") as on_event:
@@ -92,6 +94,6 @@ def rollback(
         journal("ok", f"switched current from {current} to {target}{running}")
     return InstallResult(action="rollback", version=target, bundle_digest=digest, root=layout.root,
                          release_dir=layout.release(target), nodes=inv.names, changed=result.changed,
-                         switched=True, previous=current, playbook=result, notes=service_notes(result),
+                         switched=True, previous=current, playbook=result, notes=notes + service_notes(result),
                          timings={"service_start": round(start_seconds(result), 3),
                                   "playbook": round(result.wall_s, 3)}, started=start)

@@ -30,6 +30,21 @@ def installer_lock(layout: RootLayout) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_held(layout: RootLayout) -> bool:
+    """Whether an installer run holds the lock on ROOT right now (probes without waiting)."""
+    try:
+        fd = os.open(layout.lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextmanager
 def run_dir(layout: RootLayout) -> Iterator[Path]:
     """A private directory for one run (unpacked bundle, ansible temp files), removed after."""

@@ -13,9 +13,11 @@ from types import ModuleType
 from typing import Any
 
 from installer.ansible_runner import PLAYBOOK_DIR
+from installer.interrupted import read_marker
 from installer.journal import read_entries
 from installer.layout import RootLayout
 from installer.rollback import installed_versions
+from installer.staging import lock_held
 from installer.versions import read_release_config
 
 CTL_SCRIPT = PLAYBOOK_DIR / "roles" / "sovereign_service" / "files" / "appliancectl.py"
@@ -52,6 +54,8 @@ class StatusReport:
     last_action: dict[str, Any] | None = None
     service: ServiceState | None = None
     last_rollout: dict[str, Any] | None = None
+    # a run that died (its marker is still there and no run holds the lock): what to do about it
+    interrupted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,4 +115,14 @@ def read_status(root: Path, *, probe_service: bool = True) -> StatusReport:
     return StatusReport(root=str(layout.root), installed=current is not None, current=current, bundle_digest=digest,
                         releases=releases, last_action=entries[-1] if entries else None,
                         service=read_service_state(layout) if probe_service else None,
-                        last_rollout=rollout if isinstance(rollout, dict) else None)
+                        last_rollout=rollout if isinstance(rollout, dict) else None,
+                        interrupted=_interrupted_run(layout))
+
+
+def _interrupted_run(layout: RootLayout) -> str | None:
+    dead = read_marker(layout)
+    if dead is None or lock_held(layout):
+        return None  # nothing left behind, or that run is still going
+    back = " or `sovereign-installer rollback`" if dead.action != "rollback" else ""
+    return (f"{dead.describe()} did not finish; run it again to resume{back} (the next run journals it and "
+            "removes what it left)")
