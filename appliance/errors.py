@@ -11,6 +11,11 @@ class ConfigError(ApplianceError):
     """The install root or its appliance.yaml is missing or invalid."""
 
 
+class TlsError(ConfigError):
+    """The installer-issued TLS material under ROOT/tls is missing, damaged, expired or does not
+    cover the host being served; the fix is to run the installer again."""
+
+
 class PortInUseError(ApplianceError):
     """The gateway cannot bind its port because something else holds it."""
 

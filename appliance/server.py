@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from appliance.errors import PortInUseError
-from appliance.tls import TlsFiles, ensure_tls
+from appliance.tls import TlsFiles, ensure_tls, installer_tls
 
 if TYPE_CHECKING:
     from appliance.runtime import Runtime
@@ -36,6 +36,11 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def tls_for(runtime: Runtime, host: str) -> TlsFiles:
+    """The installer-issued material when ROOT/tls holds it (checked, used as it is: a problem is a
+    TlsError, never a silent replacement), else a self-made CA and certificate (development)."""
+    issued = installer_tls(runtime.config.tls_dir, host)
+    if issued is not None:
+        return issued
     hosts = sorted({host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"})
     return ensure_tls(runtime.config.tls_dir, hosts)
 

@@ -1,21 +1,37 @@
-"""Self-signed TLS material for the gateway: a local CA and a server certificate it signs.
+"""TLS material of the gateway.
 
-Keys are written 0600 and never logged. Existing material is reused while it is valid for the
-requested host names, so a second start keeps the certificate clients already trust.
+Installed appliances serve what the installer issued from the installation's internal CA:
+ROOT/tls/issuer.json names the issuer, and ``installer_tls`` checks that material and uses it as
+it is. It is never regenerated here: if it is damaged, expired or does not cover the host being
+served, starting fails with a TlsError that names the file and says to run the installer again.
+
+Without that marker (a development ``appliance serve`` on a bare root) ``ensure_tls`` makes a
+throwaway local CA and a server certificate it signs, reused while valid for the requested host
+names. Keys are written 0600 and never logged.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from appliance.errors import TlsError
+
+ISSUER_MARKER = "issuer.json"
+INSTALLER_ISSUER = "sovereign-installer"
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+RERUN = "run `sovereign-installer install` again to reissue it (it is never replaced here)"
 
 
 @dataclass(frozen=True)
@@ -121,4 +137,80 @@ def ensure_tls(tls_dir: Path, hosts: list[str], days: int = 825) -> TlsFiles:
     _write_private(files.key, _key_pem(key))
     _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     _write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def _load_cert(path: Path, what: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise TlsError(f"{path}: expected the {what} issued by the installer, found {exc.strerror}; {RERUN}") from None
+    except ValueError:
+        raise TlsError(f"{path}: expected the {what} issued by the installer (PEM), found data that does not "
+                       f"parse as a certificate; {RERUN}") from None
+
+
+def _covers(cert: x509.Certificate, host: str) -> bool:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(host) in san.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        return host.lower() in {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+
+
+def installer_tls(tls_dir: Path, host: str) -> TlsFiles | None:
+    """The installer-issued material under ``tls_dir``, checked for serving ``host``; None when the
+    directory holds no installer marker (then the caller may make its own). Checks, in order: the
+    marker names the installer; ca.pem is the CA it names; server.pem was issued by that CA, is
+    valid now and covers ``host``; server.key is private (0600) and belongs to server.pem."""
+    marker = tls_dir / ISSUER_MARKER
+    if not marker.exists():
+        return None
+    files = TlsFiles(tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server.key")
+    try:
+        doc = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise TlsError(f"{marker}: expected the installer's JSON marker, found {type(exc).__name__}; {RERUN}") from None
+    if not isinstance(doc, dict) or doc.get("issuer") != INSTALLER_ISSUER:
+        found = doc.get("issuer") if isinstance(doc, dict) else type(doc).__name__
+        raise TlsError(f"{marker}: expected issuer {INSTALLER_ISSUER!r}, found {found!r}; {RERUN}")
+    ca = _load_cert(files.ca_cert, "installation CA certificate")
+    fingerprint = "sha256:" + ca.fingerprint(hashes.SHA256()).hex()
+    if fingerprint != doc.get("ca_fingerprint"):
+        raise TlsError(f"{files.ca_cert}: expected the CA {doc.get('ca_fingerprint')} named in {marker}, found "
+                       f"{fingerprint}; {RERUN}")
+    cert = _load_cert(files.cert, "gateway certificate")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TlsError(f"{files.cert}: expected a certificate issued by the installation CA {fingerprint}, "
+                       f"found one issued by {cert.issuer.rfc4514_string()}; {RERUN}") from None
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        raise TlsError(f"{files.cert}: expected a certificate valid now ({now:{fmt}}), found validity "
+                       f"{cert.not_valid_before_utc:{fmt}} to {cert.not_valid_after_utc:{fmt}}; {RERUN}")
+    if host not in WILDCARD_HOSTS and not _covers(cert, host):
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = ", ".join(str(name.value) for name in san)
+        except x509.ExtensionNotFound:
+            names = ""
+        raise TlsError(f"{files.cert}: expected a certificate for {host}, found one for {names or 'no names'}; "
+                       f"add the host to the inventory (gateway.host or the node's host) and {RERUN}")
+    try:
+        mode = stat.S_IMODE(files.key.stat().st_mode)
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+    except OSError as exc:
+        raise TlsError(f"{files.key}: expected the gateway's private key, found {exc.strerror}; {RERUN}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise TlsError(f"{files.key}: expected the gateway's private key (PEM), found data that does not parse as "
+                       f"one; {RERUN}") from None
+    if mode & 0o077:
+        raise TlsError(f"{files.key}: expected mode 0600 (private), found {mode:04o}; {RERUN}")
+    if key.public_key() != cert.public_key():
+        raise TlsError(f"{files.key}: expected the key of {files.cert}, found another key; {RERUN}")
     return files

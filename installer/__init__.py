@@ -30,6 +30,7 @@ from installer.errors import (
     PreflightFailed,
     ReleaseConflict,
     RolledBack,
+    RuntimeBuildFailed,
     VerificationFailed,
 )
 from installer.install import InstallResult, install_bundle
@@ -67,6 +68,7 @@ __all__ = [
     "ReleaseInfo",
     "RolledBack",
     "RootLayout",
+    "RuntimeBuildFailed",
     "ServiceResult",
     "ServiceState",
     "StatusReport",

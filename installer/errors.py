@@ -90,3 +90,9 @@ class RolledBack(AnsibleFailed):
     release (running again) and no further node was touched. ``result`` is the PlaybookResult."""
 
     exit_code = EXIT_ROLLED_BACK
+
+
+class RuntimeBuildFailed(AnsibleFailed):
+    """The runtime could not be built from the release's wheels on a node (a wheel that does not
+    fit the node, a missing dependency, ...). Nothing was switched and no half-built runtime is
+    left. ``result`` is the PlaybookResult."""

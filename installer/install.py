@@ -34,17 +34,22 @@ from installer.display import ByteProgress, playbook_progress
 from installer.errors import (
     BundleContentError,
     InputError,
+    InventoryError,
     NotInstalledError,
+    PkiError,
     PreflightFailed,
     ReleaseConflict,
     RolledBack,
     VerificationFailed,
 )
+from installer.firewall import firewall_notes, firewall_vars
 from installer.interrupted import tracked_run
 from installer.inventory import Inventory, load_inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
+from installer.pki import prepare_pki, tls_vars
 from installer.preflight import run_preflight
+from installer.runtime import plan_runtime, runtime_notes, runtime_seconds, runtime_vars
 from installer.service import (
     COPY_TASKS,
     playbook_error,
@@ -57,8 +62,9 @@ from installer.staging import installer_lock, run_dir
 from installer.versions import is_newer, read_release_config
 from policies import PolicyError, default_policy_dir, load_policy_set
 
-# Bundle targets installed into the release; playbooks/ and wheels/ are not.
-RELEASE_PREFIXES = ("model/", "policies/")
+# Bundle targets installed into the release (wheels/ too: the runtime is built from the release's
+# copy, and an installed release is a complete base for delta bundles); playbooks/ is not.
+RELEASE_PREFIXES = ("model/", "policies/", "wheels/")
 RELEASE_FILES = ("manifest.json", "sbom.cdx.json")
 
 
@@ -304,6 +310,7 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         _check_delta(stage, report)
         model_name = _model_name(stage, report)
         files = _release_files(report)
+        runtime = plan_runtime(files, bundle)
         notes = []
         if (stage / "policies").is_dir():
             load_policy_set(stage / "policies")
@@ -322,6 +329,13 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         raise
 
     unpack_s = time.monotonic() - t_unpack
+    # only for verified, installable content: a refused bundle leaves no CA behind
+    try:  # the installation CA and node certificates; the nodes' egress rules (ssh hosts resolved)
+        pki = prepare_pki(layout, inv)
+        node_security_vars = {**tls_vars(pki), **firewall_vars(inv)}
+    except (PkiError, InventoryError) as exc:
+        journal("refused", str(exc))
+        raise
     previous = layout.current_version()
     extra_vars = {
         "sovereign_root": str(layout.root),
@@ -332,7 +346,9 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         "sovereign_release_model_name": model_name,
         "sovereign_release_gateway_host": inv.gateway.host,
         "sovereign_release_gateway_port": inv.gateway.port,
+        **runtime_vars(runtime),
         **service_vars(inv, start=start),
+        **node_security_vars,
     }
     with playbook_progress(console, f"{action} {report.version}") as on_event:
         result = run_playbook("install.yml", inventory=inv.to_ansible(work / "remote-tmp"), extra_vars=extra_vars,
@@ -353,10 +369,14 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
     switched = previous != report.version
     service_s = start_seconds(result)
     copy_s = result.seconds_in(*COPY_TASKS)
+    runtime_s = runtime_seconds(result)
     timings = {"unpack": round(unpack_s, 3), "copy": round(copy_s, 3),
-               "ansible": round(max(result.wall_s - copy_s - service_s, 0.0), 3),
+               **({"runtime": round(runtime_s, 3)} if runtime is not None else {}),
+               "ansible": round(max(result.wall_s - copy_s - runtime_s - service_s, 0.0), 3),
                "service_start": round(service_s, 3), "playbook": round(result.wall_s, 3)}
+    notes += runtime_notes(result, runtime, inv)
     notes += service_notes(result)
+    notes += pki.notes() + firewall_notes(result)
     if result.changed == 0:
         detail = f"release {report.version} already installed and current: no changes"
     else:

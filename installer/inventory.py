@@ -7,6 +7,10 @@ YAML format::
       mode: auto                                # auto | systemd | supervisor (auto: systemd if PID 1)
       start_timeout_s: 300                      # wait this long for HTTPS /health after a start
       stop_timeout_s: 30                        # SIGTERM, then SIGKILL after this long
+    firewall:                                   # optional; egress firewall of every node
+      mode: auto                                # auto | enforce | render (auto: enforce if nft and root)
+      allow_egress:                             # besides loopback, replies and the other nodes
+        - {cidr: 10.0.0.0/24, ports: [123], protocol: udp}   # ports optional (all); protocol tcp|udp|any
     nodes:
       - name: local                             # [A-Za-z0-9][A-Za-z0-9._-]*
         connection: local                       # local | ssh
@@ -21,11 +25,14 @@ YAML format::
         port: 22                                 # optional
 
 Without a file the inventory is one local node named ``local`` labelled region=local,
-site=local, classification=internal.
+site=local, classification=internal, an evaluation on this machine: its egress firewall is
+rendered, never enforced (firewall.mode render), so trying the installer cannot cut the
+machine's own network.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import sys
@@ -68,6 +75,49 @@ class ServiceSettings(BaseModel):
     mode: Literal["auto", "systemd", "supervisor"] = "auto"
     start_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
     stop_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class EgressRule(BaseModel):
+    """One destination the egress firewall lets the nodes reach (e.g. an NTP or DNS server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cidr: Annotated[StrictStr, Field(min_length=1)]
+    ports: list[Port] = []
+    protocol: Literal["tcp", "udp", "any"] = "any"
+
+    @field_validator("cidr")
+    @classmethod
+    def _network(cls, cidr: str) -> str:
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"an IPv4 or IPv6 network like 10.0.0.0/24 or 10.0.0.53 (host bits zero), "
+                             f"found {cidr!r} ({exc})") from None
+        if net.prefixlen == 0:
+            raise ValueError(f"a network narrower than {net} (allowing every address defeats the egress "
+                             f"firewall; use firewall.mode: render to leave egress open), found {cidr!r}")
+        return str(net)
+
+    @field_validator("ports")
+    @classmethod
+    def _unique(cls, ports: list[int]) -> list[int]:
+        dupes = sorted({p for p in ports if ports.count(p) > 1})
+        if dupes:
+            raise ValueError(f"each port once, found {dupes} more than once")
+        return sorted(ports)
+
+
+class FirewallSettings(BaseModel):
+    """The nodes' egress firewall (nftables table inet sovereign_egress; see installer/firewall.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["auto", "enforce", "render"] = "auto"
+    allow_egress: list[EgressRule] = []
 
 
 class InventoryNode(BaseModel):
@@ -128,6 +178,7 @@ class Inventory(BaseModel):
     nodes: Annotated[list[InventoryNode], Field(min_length=1)]
     gateway: GatewaySettings = GatewaySettings()
     service: ServiceSettings = ServiceSettings()
+    firewall: FirewallSettings = FirewallSettings()
     source: str = "<default>"
 
     @model_validator(mode="after")
@@ -172,7 +223,8 @@ class Inventory(BaseModel):
 
 
 def default_inventory() -> Inventory:
-    return Inventory(nodes=[InventoryNode(name="local", connection="local", labels=dict(DEFAULT_LABELS))])
+    return Inventory(nodes=[InventoryNode(name="local", connection="local", labels=dict(DEFAULT_LABELS))],
+                     firewall=FirewallSettings(mode="render"))
 
 
 def _describe(error: ValidationError, source: str) -> str:

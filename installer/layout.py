@@ -36,6 +36,11 @@ class RootLayout:
         return self.state / "trust"
 
     @property
+    def pki(self) -> Path:
+        """The installation's internal CA and the node certificates it issued (installer side)."""
+        return self.state / "pki"
+
+    @property
     def switch_record(self) -> Path:
         return self.state / "switch.json"
 
@@ -57,6 +62,14 @@ class RootLayout:
 
     def release(self, version: str) -> Path:
         return self.releases / version
+
+    @property
+    def runtimes(self) -> Path:
+        return self.root / "runtimes"
+
+    def runtime(self, runtime_id: str) -> Path:
+        """A content-addressed runtime (see installer/runtime.py)."""
+        return self.runtimes / runtime_id
 
     def current_version(self) -> str | None:
         """The version `current` points at, or None when there is no current symlink."""

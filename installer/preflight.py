@@ -192,6 +192,27 @@ def check_gpus(cfg: PreflightConfig, *, allow_cpu: bool, expected: int | None) -
     return PreflightCheck("gpu", PASS, detail)
 
 
+def check_firewall(inventory: Inventory, layout: RootLayout) -> PreflightCheck:
+    """Whether the egress firewall will be enforced on this machine (the local node)."""
+    from installer.firewall import FIX_NOT_ENFORCED, RULESET_FILE, TABLE, can_enforce_here
+
+    name, mode = "egress firewall", inventory.firewall.mode
+    where = layout.root / RULESET_FILE
+    if mode == "render":
+        return PreflightCheck(name, WARN, f"egress is NOT enforced (firewall.mode: render): {where} is written, "
+                              "not applied", f"set firewall.mode: enforce in the inventory, or apply it with "
+                              f"`nft -f {where}`")
+    ok, detail = can_enforce_here()
+    if ok:
+        return PreflightCheck(name, PASS, f"{detail}: table {TABLE} will be enforced (firewall.mode: {mode})")
+    if mode == "enforce":
+        return PreflightCheck(name, FAIL, f"firewall.mode enforce: expected nftables usable as root, found {detail}",
+                              "install nftables (apt-get install nftables) and run the installer as root, or set "
+                              "firewall.mode: render")
+    return PreflightCheck(name, WARN, f"egress will NOT be enforced ({detail}): {where} is only rendered",
+                          FIX_NOT_ENFORCED.replace("ROOT/", f"{layout.root}/"))
+
+
 def check_ansible() -> PreflightCheck:
     try:
         from ansible.release import __version__ as version
@@ -224,6 +245,8 @@ def run_preflight(
                              in_service=layout.current_version() is not None))
     checks.append(check_gpus(cfg, allow_cpu=allow_cpu, expected=local.gpus if local else None))
     checks.append(check_ansible())
+    if local is not None:
+        checks.append(check_firewall(inventory, layout))
     for node in inventory.nodes:
         if node.connection != "local":
             checks.append(PreflightCheck(f"node {node.name}", WARN,

@@ -5,8 +5,11 @@ Where systemd is PID 1 the `service` role renders a unit and drives systemd. Els
 node, which starts ``appliance serve --root ROOT --host H --port P`` in its own session (setsid),
 appends its output to ROOT/logs/appliance.log, writes ROOT/run/appliance.pid atomically and
 waits until HTTPS /health, checked against ROOT/tls/ca.pem only, reports the expected release.
-The node's ``appliance`` script is the inventory node's ``appliance`` field, else the
-``appliance`` next to the node's python (see InventoryNode.appliance_command).
+A release whose bundle carried wheels runs on its own runtime, ROOT/runtimes/<id>/bin/appliance
+(named in the release's release.json; see installer/runtime.py); the systemd unit runs
+``appliancectl exec``, which picks the same. A release without one runs on the node runtime: the
+inventory node's ``appliance`` field, else the ``appliance`` next to the node's python (see
+InventoryNode.appliance_command).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from rich.console import Console
 
 from installer.ansible_runner import DEFAULT_TIMEOUT_S, PlaybookResult, run_playbook, task_is
 from installer.display import playbook_progress
-from installer.errors import AnsibleFailed, InputError, NotInstalledError, RolledBack
+from installer.errors import AnsibleFailed, InputError, NotInstalledError, RolledBack, RuntimeBuildFailed
 from installer.inventory import Inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
+from installer.runtime import CHECK_TASK as RUNTIME_CHECK_TASK
 from installer.staging import installer_lock
 from installer.versions import read_release_config
 
@@ -54,10 +58,14 @@ def service_timeout(inv: Inventory) -> float:
 
 
 def playbook_error(result: PlaybookResult) -> AnsibleFailed:
-    """RolledBack when a node was put back on its previous release, else AnsibleFailed."""
+    """RolledBack when a node was put back on its previous release, RuntimeBuildFailed when a
+    node could not build the release's runtime, else AnsibleFailed."""
     rolled = next((f for f in result.failures if task_is(f.task, ROLLED_BACK_TASK)), None)
     if rolled is not None:
         return RolledBack(rolled.msg, result)
+    runtime = next((f for f in result.failures if task_is(f.task, RUNTIME_CHECK_TASK)), None)
+    if runtime is not None:
+        return RuntimeBuildFailed(runtime.msg, result)
     return AnsibleFailed(f"ansible-playbook failed: {result.summary()}", result)
 
 

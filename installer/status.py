@@ -16,7 +16,9 @@ from installer.ansible_runner import PLAYBOOK_DIR
 from installer.interrupted import read_marker
 from installer.journal import read_entries
 from installer.layout import RootLayout
+from installer.pki import read_pki_status
 from installer.rollback import installed_versions
+from installer.runtime import release_runtime
 from installer.staging import lock_held
 from installer.versions import read_release_config
 
@@ -30,6 +32,9 @@ class ReleaseInfo:
     bundle_digest: str
     model: str
     current: bool
+    # the runtime the release runs on: ROOT/runtimes/<runtime>, or "node" (the node's appliance)
+    runtime: str = "node"
+    runtime_present: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class StatusReport:
     last_rollout: dict[str, Any] | None = None
     # a run that died (its marker is still there and no run holds the lock): what to do about it
     interrupted: str | None = None
+    # the installation CA (fingerprint, expiry) and each node certificate's expiry (installer/pki.py)
+    pki: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,9 +110,11 @@ def read_status(root: Path, *, probe_service: bool = True) -> StatusReport:
     for version in installed_versions(layout):
         config = read_release_config(layout.release(version)) or {}
         model = config.get("model") if isinstance(config.get("model"), dict) else {}
+        runtime = release_runtime(layout, version)
         releases.append(ReleaseInfo(version=version, path=str(layout.release(version)),
                                     bundle_digest=str(config.get("bundle_digest", "")),
-                                    model=str((model or {}).get("name", "")), current=version == current))
+                                    model=str((model or {}).get("name", "")), current=version == current,
+                                    runtime=runtime.id, runtime_present=runtime.present))
     digest = next((r.bundle_digest for r in releases if r.current), None)
     entries = read_entries(layout.journal)
     try:
@@ -116,7 +125,7 @@ def read_status(root: Path, *, probe_service: bool = True) -> StatusReport:
                         releases=releases, last_action=entries[-1] if entries else None,
                         service=read_service_state(layout) if probe_service else None,
                         last_rollout=rollout if isinstance(rollout, dict) else None,
-                        interrupted=_interrupted_run(layout))
+                        interrupted=_interrupted_run(layout), pki=read_pki_status(layout))
 
 
 def _interrupted_run(layout: RootLayout) -> str | None:

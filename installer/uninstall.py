@@ -4,7 +4,9 @@ Kept unless the audit data is purged: ROOT/data (database and tamper-evident aud
 ROOT/journal (installer journal), ROOT/state/trust (bundle rollback protection for a later
 install) and ROOT/secrets/audit-signing.key (so a reinstall continues the same audit chain).
 Purging (``purge_audit=True``; the CLI wants ``--purge-audit`` twice) removes the whole root; its
-journal goes with it, so that last action is reported only on the command line.
+journal goes with it, so that last action is reported only on the command line. The
+installation CA (ROOT/state/pki) is removed either way, with the node TLS material it issued and
+each node's egress firewall table: a reinstall makes a new CA that clients must trust again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from installer.errors import NotInstalledError
 from installer.inventory import Inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
+from installer.pki import remove_pki
 from installer.service import playbook_error, service_notes, service_timeout, service_vars
 from installer.staging import installer_lock
 from installer.versions import read_release_config
@@ -67,6 +70,8 @@ def uninstall(root: Path, inventory: Inventory, *, purge_audit: bool = False,
         journal_action(layout, JournalEntry("uninstall", "failed", version or "", digest, inventory.names, str(error)),
                        create=False)
         raise error
+    if not purge_audit:
+        remove_pki(layout)  # the installation CA's key goes with the TLS material it issued
     kept = [] if purge_audit else [k for k in KEPT if (layout.root / k).exists()]
     if not purge_audit:
         detail = f"removed release {version or '-'} and its service; kept {', '.join(kept) or 'nothing'}"

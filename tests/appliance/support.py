@@ -52,6 +52,7 @@ def build_demo_bundle(workdir: Path, model_dir: Path, version: str = "0.1.0") ->
 def write_inventory(path: Path, port: int) -> Path:
     path.write_text(
         f"gateway: {{host: 127.0.0.1, port: {port}}}\n"
+        "firewall: {mode: render}\n"  # never enforce an egress firewall on the test machine itself
         "nodes:\n"
         "  - name: local\n"
         "    connection: local\n"

@@ -169,3 +169,30 @@ def test_client_that_disconnects_mid_stream_is_audited_as_aborted(served: Served
     assert kinds == ["accepted", "aborted"]
     aborted = log.query("leaver", None, None)[-1].data
     assert 0 < aborted["completion_tokens"] < 400
+
+
+def test_https_answer_verifies_against_the_installers_ca(served: Served) -> None:
+    """The gateway serves the certificate the installer issued from ROOT/state/pki (never one it
+    made itself): a client trusting only that CA, with hostname checks, gets its answer."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    port = int(served.url.rsplit(":", 1)[1])
+    ctx = ssl.create_default_context(cafile=str(served.root / "state" / "pki" / "ca.pem"))
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    issued = x509.load_pem_x509_certificate((served.root / "tls" / "server.pem").read_bytes())
+    for name in ("localhost", "127.0.0.1"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            served_der = tls.getpeercert(binary_form=True)
+        assert served_der is not None
+        assert x509.load_der_x509_certificate(served_der) == issued
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        ctx.wrap_socket(raw, server_hostname="gw.elsewhere.example")
+    resp = httpx.get(f"{served.url}/health", verify=ctx, timeout=10)
+    assert resp.status_code == 200 and resp.json()["status"] == "ok"
+    marker = json.loads((served.root / "tls" / "issuer.json").read_text())
+    assert marker["issuer"] == "sovereign-installer"

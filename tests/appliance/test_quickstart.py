@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.appliance.support import BIN, free_port, interrupt, start, tls_ctx
+from tests.appliance.support import BIN, free_port, interrupt, start, tls_ctx, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,58 @@ def test_quickstart_serves_paris_and_restarts(tmp_path: Path, model_dir: Path) -
                       json={"model": "x", "messages": []}).status_code == 401
     code, out = interrupt(proc)
     assert code == 0, out
-    assert "curl --cacert" in out and key in out and "openai.OpenAI" in out
+    assert f"curl --cacert {root / 'tls' / 'ca.pem'}" in out and key in out and "openai.OpenAI" in out
     bundle_bytes = next((root / "vendor" / "bundles").iterdir()).stat().st_mtime_ns
 
     proc = start(cmd, url, root / "tls" / "ca.pem")  # second run reuses keys, bundle, install and key
-    assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
+    # served with the certificate the installer issued: the installation CA in state/pki verifies it
+    assert (root / "tls" / "issuer.json").is_file()
+    assert "Paris" in _ask(url, root / "state" / "pki" / "ca.pem", key)
     code, out = interrupt(proc)
     assert code == 0, out
     assert next((root / "vendor" / "bundles").iterdir()).stat().st_mtime_ns == bundle_bytes
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_quickstart_with_a_wheelhouse_serves_from_the_installed_runtime(tmp_path: Path, model_dir: Path,
+                                                                        wheelhouse: Path) -> None:
+    """`make run`: the bundle carries the wheels, the installer builds ROOT/runtimes/<id> with pip
+    --no-index, and the appliance is that runtime's `appliance serve`, not this environment."""
+    root = tmp_path / "var"
+    port = free_port()
+    url = f"https://localhost:{port}"
+    cmd = [str(BIN / "appliance"), "quickstart", "--root", str(root), "--model-dir", str(model_dir),
+           "--port", str(port), "--wheelhouse", str(wheelhouse)]
+    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, url, root / "tls" / "ca.pem", timeout_s=900)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    (runtime,) = (root / "runtimes").iterdir()
+    (child,) = _children(proc.pid)
+    argv = [a.decode() for a in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if a]
+    assert argv[1:3] == [str(runtime / "bin" / "appliance"), "serve"], argv
+    key = (root / "secrets" / "demo-tenant.key").read_text().strip()
+    assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
+    code, out = interrupt(proc)
+    assert code == 0, out
+    flat = "".join(out.split())  # rich folds long paths over lines
+    assert f"servingwith{runtime / 'bin' / 'appliance'}" in flat
+    assert f"runtime{runtime.name}" in flat and "appliance stopped" in out and key in out
+    assert not Path(f"/proc/{child}").exists()  # Ctrl-C reached the runtime's appliance too
 
 
 def test_quickstart_port_in_use_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:

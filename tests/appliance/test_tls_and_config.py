@@ -68,3 +68,81 @@ def test_engine_section_is_validated_and_resolved(tmp_path: Path) -> None:
     cfg.write_text(base + "engine: {colour: blue}\n")
     with pytest.raises(ConfigError, match="engine must be a mapping of device"):
         load_config(tmp_path)
+
+
+def _installer_tls(tmp_path: Path, gateway_host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """What the installer's sovereign_tls role leaves on a node: ROOT/tls with the files issued by
+    the installation CA and the issuer.json marker. Returns (tls dir, the CA's pki dir)."""
+    import json
+    import shutil
+
+    from installer import Inventory, InventoryNode, RootLayout
+    from installer.inventory import GatewaySettings
+    from installer.pki import prepare_pki, tls_vars
+
+    inv = Inventory(gateway=GatewaySettings(host=gateway_host), nodes=[
+        InventoryNode(name="local", labels={"region": "r", "site": "s", "classification": "c"})])
+    result = prepare_pki(RootLayout(tmp_path / "root"), inv)
+    tls = tmp_path / "root" / "tls"
+    for entry in tls_vars(result)["sovereign_tls_files"]["local"]:
+        dest = tls / entry["dest"]
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(entry["src"], dest)
+        dest.chmod(0o600 if entry["secret"] else 0o644)
+    (tls / "issuer.json").write_text(json.dumps({"issuer": "sovereign-installer",
+                                                 "ca_fingerprint": result.ca_fingerprint, "node": "local"}))
+    return tls, result.pki_dir
+
+
+def test_installer_issued_tls_is_used_as_it_is(tmp_path: Path) -> None:
+    from appliance.tls import installer_tls
+
+    tls, pki = _installer_tls(tmp_path)
+    before = {p.name: p.read_bytes() for p in tls.iterdir() if p.is_file()}
+    files = installer_tls(tls, "127.0.0.1")
+    assert files is not None and files.cert == tls / "server.pem"
+    # ensure_tls is not reached, and nothing was regenerated
+    assert {p.name: p.read_bytes() for p in tls.iterdir() if p.is_file()} == before
+    # what clients trust is the installation CA kept by the installer
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    assert installer_tls(tmp_path / "bare", "127.0.0.1") is None  # no marker: the dev path applies
+
+
+def test_installer_tls_that_does_not_fit_fails_at_start(tmp_path: Path) -> None:
+    from appliance.errors import TlsError
+    from appliance.tls import installer_tls
+
+    tls, _ = _installer_tls(tmp_path)
+    with pytest.raises(TlsError) as info:
+        installer_tls(tls, "gw.example.internal")
+    message = str(info.value)
+    assert str(tls / "server.pem") in message and "expected a certificate for gw.example.internal" in message
+    assert "run `sovereign-installer install` again" in message
+    before = (tls / "server.pem").read_bytes()
+    assert installer_tls(tls, "0.0.0.0") is not None  # a wildcard listens on names the certificate has
+    (tls / "server.key").chmod(0o644)
+    with pytest.raises(TlsError, match=r"server.key: expected mode 0600 \(private\), found 0644"):
+        installer_tls(tls, "127.0.0.1")
+    (tls / "server.key").chmod(0o600)
+    (tls / "ca.pem").write_bytes(ensure_tls(tmp_path / "other", ["localhost"]).ca_cert.read_bytes())
+    with pytest.raises(TlsError, match=r"ca.pem: expected the CA sha256:[0-9a-f]{64} named in .*issuer.json"):
+        installer_tls(tls, "127.0.0.1")
+    assert (tls / "server.pem").read_bytes() == before  # never replaced silently
+
+
+def test_expired_installer_tls_fails_at_start(tmp_path: Path) -> None:
+    import datetime as dt
+    from unittest import mock
+
+    from appliance.errors import TlsError
+    from appliance.tls import installer_tls
+
+    tls, _ = _installer_tls(tmp_path)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=800)
+    with mock.patch("appliance.tls.dt") as fake_dt:
+        fake_dt.datetime.now.return_value = later
+        fake_dt.UTC = dt.UTC
+        with pytest.raises(TlsError, match=r"server.pem: expected a certificate valid now .*run `sovereign-installer "
+                                           r"install` again"):
+            installer_tls(tls, "127.0.0.1")

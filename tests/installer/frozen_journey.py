@@ -55,6 +55,7 @@ class Journey:
         self.inventory.write_text(
             f"gateway: {{host: 127.0.0.1, port: {self.port}}}\n"
             "service: {start_timeout_s: 240, stop_timeout_s: 30}\n"
+            "firewall: {mode: render}\n"  # the test machine's own network stays as it is
             "nodes:\n"
             "  - name: local\n"
             "    connection: local\n"

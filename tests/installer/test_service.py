@@ -169,7 +169,9 @@ def test_systemd_unit_is_rendered(tmp_path: Path) -> None:
     assert any(t.endswith("Write the systemd unit of the appliance") for t in result.changed_tasks), result.summary()
     unit = (tmp_path / "sovereign-appliance.service").read_text()
     lines = set(unit.splitlines())
-    assert "ExecStart=/opt/sovereign/venv/bin/appliance serve --root /opt/sovereign" in lines
+    # appliancectl exec picks the release's runtime (current/release.json), else the node's appliance
+    assert (f"ExecStart={sys.executable} /opt/sovereign/bin/appliancectl exec --root /opt/sovereign "
+            "--exe /opt/sovereign/venv/bin/appliance") in lines
     assert {"User=sovereign", "Group=sovereign", "TimeoutStopSec=45", "KillSignal=SIGTERM", "Restart=on-failure",
             "Environment=HF_HUB_OFFLINE=1", "NoNewPrivileges=true", "WantedBy=multi-user.target",
             "StandardOutput=append:/opt/sovereign/logs/appliance.log"} <= lines

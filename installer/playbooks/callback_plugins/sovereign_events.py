@@ -21,12 +21,14 @@ DOCUMENTATION = """
 EVENT_PREFIX = "@@sovereign-event "
 _MAX_MSG = 2000
 SERVICE_MARK = '{"sovereign_service"'
+RUNTIME_MARK = '{"sovereign_runtime"'
 
 
-def _service_report(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The JSON report of the node's appliance supervisor (appliancectl), when the task ran it."""
+def _service_report(result: dict[str, Any], mark: str = SERVICE_MARK) -> dict[str, Any] | None:
+    """The JSON report of the node's appliance supervisor (appliancectl) or runtime builder
+    (runtimectl, ``mark`` RUNTIME_MARK), when the task ran it."""
     stdout = result.get("stdout")
-    if not isinstance(stdout, str) or not stdout.startswith(SERVICE_MARK):
+    if not isinstance(stdout, str) or not stdout.startswith(mark):
         return None
     try:
         report = json.loads(stdout.splitlines()[0])
@@ -73,6 +75,13 @@ class CallbackModule(CallbackBase):
         service = _service_report(data)
         if service is not None:
             event["service"] = service
+        runtime = _service_report(data, RUNTIME_MARK)
+        if runtime is not None:
+            event["runtime"] = runtime
+        # the sovereign_firewall role's set_fact: enforced or not, and why
+        firewall = (data.get("ansible_facts") or {}).get("sovereign_firewall_report")
+        if isinstance(firewall, dict):
+            event["firewall"] = firewall
         self._emit(**event)
 
     def v2_playbook_on_play_start(self, play: Any) -> None:

@@ -173,8 +173,8 @@ def main() -> None:
     counts = {k: sum(1 for v in results.values() if v == k) for k in ("ok", "linked", "copied", "chmod", "bad")}
     summary = {"files": len(files), "bytes": total_bytes, "seconds": round(seconds, 3), **counts}
     if failures:
-        module.fail_json(msg="; ".join(failures[:5]) + (f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""),
-                         failures=failures, summary=summary)
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        module.fail_json(msg="; ".join(failures[:5]) + more, failures=failures, summary=summary)
     changed = counts["linked"] + counts["copied"] + counts["chmod"] > 0
     module.exit_json(changed=changed, summary=summary)
 

@@ -7,10 +7,15 @@ first key is "sovereign_service" (the installer's event callback forwards it) an
 success, 1 on failure.
 
   start   --root R --exe APPLIANCE --host H --port P --expect-version V [--timeout S]
-          Starts `APPLIANCE serve --root R --host H --port P` in a new session (setsid), stdout and
+          Starts `EXE serve --root R --host H --port P` in a new session (setsid), stdout and
           stderr appended to R/logs/appliance.log, pid written atomically to R/run/appliance.pid,
           then waits until https://H:P/health answers with version V, trusting only R/tls/ca.pem.
+          EXE is the runtime of the release in service (R/runtimes/<id>/bin/appliance, where
+          R/current/release.json names a runtime), else APPLIANCE (the node runtime).
           An appliance already running and healthy on V is left alone (changed: false).
+  exec    --root R --exe APPLIANCE
+          Replaces itself with `EXE serve --root R` (EXE chosen as for start): the systemd unit's
+          ExecStart, so that the unit stays the same whichever runtime a release runs on.
   stop    --root R [--timeout S]
           SIGTERM, wait up to S seconds, then SIGKILL (reported as such).
   status  --root R
@@ -185,6 +190,26 @@ def child_env(exe: str) -> dict[str, str]:
     return env
 
 
+def release_exe(paths: Paths, node_exe: str) -> tuple[str, str]:
+    """(the `appliance` script that runs the release in service, its runtime id or "node")."""
+    try:
+        record = json.loads((paths.root / "current" / "release.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    runtime = record.get("runtime") if isinstance(record, dict) else None
+    if isinstance(runtime, str) and runtime and "/" not in runtime and not runtime.startswith("."):
+        return str(paths.root / "runtimes" / runtime / "bin" / "appliance"), runtime
+    return node_exe, "node"
+
+
+def missing_exe(exe: str, runtime: str) -> str:
+    if runtime == "node":
+        return (f"expected the appliance console script at {exe} (inventory nodes[].appliance, or next to the "
+                "node's python), found no executable file")
+    return (f"expected the release's runtime {runtime} at {exe}, found no executable file; install the "
+            "release's bundle again to rebuild the runtime")
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     paths = Paths(args.root)
     pid = running_pid(paths)
@@ -194,10 +219,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             return emit(True, changed=False, pid=pid, health=health, message=f"already running (pid {pid})")
         return emit(False, changed=False, pid=pid, health=health,
                     message=f"an appliance is already running (pid {pid}) but {why}; stop it first")
-    exe = args.exe
+    exe, runtime = release_exe(paths, args.exe)
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
-        return emit(False, changed=False, message=f"expected the appliance console script at {exe} (inventory "
-                    "nodes[].appliance, or next to the node's python), found no executable file")
+        return emit(False, changed=False, runtime=runtime, message=missing_exe(exe, runtime))
     for directory in (paths.run, paths.logs):
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     argv = [exe, "serve", "--root", str(paths.root), "--host", args.host, "--port", str(args.port)]
@@ -212,13 +236,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         os.close(log_fd)
     write_atomic(paths.pidfile, f"{proc.pid}\n")
     state = {"pid": proc.pid, "argv": argv, "host": args.host, "port": args.port, "version": args.expect_version,
-             "started_at": started}
+             "runtime": runtime, "started_at": started}
     write_atomic(paths.state, json.dumps(state, indent=1) + "\n")
     ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout, proc=proc)
     elapsed = round(time.time() - started, 3)
     if ok:
         write_atomic(paths.state, json.dumps({**state, "healthy_after_s": elapsed}, indent=1) + "\n")
-        return emit(True, changed=True, pid=proc.pid, health=health, start_s=elapsed,
+        return emit(True, changed=True, pid=proc.pid, health=health, start_s=elapsed, runtime=runtime,
                     message=f"started (pid {proc.pid}), healthy after {elapsed:.1f} s")
     if proc.poll() is None:
         stop_pid(proc.pid, paths, KILL_WAIT_S, proc)
@@ -300,10 +324,21 @@ def cmd_health(args: argparse.Namespace) -> int:
                 message=f"{why}: {last_error(tail)} (see {paths.log})")
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    paths = Paths(args.root)
+    exe, runtime = release_exe(paths, args.exe)
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        sys.stderr.write(f"appliancectl exec: {missing_exe(exe, runtime)}\n")
+        return 1
+    os.chdir(paths.root)
+    os.execve(exe, [exe, "serve", "--root", str(paths.root)], child_env(exe))
+    return 1  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliancectl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, timeout in (("start", 300.0), ("stop", 30.0), ("status", 0.0), ("health", 300.0)):
+    for name, timeout in (("start", 300.0), ("stop", 30.0), ("status", 0.0), ("health", 300.0), ("exec", 0.0)):
         p = sub.add_parser(name)
         p.add_argument("--root", required=True)
         p.add_argument("--timeout", type=float, default=timeout)
@@ -311,10 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, required=True)
             p.add_argument("--expect-version", default=None)
-        if name == "start":
+        if name in ("start", "exec"):
             p.add_argument("--exe", required=True)
     args = parser.parse_args(argv)
-    handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health}[args.command]
+    handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health,
+               "exec": cmd_exec}[args.command]
     return handler(args)
 
 
