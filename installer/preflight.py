@@ -31,6 +31,8 @@ class PreflightConfig:
     min_glibc: tuple[int, int] = (2, 28)
     min_free_bytes: int = 2 * GIB  # without a bundle to size from
     bundle_space_factor: float = 2.0  # unpacked staging + installed release
+    # a runtime built from wheels takes ~4.6x their size (1.1 GB from 238 MB measured); 5x to be safe
+    runtime_space_factor: float = 5.0
     space_margin_bytes: int = 512 << 20
     min_memory_bytes: int = 4 * GIB
     recommended_memory_bytes: int = 16 * GIB
@@ -108,7 +110,20 @@ def _os_release() -> str:
     return "Linux"
 
 
-def check_disk(root: Path, bundle_bytes: int | None, cfg: PreflightConfig) -> PreflightCheck:
+def bundle_wheel_bytes(bundle: Path) -> int:
+    """Bytes of the wheels a bundle carries, from its tar headers (nothing verified or unpacked:
+    only used to size the disk the runtime will take)."""
+    from airgap_bundle.layout import TARGETS_DIR, Limits
+    from airgap_bundle.tar_reader import StructureProblem, scan_members
+
+    try:
+        members = scan_members(bundle, Limits())
+    except (StructureProblem, OSError):
+        return 0  # verification will say what is wrong with the bundle
+    return sum(m.size for name, m in members.items() if name.startswith(f"{TARGETS_DIR}wheels/"))
+
+
+def check_disk(root: Path, bundle_bytes: int | None, cfg: PreflightConfig, wheel_bytes: int = 0) -> PreflightCheck:
     where = nearest_existing(root)
     free = shutil.disk_usage(where).free
     if bundle_bytes is None:
@@ -116,6 +131,9 @@ def check_disk(root: Path, bundle_bytes: int | None, cfg: PreflightConfig) -> Pr
     else:
         need = int(bundle_bytes * cfg.bundle_space_factor) + cfg.space_margin_bytes
         why = f"{cfg.bundle_space_factor:g} x bundle {bundle_bytes / GIB:.2f} GiB + margin"
+        if wheel_bytes:
+            need += int(wheel_bytes * cfg.runtime_space_factor)
+            why += f" + runtime {cfg.runtime_space_factor:g} x {wheel_bytes / GIB:.2f} GiB of wheels"
     detail = f"{free / GIB:.1f} GiB free at {where}, need {need / GIB:.1f} GiB ({why})"
     if free < need:
         return PreflightCheck("disk", FAIL, f"expected >= {need / GIB:.1f} GiB free at {where}, found {free / GIB:.1f}"
@@ -124,6 +142,25 @@ def check_disk(root: Path, bundle_bytes: int | None, cfg: PreflightConfig) -> Pr
         return PreflightCheck("disk", FAIL, f"expected {where} to be writable, found it read-only for this user",
                               f"run as a user who can write {where}, or choose another --root")
     return PreflightCheck("disk", PASS, detail)
+
+
+def check_venv(interpreter: str, wheels: bool) -> PreflightCheck:
+    """The runtime is a virtual environment made by the node's python3 with pip from ensurepip
+    (Debian and Ubuntu ship those in python3-venv); a bundle with wheels cannot install without."""
+    fix = "install the distribution's venv package (Debian/Ubuntu: apt install python3-venv) from local media"
+    try:
+        proc = subprocess.run([interpreter, "-c", "import venv, ensurepip; print(ensurepip.version())"],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return PreflightCheck("python3 venv", FAIL if wheels else WARN, f"expected a runnable {interpreter}, "
+                              f"found {exc}", fix)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        what = ("the bundle carries wheels, so the runtime cannot be built" if wheels
+                else "needed for bundles with wheels")
+        return PreflightCheck("python3 venv", FAIL if wheels else WARN,
+                              f"expected venv and ensurepip in {interpreter}, found {last} ({what})", fix)
+    return PreflightCheck("python3 venv", PASS, f"venv with pip {proc.stdout.strip()} ({interpreter})")
 
 
 def check_memory(cfg: PreflightConfig) -> PreflightCheck:
@@ -236,10 +273,14 @@ def run_preflight(
     layout = RootLayout(root)
     local = inventory.local_node()
     checks: list[PreflightCheck] = []
-    checks.append(check_python(local.interpreter() if local else sys.executable, cfg))
+    interpreter = local.interpreter() if local else sys.executable
+    checks.append(check_python(interpreter, cfg))
+    has_bundle = bundle is not None and bundle.is_file()
+    wheel_bytes = bundle_wheel_bytes(bundle) if bundle is not None and has_bundle else 0
+    checks.append(check_venv(interpreter, wheels=wheel_bytes > 0))
     checks.append(check_os(cfg))
-    bundle_bytes = bundle.stat().st_size if bundle is not None and bundle.is_file() else None
-    checks.append(check_disk(layout.root, bundle_bytes, cfg))
+    bundle_bytes = bundle.stat().st_size if bundle is not None and has_bundle else None
+    checks.append(check_disk(layout.root, bundle_bytes, cfg, wheel_bytes))
     checks.append(check_memory(cfg))
     checks.append(check_port(inventory.gateway.host, inventory.gateway.port,
                              in_service=layout.current_version() is not None))

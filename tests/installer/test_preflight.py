@@ -108,3 +108,29 @@ def test_report_ok_and_failures(tmp_path: Path) -> None:
     report = run_preflight(tmp_path, allow_cpu=True, cfg=PreflightConfig(min_memory_bytes=1 << 60))
     memory = next(c for c in report.checks if c.name == "memory")
     assert memory.status == FAIL and not report.ok and memory in report.failures
+
+
+def test_disk_space_counts_the_runtime_of_a_bundle_with_wheels(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    cfg = PreflightConfig(space_margin_bytes=0)
+    # fits as a plain bundle, not once its wheels are expanded into a runtime
+    assert check_disk(tmp_path, free // 4, cfg).status == PASS
+    check = check_disk(tmp_path, free // 4, cfg, wheel_bytes=free // 4)
+    assert check.status == FAIL and "GiB free" in check.detail
+    ok = check_disk(tmp_path, 1 << 20, cfg, wheel_bytes=1 << 20)
+    assert ok.status == PASS and "runtime 5 x" in ok.detail
+
+
+def test_venv_check(tmp_path: Path) -> None:
+    import sys
+
+    from installer.preflight import check_venv
+
+    assert check_venv(sys.executable, wheels=True).status == PASS
+    # a python3 without venv/ensurepip (as Debian's python3 without python3-venv)
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'ensurepip'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    failed = check_venv(str(fake), wheels=True)
+    assert failed.status == FAIL and "ensurepip" in failed.detail and "python3-venv" in failed.fix
+    assert check_venv(str(fake), wheels=False).status == WARN
