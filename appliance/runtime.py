@@ -77,3 +77,8 @@ class Runtime:
         self.audit.append("admin.appliance_stopped", stream="_admin", actor="appliance",
                           data={"version": self.config.version})
         self.audit.checkpoint()
+        # Close every pooled connection: SQLite then merges its write-ahead log into the database
+        # file and removes it, so a backup of data/appliance.db alone holds every record. The
+        # pools reopen connections on demand if this runtime is started again.
+        self.audit.close()
+        self.db.dispose()

@@ -4,6 +4,7 @@ every refusal is a clear OpenAI-style error and an audited `rejected` record."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,13 @@ SITE_POLICY = {
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Runtime]:
     """An install root laid out as the installer leaves it, with a site policy added."""
-    root = tmp_path_factory.mktemp("root")
+    rt = Runtime.open(_lay_out_root(tmp_path_factory.mktemp("root"), model_dir))
+    for tenant in ("acme", "other-models", "eu-bank", "tight"):
+        rt.tenants.create_tenant(tenant)
+    yield rt
+
+
+def _lay_out_root(root: Path, model_dir: Path) -> Path:
     release = root / "releases" / "1.0.0"
     policies = release / "policies"
     shutil.copytree(default_policy_dir(), policies)
@@ -44,10 +51,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
         "gateway": {"host": "127.0.0.1", "port": 8443},
     }))
     (root / "current").symlink_to(release)
-    rt = Runtime.open(root)
-    for tenant in ("acme", "other-models", "eu-bank", "tight"):
-        rt.tenants.create_tenant(tenant)
-    yield rt
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,21 @@ def test_audit_chain_verifies_after_mixed_traffic(client: TestClient, runtime: R
     client.post("/v1/chat/completions", headers=_key(runtime, "acme"),
                 json={"model": "nope", "messages": QUESTION})
     assert runtime.audit.verify().ok
+
+
+def test_stop_leaves_every_record_in_the_database_file(tmp_path: Path, model_dir: Path) -> None:
+    """After a clean stop no write-ahead log is left beside the database: a backup of
+    data/appliance.db alone has every record (SQLite merges the WAL when the last connection closes)."""
+    rt = Runtime.open(_lay_out_root(tmp_path / "root", model_dir))
+    rt.tenants.create_tenant("acme")
+    with TestClient(create_app(rt)) as c:
+        assert c.post("/v1/chat/completions", headers=_key(rt, "acme"),
+                      json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}).status_code == 200
+    db_file = Path(rt.config.db_url.removeprefix("sqlite:///"))
+    assert db_file.is_file()
+    assert not db_file.with_name(db_file.name + "-wal").exists()
+    copy = tmp_path / "backup.db"
+    shutil.copy(db_file, copy)  # the database file alone, as a naive backup takes it
+    with sqlite3.connect(copy) as conn:
+        types = [row[0] for row in conn.execute("SELECT event_type FROM audit_events")]
+    assert "completed" in types and "admin.appliance_stopped" in types
