@@ -47,7 +47,9 @@ def broken_model(model_dir: Path, dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str, Path]:
+def bundles(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, wheelhouse: Path) -> dict[str, Path]:
+    """Three bundles carrying the real wheelhouse, as a vendor ships them: the appliance runs from the
+    runtime the installer builds with pip --no-index (once: the three share their wheels)."""
     from airgap_bundle import build_bundle, init_keys
     from policies import default_policy_dir
 
@@ -60,7 +62,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[s
               "broken": ("0.3.0", broken_model(model_dir, work / "broken" / model_dir.name))}
     for n, (label, (version, model)) in enumerate(models.items(), start=1):
         made[label] = build_bundle(work / f"appliance-{version}.tar", keys, version, expires, model_dir=model,
-                                   policies_dir=default_policy_dir(), metadata_version=n)
+                                   policies_dir=default_policy_dir(), wheelhouse=wheelhouse, metadata_version=n)
     return made
 
 
@@ -100,12 +102,14 @@ def test_frozen_installer_journey(frozen_exe: Path, bundles: dict[str, Path], tm
     install = _ok(seen, "install")["json"]
     assert install["started"] is True and install["version"] == "0.1.0"
     assert any("healthy after" in note for note in install["notes"])
-    assert set(install["timings"]) >= {"verify", "unpack", "copy", "ansible", "service_start", "total"}
+    assert set(install["timings"]) >= {"verify", "unpack", "copy", "runtime", "ansible", "service_start", "total"}
+    assert any("built from" in note and "pip --no-index" in note for note in install["notes"]), install["notes"]
     assert seen["health_after_install"]["version"] == "0.1.0"
     assert "Paris" in seen["answer"], seen["answer"]
 
     upgrade = _ok(seen, "upgrade")["json"]
     assert upgrade["previous"] == "0.1.0" and upgrade["switched"] is True
+    assert any("reused" in note for note in upgrade["notes"]), upgrade["notes"]  # same wheels, same runtime
     assert seen["health_after_upgrade"]["version"] == "0.2.0"
 
     broken = _ok(seen, "upgrade_broken", rc=4)["json"]
@@ -122,6 +126,8 @@ def test_frozen_installer_journey(frozen_exe: Path, bundles: dict[str, Path], tm
     status = _ok(seen, "status")["json"]
     assert status["current"] == "0.1.0"
     assert [r["version"] for r in status["releases"]] == ["0.1.0", "0.2.0", "0.3.0"]
+    runtimes = {r["runtime"] for r in status["releases"]}
+    assert len(runtimes) == 1 and "node" not in runtimes and all(r["runtime_present"] for r in status["releases"])
     assert status["service"]["running"] is True and status["service"]["healthy"] is True
     assert status["last_rollout"]["result"] == "ok"
     actions = [(e["action"], e["result"], e["version"]) for e in _journal(tmp_path)]
