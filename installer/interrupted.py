@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from airgap_bundle.fsutil import write_bytes_atomic
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 
@@ -77,14 +78,7 @@ def read_marker(layout: RootLayout) -> DeadRun | None:
 
 
 def _write_marker(layout: RootLayout, fields: dict[str, Any]) -> None:
-    path = marker_path(layout)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(fields, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(marker_path(layout), (json.dumps(fields, indent=1) + "\n").encode())
 
 
 def _clear_marker(layout: RootLayout) -> None:

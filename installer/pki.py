@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from airgap_bundle.fsutil import write_bytes_atomic
 from installer.errors import PkiError
 from installer.inventory import Inventory, InventoryNode
 from installer.layout import RootLayout
@@ -116,20 +117,6 @@ def _fingerprint(cert: x509.Certificate) -> str:
 
 def _iso(when: dt.datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -249,8 +236,8 @@ def create_ca(pki_dir: Path, cfg: PkiConfig) -> InternalCA:
     tmp = Path(tempfile.mkdtemp(prefix=".pki-", dir=pki_dir.parent))  # 0700
     try:
         cert, key = _new_ca(cfg)
-        _write_atomic(tmp / "ca.key", _key_pem(key), 0o600)
-        _write_atomic(tmp / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_bytes_atomic(tmp / "ca.key", _key_pem(key), 0o600)
+        write_bytes_atomic(tmp / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
         (tmp / "nodes").mkdir(mode=0o700)
         os.rename(tmp, pki_dir)  # fails if pki_dir appeared meanwhile: never overwrite a CA
     except BaseException:
@@ -383,8 +370,8 @@ def ensure_node_certs(ca: InternalCA, node: str, sans: list[str], cfg: PkiConfig
         if reason:
             cert, key_pem = ca.issue(spec, sans, cfg)
             # key first: a crash in between leaves a pair that does not match, reissued next run
-            _write_atomic(key_path, key_pem, 0o600)
-            _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write_bytes_atomic(key_path, key_pem, 0o600)
+            write_bytes_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         else:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         outcomes.append(LeafOutcome(node, spec.stem, _iso(cert.not_valid_after_utc), bool(reason), reason))
