@@ -59,7 +59,7 @@ from installer.service import (
     start_seconds,
 )
 from installer.staging import installer_lock, run_dir
-from installer.versions import is_newer, read_release_config
+from installer.versions import installed_versions, is_newer, read_release_config, release_digest
 from policies import PolicyError, default_policy_dir, load_policy_set
 
 # Bundle targets installed into the release (wheels/ too: the runtime is built from the release's
@@ -130,8 +130,6 @@ def delta_base_dir(bundle: Path, layout: RootLayout) -> Path | None:
     base = declared_delta_base(bundle)
     if base is None:
         return None
-    from installer.rollback import installed_versions
-
     installed = installed_versions(layout)
     if "/" in base or base in (".", "..") or base not in installed:
         raise NotInstalledError(
@@ -359,7 +357,7 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         if isinstance(error, RolledBack) and previous and previous != report.version:
             journal("ok", f"put {previous} back in service after {report.version} failed its health check",
                     what="auto-rollback", version=previous,
-                    digest=str((read_release_config(layout.release(previous)) or {}).get("bundle_digest", "")))
+                    digest=release_digest(layout, previous))
         raise error
     try:
         commit_trust(report, layout.trust)

@@ -70,9 +70,9 @@ def read_marker(layout: RootLayout) -> DeadRun | None:
             raise ValueError("not an object")
     except ValueError:
         data = {}
-    nodes = data.get("nodes")
+    nodes, pid = data.get("nodes"), data.get("pid")
     return DeadRun(action=str(data.get("action", "unknown")), version=str(data.get("version", "unknown")),
-                   digest=str(data.get("digest", "")), pid=int(data.get("pid", 0) or 0),
+                   digest=str(data.get("digest", "")), pid=pid if isinstance(pid, int) else 0,
                    started=str(data.get("started", "(marker damaged)")), previous=data.get("previous") or None,
                    nodes=[str(n) for n in nodes] if isinstance(nodes, list) else [])
 

@@ -51,6 +51,10 @@ class JournalEntry:
         if not self.action:
             raise ValueError("JournalEntry.action: expected a non-empty action name, found ''")
 
+    def outcome(self, result: str, detail: str) -> JournalEntry:
+        """This action's entry with its result and detail, stamped now (when it ended)."""
+        return JournalEntry(self.action, result, self.version, self.bundle_digest, list(self.nodes), detail)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         return {k: data[k] for k in ("ts", "actor", "action", "version", "bundle_digest", "nodes", "result", "detail")}

@@ -21,15 +21,7 @@ from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 from installer.service import playbook_error, service_notes, service_timeout, service_vars, start_seconds
 from installer.staging import installer_lock, run_dir
-from installer.versions import read_release_config, version_key
-
-
-def installed_versions(layout: RootLayout) -> list[str]:
-    """Complete releases (those with an appliance.yaml), oldest first."""
-    if not layout.releases.is_dir():
-        return []
-    found = [p.name for p in layout.releases.iterdir() if p.is_dir() and (p / "appliance.yaml").is_file()]
-    return sorted(found, key=version_key)
+from installer.versions import installed_versions, read_release_config, version_key
 
 
 def rollback_target(layout: RootLayout, current: str) -> str:

@@ -29,7 +29,7 @@ from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 from installer.runtime import CHECK_TASK as RUNTIME_CHECK_TASK
 from installer.staging import installer_lock
-from installer.versions import read_release_config
+from installer.versions import release_digest
 
 ACTIONS = ("start", "stop", "restart")
 # Task names the installer recognises in playbook events (they are part of the roles' contract).
@@ -100,6 +100,23 @@ class ServiceResult:
                 "playbook": self.playbook.to_dict()}
 
 
+def run_locked_outside_root(layout: RootLayout, playbook: str, inventory: Inventory, extra_vars: dict[str, Any],
+                            *, label: str, journal: JournalEntry, console: Console | None) -> PlaybookResult:
+    """Run ``playbook`` under the installer lock with its work directory outside ROOT (a play may
+    remove most of ROOT); on failure journal ``journal``'s action as failed with the error and raise it."""
+    with installer_lock(layout), tempfile.TemporaryDirectory(prefix="sovereign-installer-") as tmp:
+        work = Path(tmp)
+        with playbook_progress(console, label) as on_event:
+            result = run_playbook(playbook, inventory=inventory.to_ansible(work / "remote-tmp"),
+                                  extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
+                                  timeout_s=service_timeout(inventory))
+    if not result.ok:
+        error = playbook_error(result)
+        journal_action(layout, journal.outcome("failed", str(error)), create=False)
+        raise error
+    return result
+
+
 def control_service(root: Path, action: str, inventory: Inventory, *, console: Console | None = None) -> ServiceResult:
     """Start, stop or restart the appliance of ``current`` on every node, one node at a time."""
     if action not in ACTIONS:
@@ -110,22 +127,13 @@ def control_service(root: Path, action: str, inventory: Inventory, *, console: C
     version = layout.current_version()
     if version is None and action != "stop":
         raise NotInstalledError(f"{layout.root}: expected an installed release to {action}, found no current symlink")
-    digest = str((read_release_config(layout.release(version)) or {}).get("bundle_digest", "")) if version else ""
+    digest = release_digest(layout, version)
     extra_vars = {"sovereign_root": str(layout.root), "sovereign_service_action": action,
                   **service_vars(inventory, start=action != "stop")}
-    with installer_lock(layout), tempfile.TemporaryDirectory(prefix="sovereign-service-") as tmp:
-        work = Path(tmp)
-        with playbook_progress(console, f"{action} appliance") as on_event:
-            result = run_playbook("service.yml", inventory=inventory.to_ansible(work / "remote-tmp"),
-                                  extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
-                                  timeout_s=service_timeout(inventory))
+    entry = JournalEntry(action, "ok", version or "", digest, inventory.names, "")
+    result = run_locked_outside_root(layout, "service.yml", inventory, extra_vars, label=f"{action} appliance",
+                                     journal=entry, console=console)
     notes = service_notes(result)
-    if not result.ok:
-        error = playbook_error(result)
-        journal_action(layout, JournalEntry(action, "failed", version or "", digest, inventory.names, str(error)),
-                       create=False)
-        raise error
-    journal_action(layout, JournalEntry(action, "ok", version or "", digest, inventory.names,
-                                        "; ".join(notes) or "no change"), create=False)
+    journal_action(layout, entry.outcome("ok", "; ".join(notes) or "no change"), create=False)
     return ServiceResult(action=action, root=layout.root, version=version or "", nodes=inventory.names,
                          changed=result.changed, playbook=result, notes=notes)

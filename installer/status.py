@@ -17,10 +17,9 @@ from installer.interrupted import read_marker
 from installer.journal import read_entries
 from installer.layout import RootLayout
 from installer.pki import read_pki_status
-from installer.rollback import installed_versions
 from installer.runtime import release_runtime
 from installer.staging import lock_held
-from installer.versions import read_release_config
+from installer.versions import installed_versions, read_release_config
 
 CTL_SCRIPT = PLAYBOOK_DIR / "roles" / "sovereign_service" / "files" / "appliancectl.py"
 

@@ -11,23 +11,20 @@ each node's egress firewall table: a reinstall makes a new CA that clients must 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from installer.ansible_runner import PlaybookResult, run_playbook
-from installer.display import playbook_progress
+from installer.ansible_runner import PlaybookResult
 from installer.errors import NotInstalledError
 from installer.inventory import Inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 from installer.pki import remove_pki
-from installer.service import playbook_error, service_notes, service_timeout, service_vars
-from installer.staging import installer_lock
-from installer.versions import read_release_config
+from installer.service import run_locked_outside_root, service_notes, service_vars
+from installer.versions import release_digest
 
 KEPT = ("data", "journal", "state/trust", "secrets/audit-signing.key")
 
@@ -54,22 +51,14 @@ def uninstall(root: Path, inventory: Inventory, *, purge_audit: bool = False,
     if not layout.root.is_dir():
         raise NotInstalledError(f"{layout.root}: expected an appliance root to uninstall, found no directory")
     version = layout.current_version()
-    digest = str((read_release_config(layout.release(version)) or {}).get("bundle_digest", "")) if version else ""
+    digest = release_digest(layout, version)
     extra_vars = {"sovereign_root": str(layout.root), "sovereign_common_purge_audit": purge_audit,
                   **service_vars(inventory, start=False)}
-    # The work directory lies outside ROOT: ROOT (or most of it) is removed while ansible runs.
-    with installer_lock(layout), tempfile.TemporaryDirectory(prefix="sovereign-uninstall-") as tmp:
-        work = Path(tmp)
-        with playbook_progress(console, "uninstall") as on_event:
-            result = run_playbook("uninstall.yml", inventory=inventory.to_ansible(work / "remote-tmp"),
-                                  extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
-                                  timeout_s=service_timeout(inventory))
+    # ROOT (or most of it) is removed while ansible runs: its work directory lies outside ROOT.
+    result = run_locked_outside_root(layout, "uninstall.yml", inventory, extra_vars, label="uninstall",
+                                     journal=JournalEntry("uninstall", "ok", version or "", digest,
+                                                          inventory.names, ""), console=console)
     notes = service_notes(result)
-    if not result.ok:
-        error = playbook_error(result)
-        journal_action(layout, JournalEntry("uninstall", "failed", version or "", digest, inventory.names, str(error)),
-                       create=False)
-        raise error
     if not purge_audit:
         remove_pki(layout)  # the installation CA's key goes with the TLS material it issued
     kept = [] if purge_audit else [k for k in KEPT if (layout.root / k).exists()]

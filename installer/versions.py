@@ -8,6 +8,8 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
+from installer.layout import RootLayout
+
 
 def version_key(version: str) -> tuple[int, Any]:
     """PEP 440 order where possible; versions that are not PEP 440 sort after, by text."""
@@ -34,3 +36,18 @@ def read_release_config(release_dir: Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def release_digest(layout: RootLayout, version: str | None) -> str:
+    """The bundle digest release ``version`` was installed from ("" when unknown or none)."""
+    if not version:
+        return ""
+    return str((read_release_config(layout.release(version)) or {}).get("bundle_digest", ""))
+
+
+def installed_versions(layout: RootLayout) -> list[str]:
+    """Complete releases (those with an appliance.yaml), oldest first."""
+    if not layout.releases.is_dir():
+        return []
+    found = [p.name for p in layout.releases.iterdir() if p.is_dir() and (p / "appliance.yaml").is_file()]
+    return sorted(found, key=version_key)

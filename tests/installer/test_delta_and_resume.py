@@ -103,30 +103,33 @@ def test_delta_bundle_refuses_a_modified_base_file(tmp_path: Path, bundle_factor
     assert os.readlink(root / "current") == "releases/3.0.0"
 
 
-def _start_install(bundle: Path, trusted_root: Path, root: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _install_until_copying(bundle: Path, trusted_root: Path, root: Path, version: str) -> subprocess.Popen[str]:
+    """Start the real CLI and return once ansible has created the release's directories (the
+    copies and appliance.yaml are still to come)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "installer.cli", "install", "--bundle", str(bundle), "--trusted-root",
          str(trusted_root), "--root", str(root), "--skip-preflight", "--no-start", "--json"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
+    marker = root / "releases" / version / "model"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
         assert proc.poll() is None, f"installer ended early: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
+        assert time.monotonic() < deadline, f"{marker} did not appear"
         time.sleep(0.02)
+    return proc
+
+
+def _kill_mid_install(bundle: Path, trusted_root: Path, root: Path, version: str) -> None:
+    proc = _install_until_copying(bundle, trusted_root, root, version)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a power cut would
+    proc.wait()
 
 
 def test_killed_install_is_journalled_and_resumed(tmp_path: Path, bundle_factory: BundleFactory,
                                                   trusted_root: Path) -> None:
     root = tmp_path / "root"
     bundle = bundle_factory("4.0.0")
-    proc = _start_install(bundle, trusted_root, root)
-    # ansible has created the release's directories: the copies and appliance.yaml are still to come
-    _wait_for(root / "releases" / "4.0.0" / "model", proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a power cut would
-    proc.wait()
+    _kill_mid_install(bundle, trusted_root, root, "4.0.0")
     assert not (root / "releases" / "4.0.0" / "appliance.yaml").exists()
     assert (root / ".installer-run.json").exists()
     assert list((root / ".staging").glob("run-*")), "the dead run's staging is left behind"
@@ -157,10 +160,8 @@ def test_killed_upgrade_then_rollback_removes_the_incomplete_release(tmp_path: P
     root = tmp_path / "root"
     install_bundle(bundle_factory("5.0.0"), trusted_root, root)
     install_bundle(bundle_factory("5.1.0", marker=b"SAFETENSORS-PLACEHOLDER-FIVE-ONE-X"), trusted_root, root)
-    proc = _start_install(bundle_factory("5.2.0", marker=b"SAFETENSORS-PLACEHOLDER-FIVE-TWO-X"), trusted_root, root)
-    _wait_for(root / "releases" / "5.2.0" / "model", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    doomed = bundle_factory("5.2.0", marker=b"SAFETENSORS-PLACEHOLDER-FIVE-TWO-X")
+    _kill_mid_install(doomed, trusted_root, root, "5.2.0")
     assert os.readlink(root / "current") == "releases/5.1.0"
 
     out = run_cli("rollback", "--root", str(root), "--no-start", "--json")
@@ -178,8 +179,7 @@ def test_sigterm_stops_the_install_cleanly_and_says_how_to_go_on(tmp_path: Path,
                                                                  trusted_root: Path) -> None:
     root = tmp_path / "root"
     bundle = bundle_factory("6.0.0")
-    proc = _start_install(bundle, trusted_root, root)
-    _wait_for(root / "releases" / "6.0.0" / "model", proc)
+    proc = _install_until_copying(bundle, trusted_root, root, "6.0.0")
     proc.send_signal(signal.SIGTERM)  # the installer only, as `kill PID` or systemd would
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stdout + stderr
