@@ -18,7 +18,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per-step token budget (decodes + prefill chunks)
-    kv_cache_bytes: int = 256 * 1024**2  # memory budget for the paged KV cache
+    # memory budget for the paged KV cache; None = sized from the device (see worker.kv_budget)
+    kv_cache_bytes: int | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
@@ -26,7 +27,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights of config.json's shape (benchmarks)
     num_threads: int | None = None  # CPU: torch intra-op threads; None = the cores this process may use
     cuda_graphs: bool = True  # CUDA: replay captured graphs for decode-only steps
-    cpu_packed_linear: bool = True  # CPU fp32: oneDNN GEMMs on weights pre-packed at load
+    cpu_packed_linear: bool = True  # CPU fp32/bf16: oneDNN GEMMs on weights pre-packed at load
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -39,8 +40,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
-        if self.kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be >= 1; got {self.kv_cache_bytes}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be None (auto) or >= 1; got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be None or >= 2; got {self.max_model_len}")
         if self.attention_backend not in ("auto", "torch", "triton"):

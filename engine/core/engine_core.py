@@ -73,7 +73,7 @@ class EngineCore:
             raise InsufficientKVCacheError(
                 f"request {request_id}: needs KV for {total} tokens (prompt {len(ids)} + max_tokens "
                 f"{params.max_tokens}); the KV cache holds {capacity} tokens (kv_cache_bytes="
-                f"{self.config.kv_cache_bytes})"
+                f"{self.runner.kv_cache_bytes})"
             )
         gen = None
         if params.seed is not None:
@@ -209,6 +209,7 @@ class EngineCore:
             "waiting": len(self.scheduler.waiting),
             "kv_cache_usage": bm.usage(),
             "num_blocks": bm.num_blocks,
+            "kv_cache_bytes": self.runner.kv_cache_bytes,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "prefix_cache_queries": bm.prefix_cache_queries,
             "num_preemptions": self.scheduler.num_preemptions,

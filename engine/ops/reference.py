@@ -95,6 +95,18 @@ def prefill_plan(
     return pages, mask
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [H, n, D], k/v [KV, L, D] -> [H, n, D]; causal when mask is None (then n == L).
+
+    Called with a leading batch dimension: on CPU only 4-D inputs reach torch's fused (flash)
+    kernel; 3-D ones take the math path, measured 2-4x slower at 64-1024 tokens (same results
+    within 1e-6)."""
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )
+    return o[0]
+
+
 def paged_prefill_attention(
     query: torch.Tensor,  # [Tp, H, D] new tokens of all prefill sequences, concatenated
     key_cache: torch.Tensor,  # [KV, N, B, D]
@@ -117,9 +129,7 @@ def paged_prefill_attention(
         if num_new == seq_len and key is not None and value is not None:
             k = key[start:end].transpose(0, 1).to(query.dtype)  # [KV, n, D]
             v = value[start:end].transpose(0, 1).to(query.dtype)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=True
-            )
+            o = _sdpa(q, k, v, None, scale)
         else:
             plan = plans.get(i) if plans is not None else None
             if plan is None:
@@ -129,9 +139,7 @@ def paged_prefill_attention(
             pages, mask = plan
             k = gather_pages(key_cache, pages, workspace, 0)[:, :seq_len].to(query.dtype)  # [KV, L, D]
             v = gather_pages(value_cache, pages, workspace, 1)[:, :seq_len].to(query.dtype)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
+            o = _sdpa(q, k, v, mask, scale)
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -15,6 +15,7 @@ from engine.model.loader import load_model
 from engine.ops.backend import get_backend
 from engine.ops.reference import kv_cache_shape
 from engine.worker.batch import ModelInput, build_model_input
+from engine.worker.kv_budget import auto_kv_cache_bytes, lazy_zeros
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,18 +60,27 @@ class ModelRunner:
         self.model.init_rotary(self.max_model_len, self.device)
         self.model.backend = get_backend(self.device, config.attention_backend)
         per_block = kv_bytes_per_block(mc, config.block_size, config.torch_dtype)
-        self.num_blocks = config.kv_cache_bytes // per_block
+        auto = config.kv_cache_bytes is None
+        self.kv_cache_bytes = (auto_kv_cache_bytes(config, mc, self.max_model_len, per_block, self.device)
+                               if config.kv_cache_bytes is None else config.kv_cache_bytes)
+        self.num_blocks = self.kv_cache_bytes // per_block
         if self.num_blocks < 1:
+            where = " (auto: the memory left on the device)" if auto else ""
             raise ModelLoadError(
-                f"kv_cache_bytes: expected at least one block ({per_block} bytes); found {config.kv_cache_bytes}"
+                f"kv_cache_bytes: expected at least one block ({per_block} bytes); "
+                f"found {self.kv_cache_bytes}{where}"
             )
         shape = kv_cache_shape(self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
         # Zero-filled so padded, never-written slots can't inject NaN into masked attention.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
-             torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
-            for _ in range(mc.num_layers)
-        ]
+        if self.device.type == "cpu":
+            self.kv_caches = [(lazy_zeros(shape, config.torch_dtype), lazy_zeros(shape, config.torch_dtype))
+                              for _ in range(mc.num_layers)]
+        else:
+            self.kv_caches = [
+                (torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
+                 torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
+                for _ in range(mc.num_layers)
+            ]
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from engine.worker.cuda_graphs import DecodeGraphRunner
