@@ -78,7 +78,7 @@ class TorchAttentionBackend:
         tables, lens = meta.decode_block_tables[start:end], meta.decode_seq_lens[start:end]
         plan = meta.scratch.get(("decode", start))
         if plan is None:  # once per step; every layer reuses it
-            plan = reference.decode_plan(tables, lens, max_len, key_cache.shape, torch.float32)
+            plan = reference.decode_plan(tables, lens, max_len, key_cache.shape, query.dtype)
             meta.scratch[("decode", start)] = plan
         return reference.paged_decode_attention(
             query[start:end], key_cache, value_cache, tables, lens, max_len, scale, plan=plan,
