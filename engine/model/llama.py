@@ -46,7 +46,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        h = nn.functional.silu(gate)
+        return self.down_proj(h.mul_(up))  # in place: one [T, I] temporary instead of two
 
 
 class LlamaAttention(nn.Module):
@@ -125,9 +126,9 @@ class LlamaForCausalLM(nn.Module):
         residual = self.model.embed_tokens(input_ids)
         for layer, kv_cache in zip(self._layers, kv_caches, strict=True):
             h = layer.self_attn(layer.input_layernorm(residual), cos_sin, kv_cache, meta, backend)
-            residual = residual + h
+            residual = residual + h  # a new tensor: the embedding row must not be written
             h = layer.mlp(layer.post_attention_layernorm(residual))
-            residual = residual + h
+            residual.add_(h)
         return self.model.norm(residual)
 
     @torch.inference_mode()
