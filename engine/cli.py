@@ -121,7 +121,8 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     max_num_seqs: Annotated[int, typer.Option(help="Sequences batched together at most.")] = 64,
-    kv_cache_bytes: Annotated[int | None, typer.Option(help="KV-cache memory budget in bytes.")] = None,
+    kv_cache_bytes: Annotated[int | None, typer.Option(
+        help="KV-cache memory budget in bytes (default: sized from the device's memory).")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
 ) -> None:
     """Serve the engine's internal streaming API over mutual TLS (for a gateway on another node)."""
