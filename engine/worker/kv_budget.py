@@ -45,6 +45,11 @@ def activation_bytes(mc: ModelConfig, config: EngineConfig, elem: int) -> int:
     return 2 * (tokens * per_token + logits)
 
 
+def gpu_kv_budget(free: int, total: int, activations: int) -> int:
+    """GPU_MEMORY_UTILIZATION of total, less everything in use now (total - free) and activations."""
+    return int(total * GPU_MEMORY_UTILIZATION) - (total - free) - activations
+
+
 def auto_kv_cache_bytes(config: EngineConfig, mc: ModelConfig, max_model_len: int, per_block: int,
                         device: torch.device) -> int:
     blocks_needed = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
@@ -52,7 +57,7 @@ def auto_kv_cache_bytes(config: EngineConfig, mc: ModelConfig, max_model_len: in
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         elem = torch.empty((), dtype=config.torch_dtype).element_size()
-        budget = int(total * GPU_MEMORY_UTILIZATION) - (total - free) - activation_bytes(mc, config, elem)
+        budget = gpu_kv_budget(free, total, activation_bytes(mc, config, elem))
     else:
         avail = mem_available_bytes()
         budget = CPU_KV_CAP if avail is None else min(CPU_KV_CAP, int(avail * CPU_KV_FRACTION))

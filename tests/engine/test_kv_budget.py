@@ -9,9 +9,18 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.model.config import load_model_config
 from engine.worker import kv_budget
-from engine.worker.kv_budget import CPU_KV_CAP, CPU_KV_FRACTION, lazy_zeros, mem_available_bytes
+from engine.worker.kv_budget import (
+    CPU_KV_CAP,
+    CPU_KV_FRACTION,
+    activation_bytes,
+    gpu_kv_budget,
+    lazy_zeros,
+    mem_available_bytes,
+)
 
 PER_BLOCK = 2 * 30 * 16 * 3 * 64 * 4  # SmolLM2-135M, fp32, 16-token blocks
 
@@ -73,3 +82,15 @@ def test_lazy_zeros_commit_memory_only_when_written() -> None:
     assert float(t[1, 7].sum()) == 2.5 * 16 * 1024
     assert float(t[0, 0].abs().sum()) == 0.0 and float(t[3, 1023].abs().sum()) == 0.0
     assert float(t.view(-1)[: math.prod(shape) // 2].sum()) == 2.5 * 16 * 1024
+
+
+def test_gpu_budget_leaves_room_for_weights_others_and_activations(engine_model_dir: Path) -> None:
+    gib = 1024**3
+    # an H200-sized device with 16 GiB of bf16 weights loaded and 2 GiB held by another process
+    assert gpu_kv_budget(free=139 * gib - 18 * gib, total=139 * gib, activations=3 * gib) == (
+        int(139 * gib * 0.9) - 18 * gib - 3 * gib)
+    assert gpu_kv_budget(free=gib, total=139 * gib, activations=gib) < 0  # nothing left: no blocks
+    mc = load_model_config(engine_model_dir)
+    act = activation_bytes(mc, EngineConfig(model=engine_model_dir, dtype="bfloat16"), 2)
+    # 2 048 tokens of hidden states and fused projections plus fp32 logits of 64 rows, doubled
+    assert 2048 * (8 * 576 + 3 * 1536) * 2 < act < 256 * 1024**2
