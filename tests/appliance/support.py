@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -101,13 +102,47 @@ def start(cmd: list[str], url: str, ca: Path) -> subprocess.Popen[str]:
     return proc
 
 
+def _child_map() -> dict[int, list[int]]:
+    """parent pid -> its children's pids, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    return _child_map().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children first)."""
+    parents = _child_map()
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
 def interrupt(proc: subprocess.Popen[str], timeout_s: float = 60) -> tuple[int, str]:
-    """Ctrl-C, as a user would; returns the exit code and everything the process printed."""
+    """Ctrl-C, as a user would; returns the exit code and everything the process printed.
+
+    If it does not stop in time, it and everything it started are killed before failing (a
+    surviving child would hold the output pipe open and hang the test run)."""
+    family = descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+        for pid in [proc.pid, *family, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
         raise AssertionError(f"appliance did not stop within {timeout_s} s of Ctrl-C:\n{out}") from None
     return proc.returncode, out

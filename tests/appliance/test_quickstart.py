@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.appliance.support import BIN, free_port, interrupt, start, tls_ctx, wait_healthy
+from tests.appliance.support import BIN, children, free_port, interrupt, start, tls_ctx, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -49,18 +51,6 @@ def test_quickstart_serves_paris_and_restarts(tmp_path: Path, model_dir: Path) -
     assert next((root / "vendor" / "bundles").iterdir()).stat().st_mtime_ns == bundle_bytes
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_quickstart_with_a_wheelhouse_serves_from_the_installed_runtime(tmp_path: Path, model_dir: Path,
                                                                         wheelhouse: Path) -> None:
     """`make run`: the bundle carries the wheels, the installer builds ROOT/runtimes/<id> with pip
@@ -78,7 +68,7 @@ def test_quickstart_with_a_wheelhouse_serves_from_the_installed_runtime(tmp_path
         proc.communicate()
         raise
     (runtime,) = (root / "runtimes").iterdir()
-    (child,) = _children(proc.pid)
+    (child,) = children(proc.pid)
     argv = [a.decode() for a in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if a]
     assert argv[1:3] == [str(runtime / "bin" / "appliance"), "serve"], argv
     key = (root / "secrets" / "demo-tenant.key").read_text().strip()
@@ -102,3 +92,21 @@ def test_quickstart_port_in_use_is_a_clear_error(tmp_path: Path, model_dir: Path
     assert proc.returncode == 1
     assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr
     assert not (tmp_path / "var" / "vendor").exists()  # failed before doing anything
+
+
+@pytest.mark.parametrize(("ignored", "expected"), [
+    ((), -signal.SIGINT), (("SIGINT",), -signal.SIGTERM), (("SIGINT", "SIGTERM"), -signal.SIGKILL)])
+def test_quickstart_stop_escalates_when_the_child_does_not_act_on_a_signal(
+    monkeypatch: pytest.MonkeyPatch, ignored: tuple[str, ...], expected: int
+) -> None:
+    """Ctrl-C is passed on; a child still up after the grace period gets SIGTERM, then SIGKILL,
+    so the quickstart never leaves an orphaned appliance holding the port."""
+    from appliance import quickstart
+
+    monkeypatch.setattr(quickstart, "STOP_GRACE_S", 1.0)
+    code = "".join(f"signal.signal(signal.{name}, signal.SIG_IGN); " for name in ignored)
+    child = subprocess.Popen([sys.executable, "-c", f"import signal, sys, time; {code}print('up', flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"up\n"  # handlers are in place
+    quickstart._stop(child, signal.SIGINT)
+    assert child.returncode == expected
