@@ -237,6 +237,9 @@ def serve_from_runtime(root: Path, runtime_dir: Path, host: str, port: int, cons
     proc = subprocess.Popen([str(exe), "serve", "--root", str(root), "--host", host, "--port", str(port)],
                             stdin=subprocess.DEVNULL, cwd=root, env=env, start_new_session=True)
     previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    # Ctrl-C raises KeyboardInterrupt here even when this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell), as the in-process server's handler does.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         base = f"https://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
         ca = config.tls_dir / "ca.pem"
@@ -255,6 +258,7 @@ def serve_from_runtime(root: Path, runtime_dir: Path, host: str, port: int, cons
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     console.print("[bold]appliance stopped[/]")
 
 

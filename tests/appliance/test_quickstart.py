@@ -104,7 +104,9 @@ def test_quickstart_stop_escalates_when_the_child_does_not_act_on_a_signal(
     from appliance import quickstart
 
     monkeypatch.setattr(quickstart, "STOP_GRACE_S", 1.0)
-    code = "".join(f"signal.signal(signal.{name}, signal.SIG_IGN); " for name in ignored)
+    # every disposition set explicitly: this test may itself run with SIGINT ignored (a background job)
+    code = "".join(f"signal.signal(signal.{name}, signal.{'SIG_IGN' if name in ignored else 'SIG_DFL'}); "
+                   for name in ("SIGINT", "SIGTERM"))
     child = subprocess.Popen([sys.executable, "-c", f"import signal, sys, time; {code}print('up', flush=True); "
                               "time.sleep(60)"], stdout=subprocess.PIPE)
     assert child.stdout is not None and child.stdout.readline() == b"up\n"  # handlers are in place
