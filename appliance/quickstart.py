@@ -203,9 +203,8 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, ca: Path, timeout_s: 
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """sig, then SIGTERM again if the child is still up after STOP_GRACE_S (a stop request it did
-    not act on: seen once under heavy load, the child kept serving), then SIGKILL: the quickstart
-    never exits leaving an orphaned appliance holding the port."""
+    """sig, then SIGTERM if the child is still up after STOP_GRACE_S, then SIGKILL: the quickstart
+    never exits leaving an orphaned appliance holding the port, whatever the child does."""
     for attempt in (sig, signal.SIGTERM):
         if proc.poll() is not None:
             return

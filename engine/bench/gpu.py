@@ -75,7 +75,7 @@ def weight_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     if cfg.qkv_bias:
         per_layer += cfg.q_size + 2 * cfg.kv_size
     elements = cfg.num_layers * per_layer + h + cfg.vocab_size * h
-    return elements * torch.empty((), dtype=dtype).element_size()
+    return elements * dtype.itemsize
 
 
 def single_stream_decode(llm: Any, prompt_len: int = 128, output_len: int = 512) -> dict[str, float]:
@@ -118,7 +118,7 @@ def run_shape_bench(
 
     dev = torch.device(device)
     bw = copy_bandwidth(dev, copy_bytes)
-    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    elem = getattr(torch, dtype).itemsize
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * elem
     max_len = spec.input_len_max + spec.output_len_max

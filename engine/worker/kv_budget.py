@@ -56,8 +56,7 @@ def auto_kv_cache_bytes(config: EngineConfig, mc: ModelConfig, max_model_len: in
     need = blocks_needed * per_block
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        elem = torch.empty((), dtype=config.torch_dtype).element_size()
-        budget = gpu_kv_budget(free, total, activation_bytes(mc, config, elem))
+        budget = gpu_kv_budget(free, total, activation_bytes(mc, config, config.torch_dtype.itemsize))
     else:
         avail = mem_available_bytes()
         budget = CPU_KV_CAP if avail is None else min(CPU_KV_CAP, int(avail * CPU_KV_FRACTION))
@@ -67,6 +66,5 @@ def auto_kv_cache_bytes(config: EngineConfig, mc: ModelConfig, max_model_len: in
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor on CPU backed by anonymous memory: pages are committed when first written."""
     count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, max(nbytes, 1))
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)

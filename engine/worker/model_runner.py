@@ -20,7 +20,7 @@ from engine.worker.kv_budget import auto_kv_cache_bytes, lazy_zeros
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     # K and V, every layer: [block_size, num_kv_heads, head_dim]
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
@@ -72,15 +72,13 @@ class ModelRunner:
             )
         shape = kv_cache_shape(self.num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
         # Zero-filled so padded, never-written slots can't inject NaN into masked attention.
-        if self.device.type == "cpu":
-            self.kv_caches = [(lazy_zeros(shape, config.torch_dtype), lazy_zeros(shape, config.torch_dtype))
-                              for _ in range(mc.num_layers)]
-        else:
-            self.kv_caches = [
-                (torch.zeros(shape, dtype=config.torch_dtype, device=self.device),
-                 torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
-                for _ in range(mc.num_layers)
-            ]
+        # On CPU lazily committed (pages are taken when a block is first written).
+        def zeros() -> torch.Tensor:
+            if self.device.type == "cpu":
+                return lazy_zeros(shape, config.torch_dtype)
+            return torch.zeros(shape, dtype=config.torch_dtype, device=self.device)
+
+        self.kv_caches = [(zeros(), zeros()) for _ in range(mc.num_layers)]
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from engine.worker.cuda_graphs import DecodeGraphRunner
