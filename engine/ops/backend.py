@@ -1,4 +1,5 @@
-"""Attention backends: the torch reference (CPU path) and, on CUDA, Triton kernels.
+"""Attention backends: on CPU the compiled kernels (engine/ops/cpu_native.py) with the torch
+reference for the rest, or the reference alone; on CUDA, Triton kernels.
 
 Both use the cache layout of `reference.kv_cache_shape`: [num_kv_heads, num_blocks, block_size,
 head_dim] per layer, so a cache written by one backend reads the same in the other.
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from engine.ops import reference
+from engine.ops import cpu_native, reference
 from engine.ops.attention_metadata import AttentionMetadata
 
 
@@ -61,13 +62,21 @@ class TorchAttentionBackend:
         for bucket in buckets:
             out[bucket[0] : bucket[1]] = self._decode(query, key_cache, value_cache, meta, bucket, scale)
         if meta.num_prefills:
-            plans = meta.scratch.setdefault("prefill_plans", {})
-            out[nd:] = reference.paged_prefill_attention(
-                query[nd:], key_cache, value_cache, meta.prefill_block_tables,
-                meta.prefill_query_start_loc_host, meta.prefill_seq_lens_host, scale,
-                key=key[nd:], value=value[nd:], plans=plans, workspace=self.workspace,
-            )
+            out[nd:] = self._prefill(query, key, value, key_cache, value_cache, meta, scale)
         return out
+
+    def _prefill(
+        self,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+        value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        nd = meta.num_decode_tokens
+        plans = meta.scratch.setdefault("prefill_plans", {})
+        return reference.paged_prefill_attention(
+            query[nd:], key_cache, value_cache, meta.prefill_block_tables,
+            meta.prefill_query_start_loc_host, meta.prefill_seq_lens_host, scale,
+            key=key[nd:], value=value[nd:], plans=plans, workspace=self.workspace,
+        )
 
     def _decode(
         self,
@@ -86,10 +95,60 @@ class TorchAttentionBackend:
         )
 
 
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The CPU path with the compiled kernels: new K/V are copied into their slots, and all decodes
+    of a step attend over their pages in place in one call (no gather, no length buckets, no
+    padding). Prefill chunks use the reference (fresh prompts attend to their own K/V with fused
+    SDPA, no gather). A dtype or head size the kernels do not take runs the reference instead.
+    """
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        if not cpu_native.available():
+            raise ValueError(f"attention_backend 'cpu' needs the compiled CPU kernels: {cpu_native.reason()}")
+        super().__init__()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if not (cpu_native.supports(query, key_cache) and key.dtype == value.dtype == key_cache.dtype):
+            return super().forward(query, key, value, key_cache, value_cache, meta, scale)
+        cpu_native.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        decoded = None
+        if nd:
+            decoded = cpu_native.paged_decode_attention(
+                query[:nd], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+            )
+            if not meta.num_prefills:
+                return decoded
+        out = torch.empty_like(query)
+        if decoded is not None:
+            out[:nd] = decoded
+        out[nd:] = self._prefill(query, key, value, key_cache, value_cache, meta, scale)
+        return out
+
+
 def get_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
-    """`auto` picks Triton on CUDA when importable, else the torch reference."""
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
+    """`auto` picks Triton on CUDA when importable, else the torch reference; on CPU the compiled
+    kernels when built, else the torch reference. An explicit name that cannot be served raises."""
+    on_cuda = device.type == "cuda"
+    if name == "cpu":
+        if on_cuda:
+            raise ValueError(f"attention_backend 'cpu' runs on the CPU only; this engine's device is {device}")
+        return CpuAttentionBackend()
+    if name == "torch":
         return TorchAttentionBackend()
+    if name == "auto" and not on_cuda:
+        return CpuAttentionBackend() if cpu_native.available() else TorchAttentionBackend()
     try:
         from engine.ops.triton_backend import TritonAttentionBackend
     except ImportError:
