@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 # The CPU kernels (engine/csrc) compile against the torch in .venv: installed first, then the
 # package without build isolation (an isolated build would install torch a second time).
-NATIVE_SOURCES := setup.py $(wildcard engine/csrc/*.cpp)
+NATIVE_SOURCES := setup.py $(wildcard engine/csrc/*.cpp engine/csrc/*.h)
 
 $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.model.config import ModelConfig
 from engine.model.rope import RotaryEmbedding
+from engine.ops import cpu_native
 from engine.ops.attention_metadata import AttentionMetadata
 from engine.ops.backend import AttentionBackend, TorchAttentionBackend
 
@@ -28,12 +29,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same op order as transformers' LlamaRMSNorm, so fp32 results are bit-comparable.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised x; with `add`, x += add first, in place (the residual stream). Same op order as
+        transformers' LlamaRMSNorm; one fused pass on CPU (ops/cpu_native.py)."""
+        return cpu_native.rms_norm(x, self.weight, self.eps, add)
 
 
 class LlamaMLP(nn.Module):
@@ -45,9 +44,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        h = nn.functional.silu(gate)
-        return self.down_proj(h.mul_(up))  # in place: one [T, I] temporary instead of two
+        return self.down_proj(cpu_native.silu_and_mul(gate_up))  # [T, I] -> [T, hidden]
 
 
 class LlamaAttention(nn.Module):
@@ -70,7 +67,7 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = RotaryEmbedding.rotate(qk, *cos_sin)  # q and k heads rotated together
+        qk = cpu_native.rotate(qk, *cos_sin)  # q and k heads rotated together (in place on CPU)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
@@ -123,13 +120,16 @@ class LlamaForCausalLM(nn.Module):
             self._layers = [layer for layer in self.model.layers if isinstance(layer, LlamaDecoderLayer)]
         cos_sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
         backend = self.backend
-        residual = self.model.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self._layers, kv_caches, strict=True):
-            h = layer.self_attn(layer.input_layernorm(residual), cos_sin, kv_cache, meta, backend)
-            residual = residual + h  # a new tensor: the embedding row must not be written
-            h = layer.mlp(layer.post_attention_layernorm(residual))
-            residual.add_(h)
-        return self.model.norm(residual)
+        residual = self.model.embed_tokens(input_ids)  # [T, hidden], a new tensor (a row gather)
+        layers = self._layers
+        x = layers[0].input_layernorm(residual)
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
+            h = layer.self_attn(x, cos_sin, kv_cache, meta, backend)
+            x = layer.post_attention_layernorm(residual, add=h)  # residual += h, then normalised
+            h = layer.mlp(x)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x = next_norm(residual, add=h)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

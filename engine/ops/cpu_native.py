@@ -1,29 +1,42 @@
-"""Compiled CPU kernels over the paged KV cache (engine/csrc/cpu_kernels.cpp, built at install).
+"""Compiled CPU kernels (engine/csrc, the extension engine._cpu_kernels, built at install).
 
-Decode attention here reads every context's pages where they lie: the torch reference must first
-gather them into a padded batch buffer (read + write of the whole context) and then run SDPA over
-the padding; this reads each context once, padding-free. Measured on the bench's decode shapes
-(64 contexts of 16-320 tokens, SmolLM2's 3 kv heads x 3 query heads x 64): about 2x faster than
-the reference over a cold cache (docs/benchmarks.md). The KV write copies rows with memcpy
-instead of two `index_copy_` calls.
+- Paged attention (csrc/paged_attention.cpp): decode attention reads every context's pages where
+  they lie; the torch reference must first gather them into a padded batch buffer (read + write
+  of the whole context) and then run SDPA over the padding; this reads each context once,
+  padding-free: about 2x faster than the reference over a cold cache on the bench's decode shapes
+  (64 contexts of 16-320 tokens, SmolLM2's 3 kv heads x 3 query heads x 64). The KV write copies
+  rows with memcpy instead of two `index_copy_` calls.
+- The decoder layer's element-wise ops (csrc/layer_ops.cpp), each one pass instead of several
+  torch ops and temporaries: RMSNorm (optionally after the residual add), SiLU-and-multiply,
+  rotary embedding in place. Same formulas and op order as transformers; the results differ from
+  torch's in the last bits only (summation order, a polynomial exp): tests bound it.
 
-The extension is optional at import: a source tree that was never built, or a platform without
-a compiler at build time, runs the torch reference (`available()` says which, `reason()` why).
-Supported: CPU tensors of float32 or bfloat16, head_dim a multiple of 16; anything else goes to
-the reference per call (`supports`).
+The extension is optional at import: a source tree that was never built runs the torch reference
+(`available()` says which, `reason()` why). Supported: CPU tensors of float32 or bfloat16 (and
+head_dim a multiple of 16 for attention); anything else, and every CUDA tensor, takes the torch
+ops per call.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
+_native: ModuleType | None
 try:
-    from engine import _cpu_kernels as _native  # type: ignore[attr-defined]
+    from engine import _cpu_kernels as _native
 
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # not built: the torch reference serves
     _native = None
     _IMPORT_ERROR = f"engine._cpu_kernels is not built ({exc}); reinstall the package to build it"
+
+
+def _lib() -> ModuleType:
+    if _native is None:
+        raise RuntimeError(_IMPORT_ERROR)
+    return _native
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -58,10 +71,8 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as reference.paged_decode_attention (no padding, no plan). Returns [S, H, D]."""
-    if _native is None:
-        raise RuntimeError(_IMPORT_ERROR)
     out = torch.empty(query.shape, dtype=query.dtype)
-    _native.paged_decode_attention(
+    _lib().paged_decode_attention(
         out, query, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(), scale,
     )
@@ -75,6 +86,53 @@ def write_kv_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64; slot < 0 = do not write
 ) -> None:
-    if _native is None:
-        raise RuntimeError(_IMPORT_ERROR)
-    _native.write_kv_cache(key, value, key_cache, value_cache, slot_mapping.to(torch.int64).contiguous())
+    _lib().write_kv_cache(key, value, key_cache, value_cache, slot_mapping.to(torch.int64).contiguous())
+
+
+# ---- the decoder layer's element-wise ops: fused on CPU, the same torch ops elsewhere -------------
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return (
+        _native is not None
+        and first.device.type == "cpu"
+        and first.dtype in _DTYPES
+        and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) over the last dim of x [T, H], in transformers' op order.
+
+    With `add`, x += add first, in place (the residual stream), and the sum is normalised: one pass
+    instead of five torch ops. The result is a new tensor."""
+    if x.dim() == 2 and _fusable(x, weight, *(() if add is None else (add,))):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _lib().rms_norm(out, x, add, weight, eps)
+        return out
+    if add is not None:
+        x.add_(add)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] -> silu(gate) * up [T, I] (one pass instead of two ops and a temporary)."""
+    size = gate_up.shape[-1] // 2
+    if gate_up.dim() == 2 and _fusable(gate_up):
+        out = torch.empty((gate_up.shape[0], size), dtype=gate_up.dtype)
+        _lib().silu_and_mul(out, gate_up)
+        return out
+    gate, up = gate_up.split(size, dim=-1)
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos / sin_signed [T, 1, D] (RotaryEmbedding.cos_sin): in place on
+    CPU (x must be a temporary), a new tensor elsewhere."""
+    if _fusable(x, cos, sin_signed) and x.dim() == 3:
+        _lib().rotary_(x, cos.view(cos.shape[0], -1), sin_signed.view(sin_signed.shape[0], -1))
+        return x
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

@@ -66,5 +66,5 @@ def auto_kv_cache_bytes(config: EngineConfig, mc: ModelConfig, max_model_len: in
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor on CPU backed by anonymous memory: pages are committed when first written."""
     count = math.prod(shape)
-    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)

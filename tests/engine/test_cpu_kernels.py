@@ -120,3 +120,75 @@ def test_real_model_same_tokens_with_either_cpu_backend(engine_model_dir) -> Non
         assert ref.logprobs and got.logprobs and len(got.logprobs) == len(ref.logprobs) == 24
         for token, a, b in zip(ref.token_ids, ref.logprobs, got.logprobs, strict=True):
             assert abs(a[token] - b[token]) < 1e-4, (token, a, b)
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 100])
+def test_rms_norm_matches_torch_ops(dtype: torch.dtype, hidden: int) -> None:
+    torch.manual_seed(1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    wide = torch.randn(7, hidden + 9).to(dtype)
+    x = wide[:, 3 : hidden + 3]  # strided rows
+    weight = torch.randn(hidden).to(dtype)
+    torch.testing.assert_close(cpu_native.rms_norm(x, weight, 1e-5).float(),
+                               _torch_rms_norm(x, weight, 1e-5).float(), rtol=tol, atol=tol)
+    # with `add`: the residual stream is updated in place, and the sum is normalised
+    residual, add = torch.randn(7, hidden).to(dtype), torch.randn(7, hidden).to(dtype)
+    expected_sum = residual + add
+    out = cpu_native.rms_norm(residual, weight, 1e-5, add=add)
+    assert torch.equal(residual, expected_sum)
+    torch.testing.assert_close(out.float(), _torch_rms_norm(expected_sum, weight, 1e-5).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [1536, 37])  # a multiple of 16, and a tail
+def test_silu_and_mul_matches_torch_ops(dtype: torch.dtype, size: int) -> None:
+    torch.manual_seed(2)
+    wide = (torch.randn(5, 2 * size + 4) * 6).to(dtype)
+    wide[0, :8] = torch.tensor([-100.0, 100.0, -88.0, 89.0, 0.0, -0.0, 1e-30, -1e-30]).to(dtype)  # no overflow
+    gate_up = wide[:, 2 : 2 * size + 2]
+    got = cpu_native.silu_and_mul(gate_up)
+    gate, up = gate_up.float().split(size, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.shape == (5, size) and not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_torch_ops(dtype: torch.dtype) -> None:
+    from engine.model.config import RopeConfig
+    from engine.model.rope import RotaryEmbedding
+
+    torch.manual_seed(3)
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), 64, 512)
+    positions = torch.tensor([0, 5, 511, 17])
+    cos, sin = rope.cos_sin(positions, dtype)
+    qkv = torch.randn(4, (9 + 3 + 3) * 64).to(dtype)
+    qk = qkv[:, : 12 * 64].view(4, 12, 64)  # q and k heads, strided rows as in the model
+    expected = RotaryEmbedding.rotate(qk.clone(), cos, sin)
+    v_before = qkv[:, 12 * 64 :].clone()
+    got = cpu_native.rotate(qk, cos, sin)
+    assert got.data_ptr() == qk.data_ptr()  # in place
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    assert torch.equal(qkv[:, 12 * 64 :], v_before)  # v untouched
+
+
+def test_fused_ops_fall_back_to_torch_for_other_dtypes_and_refuse_bad_shapes() -> None:
+    x = torch.randn(3, 32).half()
+    torch.testing.assert_close(cpu_native.rms_norm(x, torch.ones(32).half(), 1e-6),
+                               _torch_rms_norm(x, torch.ones(32).half(), 1e-6))
+    assert cpu_native.silu_and_mul(torch.randn(3, 8).half()).shape == (3, 4)
+    with pytest.raises(RuntimeError, match=r"out, x and weight must be \[T, H\], \[T, H\] and \[H\]"):
+        cpu_native._native.rms_norm(torch.empty(3, 32), torch.randn(3, 32), None, torch.ones(31), 1e-6)
+    with pytest.raises(RuntimeError, match=r"contiguous \[T, I\] for gate_up \[T, 2 I\]"):
+        cpu_native._native.silu_and_mul(torch.empty(3, 5), torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match=r"cos and sin must be contiguous \[T, D\]"):
+        cpu_native._native.rotary_(torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8))

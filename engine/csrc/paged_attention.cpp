@@ -1,114 +1,78 @@
-// CPU kernels over the paged KV cache: decode attention that reads each context's pages where
-// they lie (no gather into a batch buffer, no padding to the longest context) and the KV-cache
-// write. Built into engine._cpu_kernels at install time (setup.py); engine/ops/cpu_native.py is
-// the Python face and falls back to the torch reference (engine/ops/reference.py) without it.
+// Paged-KV-cache kernels: decode attention that reads each context's pages where they lie (no
+// gather into a batch buffer, no padding to the longest context), and the KV-cache write.
+// engine/ops/cpu_native.py is the Python face; engine/ops/reference.py the oracle.
 //
 // Layouts (as reference.py): cache [KV, N, B, D] per layer; query/out [S, H, D] with H = KV * G;
 // block_tables [S, M] int32; seq_lens [S] int32; slot_mapping [T] int64 (slot < 0: skip).
-// Accumulation is in fp32 for fp32 and bf16 tensors alike.
-//
-// Portability: no -ffast-math (GCC 12 would link crtfastmath into the .so and flush denormals
-// for the whole process); exp is a vectorisable polynomial below; on x86-64 the hot loops are
-// compiled three times (AVX-512, AVX2+FMA, baseline) and picked at load by the CPU's features,
-// so the wheel runs on any x86-64 node.
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#if defined(__x86_64__) && !defined(ENGINE_NO_CLONES)
-#define ENGINE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ENGINE_MULTIVERSION
-#endif
+#include "vec.h"
 
 namespace {
 
-// 16 floats: GCC lowers these generic vectors to one AVX-512 register, two AVX2 ones or four SSE
-// ones, whichever the clone is built for.
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 16;
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline v16f load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
-  v16h h;
-  std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u) << 16);
-}
-inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-inline float hsum(v16f v) {  // by halves: 3 vector adds and 3 scalar ones
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-
-// exp(x) for x <= 0 (softmax numerators), ~1 ulp on [-87, 0]: Cephes' reduction x = n ln2 + r,
-// |r| <= ln2 / 2, a degree-6 polynomial for e^r, and 2^n built in the exponent bits. Below -87
-// the result is 0 (e^-87 < 2^-125: no sum of weights can notice it).
-inline v16f exp_nonpositive(v16f x) {
-  const v16f lo = v16f{} - 87.0f;
-  const v16f c = x < lo ? lo : x;
-  const v16f t = c * 1.44269504088896341f - 0.5f;  // n = ceil(t) = round(c * log2 e), t < 0
-  v16i n = __builtin_convertvector(t, v16i);       // truncation toward zero = ceil for t < 0
-  const v16f nf = __builtin_convertvector(n, v16f);
-  v16f r = c - nf * 0.693359375f;
-  r = r - nf * -2.12194440e-4f;
-  v16f p = v16f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v16f e = p * r * r + r + 1.0f;
-  const v16f two_n = reinterpret_cast<v16f>((n + 127) << 23);
-  return x < lo ? v16f{} : e * two_n;
+// scores[t] = q . k_t for the n rows of one page (n <= B), q already scaled; D = kD when kD > 0
+// (then the compiler unrolls the row), else `dim`.
+template <typename T, int kD>
+ENGINE_INLINE void page_scores(const float* __restrict q, const T* __restrict page, int64_t n, int64_t dim,
+                        float* __restrict scores) {
+  const int64_t D = kD > 0 ? kD : dim;
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {  // 16 rows: one transposed reduction
+    v16f part[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const T* k = page + (t + i) * D;
+      v16f s = load16(q) * load16(k);
+      for (int64_t d = kLanes; d < D; d += kLanes) s += load16(q + d) * load16(k + d);
+      part[i] = s;
+    }
+    store16(scores + t, hsum16(part));
+  }
+  for (; t < n; ++t) {
+    const T* k = page + t * D;
+    v16f s = load16(q) * load16(k);
+    for (int64_t d = kLanes; d < D; d += kLanes) s += load16(q + d) * load16(k + d);
+    scores[t] = hsum(s);
+  }
 }
 
-// One (sequence, kv head): the G query rows of that head's group over its L context tokens.
+// acc += sum_t w[t] v_t over the n rows of one page; acc (D floats) is held in registers when kD > 0.
+template <typename T, int kD>
+ENGINE_INLINE void page_accumulate(const float* __restrict w, const T* __restrict page, int64_t n, int64_t dim,
+                            float* __restrict acc) {
+  if constexpr (kD > 0) {
+    constexpr int kVecs = kD / kLanes;
+    v16f a[kVecs];
+    for (int j = 0; j < kVecs; ++j) a[j] = load16(acc + j * kLanes);
+    for (int64_t t = 0; t < n; ++t)
+      for (int j = 0; j < kVecs; ++j) a[j] += w[t] * load16(page + t * kD + j * kLanes);
+    for (int j = 0; j < kVecs; ++j) store16(acc + j * kLanes, a[j]);
+  } else {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < dim; d += kLanes) store16(acc + d, load16(acc + d) + w[t] * load16(page + t * dim + d));
+  }
+}
+
+// One (sequence, kv head): the G query rows of that head's group over its L context tokens,
+// page by page (a page is B contiguous rows of D, read once for all G rows while it is in L1).
 // Scratch: scores G * L floats, qf and acc G * D floats. D is a multiple of 16.
-template <typename T>
+template <typename T, int kD>
 ENGINE_MULTIVERSION void decode_one(
     const T* __restrict query, int64_t q_row_stride,                // G rows of D
     const T* __restrict key_head, const T* __restrict value_head,  // cache[h] = [N, B, D]
     const int32_t* __restrict table, int64_t context_len, int64_t group, int64_t dim, int64_t block_size,
     float scale, float* __restrict scores, float* __restrict qf, float* __restrict acc,
     T* __restrict out, int64_t out_row_stride) {
-  const int64_t L = context_len, G = group, D = dim, B = block_size;
+  const int64_t L = context_len, G = group, D = kD > 0 ? kD : dim, B = block_size;
   const int64_t num_pages = (L + B - 1) / B;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(query[g * q_row_stride + d]) * scale;
 
-  // Pass 1: scores[g, t] = q_g . k_t, page by page (a page is B contiguous rows of D).
+  // Pass 1: scores[g, t] = q_g . k_t.
   for (int64_t p = 0; p < num_pages; ++p) {
     const T* page = key_head + static_cast<int64_t>(table[p]) * B * D;
     const int64_t n = std::min(B, L - p * B);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* k = page + t * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
-        v16f s = load16(qg) * load16(k);
-        for (int64_t d = kLanes; d < D; d += kLanes) s += load16(qg + d) * load16(k + d);
-        scores[g * L + p * B + t] = hsum(s);
-      }
-    }
+    for (int64_t g = 0; g < G; ++g) page_scores<T, kD>(qf + g * D, page, n, D, scores + g * L + p * B);
   }
   // Softmax of each row in the exact two-pass form: max, then normalised exponentials.
   const int64_t full = L / kLanes * kLanes;
@@ -123,7 +87,7 @@ ENGINE_MULTIVERSION void decode_one(
       sum += e;
     }
     float total = hsum(sum);
-    if (full < L) {  // the tail, through a zero-padded vector
+    if (full < L) {  // the tail, through a padded vector
       float tail[kLanes];
       for (int64_t i = 0; i < kLanes; ++i) tail[i] = full + i < L ? row[full + i] - m : -100.0f;
       const v16f e = exp_nonpositive(load16(tail));
@@ -140,22 +104,11 @@ ENGINE_MULTIVERSION void decode_one(
   for (int64_t p = 0; p < num_pages; ++p) {
     const T* page = value_head + static_cast<int64_t>(table[p]) * B * D;
     const int64_t n = std::min(B, L - p * B);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* v = page + t * D;
-      for (int64_t d = 0; d < D; d += kLanes) {
-        const v16f vv = load16(v + d);
-        for (int64_t g = 0; g < G; ++g) {
-          float* a = acc + g * D + d;
-          store16(a, load16(a) + scores[g * L + p * B + t] * vv);
-        }
-      }
-    }
+    for (int64_t g = 0; g < G; ++g) page_accumulate<T, kD>(scores + g * L + p * B, page, n, D, acc + g * D);
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * out_row_stride + d] = static_cast<T>(acc[g * D + d]);
 }
-
-void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "engine._cpu_kernels: ", what); }
 
 }  // namespace
 
@@ -202,9 +155,12 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
       std::vector<float> scores(G * max_len), qf(G * D), acc(G * D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = i / KV, h = i % KV;
-        decode_one<scalar_t>(q + s * q_seq + h * G * q_head, q_head, kc + h * N * B * D, vc + h * N * B * D,
-                             tables + s * M, lens[s], G, D, B, static_cast<float>(scale), scores.data(),
-                             qf.data(), acc.data(), o + (s * H + h * G) * D, D);
+        // the common head sizes get a compile-time D (row unrolled, accumulators in registers)
+        auto* one = D == 64 ? &decode_one<scalar_t, 64> : D == 128 ? &decode_one<scalar_t, 128>
+                                                                  : &decode_one<scalar_t, 0>;
+        one(q + s * q_seq + h * G * q_head, q_head, kc + h * N * B * D, vc + h * N * B * D, tables + s * M,
+            lens[s], G, D, B, static_cast<float>(scale), scores.data(), qf.data(), acc.data(),
+            o + (s * H + h * G) * D, D);
       }
     });
   };
@@ -248,10 +204,4 @@ void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor key_ca
       std::memcpy(vc + dst, v + (t * value.stride(0) + h * value.stride(1)) * es, row_bytes);
     }
   }
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CPU kernels over the paged KV cache (see engine/ops/cpu_native.py)";
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention reading pages in place");
-  m.def("write_kv_cache", &write_kv_cache, "write new tokens' K/V into their cache slots");
 }

@@ -1,0 +1,114 @@
+// Shared by the compiled CPU kernels (engine._cpu_kernels): 16-float generic vectors, an exp
+// that vectorises, per-ISA cloning, argument checks and dtype dispatch.
+//
+// Portability: no -ffast-math (GCC 12 would link crtfastmath into the .so and flush denormals
+// for the whole process); exp is a polynomial here; on x86-64 the hot loops are compiled three
+// times (AVX-512, AVX2+FMA, baseline) and picked at load by the CPU's features, so one wheel runs
+// on any x86-64 node. Accumulation is in fp32 for fp32 and bf16 tensors alike.
+#pragma once
+
+#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && !defined(ENGINE_NO_CLONES)
+#define ENGINE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ENGINE_MULTIVERSION
+#endif
+
+// Helpers are forced inline: a helper left out of line would be compiled for the baseline ISA,
+// not for the AVX-512 / AVX2 clone that calls it.
+#define ENGINE_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+// 16 floats: GCC lowers these generic vectors to one AVX-512 register, two AVX2 ones or four SSE
+// ones, whichever the clone is built for.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 16;
+
+ENGINE_INLINE v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+ENGINE_INLINE v16f load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  v16h h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u) << 16);
+}
+ENGINE_INLINE void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+ENGINE_INLINE float hsum(v16f v) {  // by halves: 3 vector adds and 3 scalar ones
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+ENGINE_INLINE float to_float(float x) { return x; }
+ENGINE_INLINE float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// exp(x) for x <= 0 (softmax numerators), ~1 ulp on [-87, 0]: Cephes' reduction x = n ln2 + r,
+// |r| <= ln2 / 2, a degree-6 polynomial for e^r, and 2^n built in the exponent bits. Below -87
+// the result is 0 (e^-87 < 2^-125: no sum of weights can notice it).
+ENGINE_INLINE v16f exp_nonpositive(v16f x) {
+  const v16f lo = v16f{} - 87.0f;
+  const v16f c = x < lo ? lo : x;
+  const v16f t = c * 1.44269504088896341f - 0.5f;  // n = ceil(t) = round(c * log2 e), t < 0
+  v16i n = __builtin_convertvector(t, v16i);       // truncation toward zero = ceil for t < 0
+  const v16f nf = __builtin_convertvector(n, v16f);
+  v16f r = c - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  v16f p = v16f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16f e = p * r * r + r + 1.0f;
+  const v16f two_n = reinterpret_cast<v16f>((n + 127) << 23);
+  return x < lo ? v16f{} : e * two_n;
+}
+
+// Sums of 16 vectors at once: out[i] = hsum(v[i]). Four rounds of pairwise even/odd lane sums
+// (15 two-source shuffles and adds) instead of 16 separate horizontal sums.
+ENGINE_INLINE v16f pair_sum(v16f a, v16f b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+ENGINE_INLINE v16f hsum16(v16f* v) {
+  for (int width = 16; width > 1; width /= 2)
+    for (int i = 0; i < width / 2; ++i) v[i] = pair_sum(v[2 * i], v[2 * i + 1]);
+  return v[0];
+}
+
+ENGINE_INLINE void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "engine._cpu_kernels: ", what); }
+
+// Runs run(float{}) or run(c10::BFloat16{}) by t's dtype; anything else is refused.
+template <typename F>
+ENGINE_INLINE void dispatch(const torch::Tensor& t, const F& run) {
+  if (t.scalar_type() == torch::kFloat32) {
+    run(float{});
+  } else {
+    check(t.scalar_type() == torch::kBFloat16, "dtype must be float32 or bfloat16");
+    run(c10::BFloat16{});
+  }
+}
+
+ENGINE_INLINE void check_rows(const torch::Tensor& t, const char* name) {
+  check(t.dim() == 2 && t.stride(1) == 1, std::string(name) + " must be [T, n] with contiguous rows");
+}
+
+}  // namespace
