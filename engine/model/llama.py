@@ -67,7 +67,8 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = cpu_native.rotate(qk, *cos_sin)  # q and k heads rotated together (in place on CPU)
+        if not cpu_native.rotate_(qk, *cos_sin):  # q and k heads rotated together (in place on CPU)
+            qk = RotaryEmbedding.rotate(qk, *cos_sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]

@@ -38,6 +38,7 @@ def _lib() -> ModuleType:
         raise RuntimeError(_IMPORT_ERROR)
     return _native
 
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -51,15 +52,8 @@ def reason() -> str | None:
 
 
 def supports(query: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether the kernels take this query [*, H, D] against this cache [KV, N, B, D]."""
-    return (
-        _native is not None
-        and query.device.type == "cpu"
-        and query.dtype in _DTYPES
-        and cache.dtype == query.dtype
-        and query.shape[-1] % 16 == 0
-        and query.stride(-1) == 1
-    )
+    """Whether the attention kernels take this query [*, H, D] against this cache [KV, N, B, D]."""
+    return _fusable(query, cache) and query.shape[-1] % 16 == 0
 
 
 def paged_decode_attention(
@@ -129,10 +123,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate).mul_(up)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by cos / sin_signed [T, 1, D] (RotaryEmbedding.cos_sin): in place on
-    CPU (x must be a temporary), a new tensor elsewhere."""
-    if _fusable(x, cos, sin_signed) and x.dim() == 3:
-        _lib().rotary_(x, cos.view(cos.shape[0], -1), sin_signed.view(sin_signed.shape[0], -1))
-        return x
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> bool:
+    """Rotate x [T, heads, D] by cos / sin_signed [T, 1, D] (RotaryEmbedding.cos_sin) in place, in
+    one pass, when the kernels take it (x must be a temporary); False = not done, the caller runs
+    RotaryEmbedding.rotate."""
+    if x.dim() != 3 or not _fusable(x, cos, sin_signed):
+        return False
+    _lib().rotary_(x, cos.view(cos.shape[0], -1), sin_signed.view(sin_signed.shape[0], -1))
+    return True
