@@ -1,15 +1,21 @@
-"""KV block allocator: ref counts, an LRU free list, and a prefix cache keyed by chained hashes.
+"""KV block allocator: ref counts, free blocks, and a prefix cache keyed by chained hashes.
 
 Contract:
-- A block is either referenced (ref_count > 0, in some sequence's block table) or in the free
-  list (ref_count == 0), never both.
-- A free block may still hold a cached prefix (it is in `_hash_to_block`); it is reused in LRU
-  order, and its hash is evicted only when it is handed out for new content.
+- A block is either referenced (ref_count > 0, in some sequence's block table) or free
+  (ref_count == 0), never both.
+- A free block is either empty (it holds no cached prefix) or cached (it is in `_hash_to_block`).
+  New content goes to the lowest-numbered empty block first; a cached block is taken, in LRU
+  order, only when no empty one is left, and its hash is evicted then. So a cached prefix lives as
+  long as the cache has room, and the blocks in use stay at the low end of the cache: the same
+  memory is reused (on CPU the cache is committed lazily, so a node's resident KV memory is the
+  high-water mark of what it held at once, and reused pages are not faulted in again), and a
+  sequence's blocks tend to be consecutive, which attention reads faster than scattered pages.
 - Only full blocks whose K/V are computed are hashed into the prefix cache.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -27,7 +33,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_count = [0] * num_blocks
         self._block_hash: list[bytes | None] = [None] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._empty: list[int] = list(range(num_blocks))  # a min-heap of free blocks without a hash
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, LRU first
         self._hash_to_block: dict[bytes, int] = {}
         self._registered: dict[int, int] = {}  # id(seq) -> blocks of seq already hashed in
         self.prefix_cache_hits = 0  # tokens served from cache at admission
@@ -36,10 +43,10 @@ class BlockManager:
     # ---- queries -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._empty) + len(self._cached_free)
 
     def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
@@ -60,9 +67,9 @@ class BlockManager:
 
     # ---- allocation ----------------------------------------------------------------------
     def can_admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> bool:
-        reused_free = sum(1 for b in cached if b in self._free)
+        reused_free = sum(1 for b in cached if self._ref_count[b] == 0)
         need = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
-        return need <= len(self._free) - reused_free
+        return need <= self.num_free_blocks - reused_free
 
     def admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
         """Attach cached prefix blocks to a waiting seq, then allocate room for its first chunk."""
@@ -70,7 +77,7 @@ class BlockManager:
             raise IntegrityError(f"admit: expected an empty block table; found {len(seq.block_table)}")
         for b in cached:
             if self._ref_count[b] == 0:
-                self._free.pop(b)
+                self._cached_free.pop(b)  # found by its hash, so a cached block
             self._ref_count[b] += 1
         seq.block_table.extend(cached)
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
@@ -83,17 +90,19 @@ class BlockManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow seq's block table to hold num_computed + num_new tokens; False if out of blocks."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if need > len(self._free):
+        if need > self.num_free_blocks:
             return False
         for _ in range(max(need, 0)):
             seq.block_table.append(self._take_free_block())
         return True
 
     def _take_free_block(self) -> int:
-        block, _ = self._free.popitem(last=False)  # least recently freed first
-        old = self._block_hash[block]
-        if old is not None:
-            if self._hash_to_block.get(old) == block:
+        if self._empty:
+            block = heapq.heappop(self._empty)
+        else:  # evict the least recently used cached prefix block
+            block, _ = self._cached_free.popitem(last=False)
+            old = self._block_hash[block]
+            if old is not None and self._hash_to_block.get(old) == block:
                 del self._hash_to_block[old]
             self._block_hash[block] = None
         self._ref_count[block] = 1
@@ -106,9 +115,15 @@ class BlockManager:
             if self._ref_count[b] < 0:
                 raise IntegrityError(f"block {b}: ref count went negative ({self._ref_count[b]})")
             if self._ref_count[b] == 0:
-                self._free[b] = None
+                self._release(b)
         seq.block_table.clear()
         self._registered.pop(id(seq), None)
+
+    def _release(self, block: int) -> None:
+        if self._block_hash[block] is None:
+            heapq.heappush(self._empty, block)
+        else:
+            self._cached_free[block] = None
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish seq's full, computed blocks into the prefix cache."""
@@ -130,6 +145,9 @@ class BlockManager:
         for h, b in list(self._hash_to_block.items()):
             self._block_hash[b] = None
             del self._hash_to_block[h]
+        for b in self._cached_free:
+            heapq.heappush(self._empty, b)
+        self._cached_free.clear()
 
     # ---- integrity -----------------------------------------------------------------------
     def check_integrity(self, seqs: Iterable[Sequence]) -> None:
@@ -149,14 +167,27 @@ class BlockManager:
                 raise IntegrityError(
                     f"block {b}: ref count {self._ref_count[b]}; block tables reference it {expected[b]} times"
                 )
-            if (self._ref_count[b] == 0) != (b in self._free):
+        empty = set(self._empty)
+        if len(empty) != len(self._empty) or not empty.isdisjoint(self._cached_free):
+            raise IntegrityError(
+                f"free lists hold a block twice ({len(self._empty)} empty entries, {len(empty)} distinct; "
+                f"{len(empty.intersection(self._cached_free))} also in the cached list)"
+            )
+        for b in range(self.num_blocks):
+            free = b in empty or b in self._cached_free
+            if (self._ref_count[b] == 0) != free:
+                raise IntegrityError(f"block {b}: ref count {self._ref_count[b]} but in_free_list={free}")
+            if (b in empty and self._block_hash[b] is not None) or (
+                b in self._cached_free and self._block_hash[b] is None
+            ):
                 raise IntegrityError(
-                    f"block {b}: ref count {self._ref_count[b]} but in_free_list={b in self._free}"
+                    f"block {b}: in the {'empty' if b in empty else 'cached'} free list but "
+                    f"{'carries' if b in empty else 'has no'} prefix hash"
                 )
         used = sum(1 for r in self._ref_count if r > 0)
-        if used + len(self._free) != self.num_blocks:
+        if used + self.num_free_blocks != self.num_blocks:
             raise IntegrityError(
-                f"{used} used + {len(self._free)} free blocks != {self.num_blocks} total"
+                f"{used} used + {self.num_free_blocks} free blocks != {self.num_blocks} total"
             )
         for h, b in self._hash_to_block.items():
             if self._block_hash[b] != h:

@@ -126,7 +126,7 @@ class EngineCore:
         logits, sampled = self.runner.execute(out.scheduled)
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-        results = self.sampler(logits, [s.seq for s in sampled]) if sampled else []
+        results = self.sampler(logits, [s.seq for s in sampled], scratch=True) if sampled else []
         touched: list[Sequence] = []
         self.num_generation_tokens += len(results)
         for item, res in zip(sampled, results, strict=True):

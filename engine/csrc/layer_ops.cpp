@@ -12,25 +12,38 @@ namespace {
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)), in transformers' order (x * r rounded to the
 // dtype, then the weight); with `add`, x = residual += add first (the residual stream, in place).
+// Whole vectors of 16, then the row's tail one by one; the sum of squares in two vector
+// accumulators (a scalar running sum cannot be vectorised without -ffast-math).
 template <typename T>
 ENGINE_MULTIVERSION void rms_norm_rows(T* __restrict out, int64_t out_stride, T* __restrict x, int64_t x_stride,
                                        const T* __restrict add, int64_t add_stride, const T* __restrict weight,
-                                       int64_t begin, int64_t end, int64_t H, float eps, float* __restrict row) {
+                                       int64_t begin, int64_t end, int64_t H, float eps) {
+  const int64_t full = H / kLanes * kLanes;
   for (int64_t t = begin; t < end; ++t) {
     T* xr = x + t * x_stride;
     if (add != nullptr) {
       const T* ar = add + t * add_stride;
-      for (int64_t i = 0; i < H; ++i) xr[i] = static_cast<T>(to_float(xr[i]) + to_float(ar[i]));
+      for (int64_t i = 0; i < full; i += kLanes) store16(xr + i, load16(xr + i) + load16(ar + i));
+      for (int64_t i = full; i < H; ++i) xr[i] = static_cast<T>(to_float(xr[i]) + to_float(ar[i]));
     }
-    float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < H; ++i) {
-      row[i] = to_float(xr[i]);
-      ss += row[i] * row[i];
+    v16f ss0 = v16f{}, ss1 = v16f{};
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= full; i += 2 * kLanes) {
+      const v16f a = load16(xr + i), b = load16(xr + i + kLanes);
+      ss0 += a * a;
+      ss1 += b * b;
     }
+    if (i < full) {
+      const v16f a = load16(xr + i);
+      ss0 += a * a;
+    }
+    float ss = hsum(ss0 + ss1);
+    for (int64_t j = full; j < H; ++j) ss += to_float(xr[j]) * to_float(xr[j]);
     const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
     T* o = out + t * out_stride;
-    for (int64_t i = 0; i < H; ++i) o[i] = static_cast<T>(to_float(weight[i]) * to_float(static_cast<T>(row[i] * r)));
+    for (int64_t j = 0; j < full; j += kLanes)
+      store16(o + j, load16(weight + j) * round_as(T{}, load16(xr + j) * r));
+    for (int64_t j = full; j < H; ++j) o[j] = static_cast<T>(to_float(weight[j]) * to_float(static_cast<T>(to_float(xr[j]) * r)));
   }
 }
 
@@ -47,13 +60,9 @@ ENGINE_MULTIVERSION void silu_mul_rows(T* __restrict out, const T* __restrict ga
       const v16f x = load16(g + i);
       const v16f ax = x < 0.0f ? -x : x;
       const v16f e = exp_nonpositive(-ax);  // e^-|x|: sigmoid without overflow either side
-      const v16f sig = x < 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
-      const v16f r = x * sig * load16(u + i);
-      if constexpr (std::is_same_v<T, float>) {
-        store16(reinterpret_cast<float*>(o) + i, r);
-      } else {
-        for (int j = 0; j < kLanes; ++j) o[i + j] = static_cast<T>(r[j]);
-      }
+      const v16f d = 1.0f / (1.0f + e);     // one division: sigmoid(|x|)
+      const v16f sig = x < 0.0f ? e * d : d;
+      store16(o + i, round_as(T{}, x * sig) * load16(u + i));  // silu(gate) in T, then * up, as torch
     }
     for (int64_t i = full; i < I; ++i) {
       const float x = to_float(g[i]);
@@ -105,11 +114,10 @@ void rms_norm(torch::Tensor out, torch::Tensor x, c10::optional<torch::Tensor> a
     const scalar_t* a = add.has_value() ? static_cast<const scalar_t*>(add->data_ptr()) : nullptr;
     const int64_t a_stride = add.has_value() ? add->stride(0) : 0;
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(H);
       rms_norm_rows<scalar_t>(static_cast<scalar_t*>(out.data_ptr()), out.stride(0),
                               static_cast<scalar_t*>(x.data_ptr()), x.stride(0), a, a_stride,
                               static_cast<const scalar_t*>(weight.data_ptr()), begin, end, H,
-                              static_cast<float>(eps), row.data());
+                              static_cast<float>(eps));
     });
   });
 }

@@ -49,6 +49,19 @@ ENGINE_INLINE v16f load16(const c10::BFloat16* p) {  // bf16 is the top half of 
   return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u) << 16);
 }
 ENGINE_INLINE void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+// float -> bf16 bits, rounded to nearest even like c10::BFloat16 (NaN stays a quiet NaN)
+ENGINE_INLINE v16u bf16_bits(v16f v) {
+  const v16u u = reinterpret_cast<v16u>(v);
+  const v16u rounded = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+  return v != v ? v16u{} + 0x7fc0u : rounded;
+}
+ENGINE_INLINE void store16(c10::BFloat16* p, v16f v) {
+  const v16h h = __builtin_convertvector(bf16_bits(v), v16h);
+  std::memcpy(p, &h, sizeof(h));
+}
+// v rounded to T's precision and back (what storing to T and loading again gives)
+ENGINE_INLINE v16f round_as(float, v16f v) { return v; }
+ENGINE_INLINE v16f round_as(c10::BFloat16, v16f v) { return reinterpret_cast<v16f>(bf16_bits(v) << 16); }
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 ENGINE_INLINE float hsum(v16f v) {  // by halves: 3 vector adds and 3 scalar ones

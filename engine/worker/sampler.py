@@ -54,11 +54,14 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        """logits: float32 [S, V], one row per sequence that samples this step (not modified)."""
+    @torch.inference_mode()  # the engine's logits are inference tensors; nothing here needs autograd
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], *, scratch: bool = False) -> list[SampleResult]:
+        """logits: float32 [S, V], one row per sequence that samples this step. They are not
+        modified unless `scratch` says the caller has no further use for them (the engine's step
+        does so: penalties and bans are then applied in place instead of on a copy)."""
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = self._constrain(logits, seqs)
+        logits = self._constrain(logits, seqs, in_place=scratch)
         tokens = logits.argmax(dim=-1)  # greedy for every row; random rows overwritten below
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
@@ -87,8 +90,8 @@ class Sampler:
             results.append(SampleResult(token_list[i], lp))
         return results
 
-    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Penalties and min_tokens bans, on a copy made only when some row needs one."""
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], in_place: bool) -> torch.Tensor:
+        """Penalties and min_tokens bans; unless in_place, on a copy made only when some row needs one."""
         ban_rows: list[int] = []
         ban_cols: list[int] = []
         penalised: list[int] = []
@@ -104,7 +107,8 @@ class Sampler:
                 ban_cols += banned
         if not penalised and not ban_rows:
             return logits
-        logits = logits.clone()
+        if not in_place:
+            logits = logits.clone()
         for i in penalised:
             _apply_penalties(logits[i], seqs[i])
         if ban_rows:

@@ -92,3 +92,53 @@ def test_cannot_admit_beyond_capacity() -> None:
     seq = make_seq("a", list(range(9)))
     assert not bm.can_admit(seq, [], 9)
     assert bm.can_admit(seq, [], 8)
+
+
+def test_empty_blocks_are_taken_lowest_first_before_any_cached_prefix_is_evicted() -> None:
+    bm = BlockManager(8, BS)
+    a = make_seq("a", list(range(10)))  # blocks 0, 1 full (cached once computed), 2 partial
+    assert _admit(bm, a) == [] and a.block_table == [0, 1, 2]
+    b = make_seq("b", [100 + i for i in range(5)])
+    _admit(bm, b)
+    assert b.block_table == [3, 4]
+    bm.free(a)  # 0, 1 keep a's prefix (cached); 2 is empty again
+    bm.check_integrity([b])
+    c = make_seq("c", [200 + i for i in range(13)])  # 4 blocks, all new content
+    _admit(bm, c)
+    assert c.block_table == [2, 5, 6, 7]  # the empty ones, lowest id first; the cached ones stay
+    assert bm.find_cached_prefix(make_seq("a2", list(range(10)))) == [0, 1]
+    bm.check_integrity([b, c])
+    bm.free(b)
+    bm.free(c)
+    d = make_seq("d", [300 + i for i in range(3)])
+    _admit(bm, d)
+    # the lowest empty block (b's partial one); the full blocks of b and c keep their prefixes
+    assert d.block_table == [4] and bm.num_free_blocks == 7
+    bm.check_integrity([d])
+
+
+def test_cached_blocks_are_evicted_lru_only_when_no_empty_block_is_left() -> None:
+    bm = BlockManager(4, BS)
+    a, b = make_seq("a", list(range(5))), make_seq("b", [50 + i for i in range(5)])
+    _admit(bm, a)  # [0, 1]: block 0 full
+    _admit(bm, b)  # [2, 3]: block 2 full
+    bm.free(a)
+    bm.free(b)  # cached: 0 (freed first), then 2; empty: 1, 3
+    c = make_seq("c", [90 + i for i in range(12)])  # 3 blocks: both empty ones, then evicts 0
+    _admit(bm, c)
+    assert c.block_table == [1, 3, 0]
+    assert bm.find_cached_prefix(make_seq("a2", list(range(5)))) == []
+    assert bm.find_cached_prefix(make_seq("b2", [50 + i for i in range(5)])) == [2]
+    bm.check_integrity([c])
+
+
+def test_reset_prefix_cache_makes_free_cached_blocks_empty() -> None:
+    bm = BlockManager(4, BS)
+    a = make_seq("a", list(range(9)))
+    _admit(bm, a)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    bm.check_integrity([])
+    c = make_seq("c", [90 + i for i in range(5)])
+    _admit(bm, c)
+    assert c.block_table == [0, 1] and bm.find_cached_prefix(make_seq("a2", list(range(9)))) == []

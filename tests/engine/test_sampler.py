@@ -60,6 +60,17 @@ def test_min_tokens_blocks_eos_and_stop_token_ids() -> None:
     assert _draws(seq, logits, 1) == [0]
 
 
+def test_bans_and_penalties_leave_the_callers_logits_alone_unless_they_are_scratch() -> None:
+    logits = torch.tensor([[10.0, 9.0, 1.0, 0.0]])
+    seq = _seq(temperature=0, min_tokens=2, stop_token_ids=[1], presence_penalty=2.0)
+    seq.output_token_ids.append(2)
+    sampler = Sampler((EOS,))
+    assert sampler(logits, [seq])[0].token_id == 3
+    assert torch.equal(logits, torch.tensor([[10.0, 9.0, 1.0, 0.0]]))  # a copy was constrained
+    assert sampler(logits, [seq], scratch=True)[0].token_id == 3
+    assert torch.equal(logits, torch.tensor([[float("-inf"), float("-inf"), -1.0, 0.0]]))  # in place
+
+
 def test_penalties_push_away_repeats() -> None:
     logits = torch.tensor([0.0, 2.0, 1.9, 0.5])
     seq = _seq(temperature=0, presence_penalty=0.5)
