@@ -53,7 +53,8 @@ ENGINE_INLINE void page_accumulate(const float* __restrict w, const T* __restric
   }
 }
 
-// One (sequence, kv head): the G query rows of that head's group over its L context tokens,
+// One (sequence, kv head), any D (a multiple of 16) and G, in two passes (scores, then the
+// weighted sum of V): the G query rows of that head's group over its L context tokens,
 // page by page (a page is B contiguous rows of D, read once for all G rows while it is in L1).
 // Scratch: scores G * L floats, qf and acc G * D floats. D is a multiple of 16.
 template <typename T, int kD>
@@ -110,6 +111,103 @@ ENGINE_MULTIVERSION void decode_one(
     for (int64_t d = 0; d < D; ++d) out[g * out_row_stride + d] = static_cast<T>(acc[g * D + d]);
 }
 
+// One (sequence, kv head) in a single pass with an online softmax, for the common shapes (D of
+// 64 or 128, G <= 4 query heads per kv head): each page 16 rows at a time; each K row is loaded once for all G queries and each V row once for all G
+// accumulators, which stay in registers with the queries. Per 16 rows: the 16 scores of each
+// query at once (transposed reduction), the running max, the correction of what was summed so
+// far, exp. Where a page does not follow its predecessor in memory (scattered blocks), its first
+// line is prefetched two pages ahead: the address translation and the hardware prefetcher's stream
+// start early (measured 1.2x over a cold cache of shuffled pages); consecutive pages need nothing
+// (prefetching them measured slower).
+template <typename T, int kD, int kG>
+ENGINE_MULTIVERSION void decode_online(
+    const T* __restrict query, int64_t q_row_stride, const T* __restrict key_head, const T* __restrict value_head,
+    const int32_t* __restrict table, int64_t L, int64_t B, float scale, T* __restrict out, int64_t out_row_stride) {
+  constexpr int kV = kD / kLanes;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  v16f q[kG][kV], acc[kG][kV];
+  float m[kG], l[kG];
+  for (int g = 0; g < kG; ++g) {
+    for (int j = 0; j < kV; ++j) {
+      q[g][j] = load16(query + g * q_row_stride + j * kLanes) * scale;
+      acc[g][j] = v16f{};
+    }
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+  }
+  const int64_t page_elems = B * kD;
+  const int64_t num_pages = (L + B - 1) / B;
+  alignas(64) float w[kG][kLanes];
+  for (int64_t p = 0; p < num_pages; ++p) {
+    const T* kp = key_head + static_cast<int64_t>(table[p]) * page_elems;
+    const T* vp = value_head + static_cast<int64_t>(table[p]) * page_elems;
+    if (p + 2 < num_pages && table[p + 2] != table[p + 1] + 1) {  // two pages ahead, if scattered
+      __builtin_prefetch(key_head + static_cast<int64_t>(table[p + 2]) * page_elems);
+      __builtin_prefetch(value_head + static_cast<int64_t>(table[p + 2]) * page_elems);
+    }
+    const int64_t n = std::min(B, L - p * B);
+    for (int64_t t0 = 0; t0 < n; t0 += kLanes) {  // 16 rows at a time (fewer at the page's end)
+      const int64_t rows = std::min<int64_t>(kLanes, n - t0);
+      v16f part[kG][kLanes];
+      for (int64_t i = 0; i < kLanes; ++i) {
+        if (i < rows) {
+          const T* kr = kp + (t0 + i) * kD;
+          v16f k[kV];
+          for (int j = 0; j < kV; ++j) k[j] = load16(kr + j * kLanes);
+          for (int g = 0; g < kG; ++g) {
+            v16f a = q[g][0] * k[0];
+            for (int j = 1; j < kV; ++j) a += q[g][j] * k[j];
+            part[g][i] = a;
+          }
+        } else {
+          for (int g = 0; g < kG; ++g) part[g][i] = v16f{};
+        }
+      }
+      for (int g = 0; g < kG; ++g) {
+        v16f sc = hsum16(part[g]);
+        if (rows < kLanes)
+          for (int64_t i = rows; i < kLanes; ++i) sc[i] = kNegInf;
+        const float mx = std::max(m[g], hmax(sc));
+        const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mx);
+        const v16f e = exp_nonpositive(sc - mx);  // e^-inf = 0 for the rows past the end
+        l[g] = l[g] * corr + hsum(e);
+        m[g] = mx;
+        for (int j = 0; j < kV; ++j) acc[g][j] *= corr;
+        store16(w[g], e);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* vr = vp + (t0 + i) * kD;
+        v16f v[kV];
+        for (int j = 0; j < kV; ++j) v[j] = load16(vr + j * kLanes);
+        for (int g = 0; g < kG; ++g)
+          for (int j = 0; j < kV; ++j) acc[g][j] += w[g][i] * v[j];
+      }
+    }
+  }
+  for (int g = 0; g < kG; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int j = 0; j < kV; ++j) store16(out + g * out_row_stride + j * kLanes, acc[g][j] * inv);
+  }
+}
+
+// The single-pass kernel for this (D, G), or nullptr (then decode_one serves).
+template <typename T>
+using OnlineFn = void (*)(const T*, int64_t, const T*, const T*, const int32_t*, int64_t, int64_t, float, T*, int64_t);
+template <typename T, int kD>
+OnlineFn<T> online_for_group(int64_t G) {
+  switch (G) {
+    case 1: return &decode_online<T, kD, 1>;
+    case 2: return &decode_online<T, kD, 2>;
+    case 3: return &decode_online<T, kD, 3>;
+    case 4: return &decode_online<T, kD, 4>;
+    default: return nullptr;
+  }
+}
+template <typename T>
+OnlineFn<T> online_kernel(int64_t D, int64_t G) {
+  return D == 64 ? online_for_group<T, 64>(G) : D == 128 ? online_for_group<T, 128>(G) : nullptr;
+}
+
 }  // namespace
 
 // out [S, H, D] (written), query [S, H, D] (rows may be strided, last dim contiguous).
@@ -151,7 +249,16 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
     const scalar_t* kc = static_cast<const scalar_t*>(key_cache.data_ptr());
     const scalar_t* vc = static_cast<const scalar_t*>(value_cache.data_ptr());
     scalar_t* o = static_cast<scalar_t*>(out.data_ptr());
+    const OnlineFn<scalar_t> online = online_kernel<scalar_t>(D, G);
     at::parallel_for(0, S * KV, 1, [&](int64_t begin, int64_t end) {
+      if (online != nullptr) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t s = i / KV, h = i % KV;
+          online(q + s * q_seq + h * G * q_head, q_head, kc + h * N * B * D, vc + h * N * B * D, tables + s * M,
+                 lens[s], B, static_cast<float>(scale), o + (s * H + h * G) * D, D);
+        }
+        return;
+      }
       std::vector<float> scores(G * max_len), qf(G * D), acc(G * D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = i / KV, h = i % KV;

@@ -70,6 +70,14 @@ ENGINE_INLINE float hsum(v16f v) {  // by halves: 3 vector adds and 3 scalar one
   const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
+ENGINE_INLINE float hmax(v16f v) {
+  const v8f a0 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f a1 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f a = a0 > a1 ? a0 : a1;
+  const v4f b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4f b = b0 > b1 ? b0 : b1;
+  return std::max(std::max(b[0], b[1]), std::max(b[2], b[3]));
+}
 ENGINE_INLINE float to_float(float x) { return x; }
 ENGINE_INLINE float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 

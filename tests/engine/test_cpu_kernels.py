@@ -43,6 +43,10 @@ def test_the_kernels_are_built() -> None:
         (4, 8, 2, 128, [3, 64, 1, 31]),  # Llama-3-8B's head size, GQA 4
         (1, 4, 4, 16, [1, 2, 9]),  # MHA, one token per page
         (32, 32, 8, 128, [1000, 33]),  # a long context
+        (16, 2, 2, 64, [40, 16, 1]),  # G = 1 ...
+        (8, 4, 2, 64, [23, 9]),  # ... and 2 on the single-pass kernel
+        (16, 14, 2, 64, [37, 120]),  # G = 7: the two-pass kernel
+        (8, 6, 2, 32, [5, 70]),  # a head size without a specialised kernel
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
