@@ -96,10 +96,10 @@ class TorchAttentionBackend:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The CPU path with the compiled kernels: new K/V are copied into their slots, and all decodes
-    of a step attend over their pages in place in one call (no gather, no length buckets, no
-    padding). Prefill chunks use the reference (fresh prompts attend to their own K/V with fused
-    SDPA, no gather). A dtype or head size the kernels do not take runs the reference instead.
+    """The CPU path with the compiled kernels: new K/V are copied into their slots, then all decodes
+    of a step attend over their pages in place in one call, and all prefill chunks (fresh prompts,
+    or chunks over a cached prefix) in another: no gather, no length buckets, no padding. A dtype
+    or head size the kernels do not take runs the reference instead.
     """
 
     name = "cpu"
@@ -122,18 +122,17 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if not (cpu_native.supports(query, key_cache) and key.dtype == value.dtype == key_cache.dtype):
             return super().forward(query, key, value, key_cache, value_cache, meta, scale)
         cpu_native.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype)
         nd = meta.num_decode_tokens
-        decoded = None
         if nd:
-            decoded = cpu_native.paged_decode_attention(
-                query[:nd], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+            cpu_native.paged_decode_attention(
+                query[:nd], key_cache, value_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, out=out[:nd]
             )
-            if not meta.num_prefills:
-                return decoded
-        out = torch.empty_like(query)
-        if decoded is not None:
-            out[:nd] = decoded
-        out[nd:] = self._prefill(query, key, value, key_cache, value_cache, meta, scale)
+        if meta.num_prefills:
+            cpu_native.paged_prefill_attention(
+                query[nd:], key_cache, value_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+                meta.prefill_seq_lens, scale, out=out[nd:],
+            )
         return out
 
 

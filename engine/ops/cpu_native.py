@@ -1,11 +1,14 @@
 """Compiled CPU kernels (engine/csrc, the extension engine._cpu_kernels, built at install).
 
-- Paged attention (csrc/paged_attention.cpp): decode attention reads every context's pages where
-  they lie; the torch reference must first gather them into a padded batch buffer (read + write
-  of the whole context) and then run SDPA over the padding; this reads each context once,
-  padding-free: about 2x faster than the reference over a cold cache on the bench's decode shapes
-  (64 contexts of 16-320 tokens, SmolLM2's 3 kv heads x 3 query heads x 64). The KV write copies
-  rows with memcpy instead of two `index_copy_` calls.
+- Paged attention (csrc/paged_attention.cpp, csrc/prefill_attention.cpp): decode and prefill
+  attention read every context's pages where they lie; the torch reference must first gather them
+  into a padded batch buffer (read + write of the whole context) and then run SDPA over the
+  padding; these read each context once, padding-free. Decode: about 3x faster than the reference
+  over a cold cache on the bench's decode shapes (64 contexts of 16-320 tokens, SmolLM2's 3 kv
+  heads x 3 query heads x 64). Prefill: tiles of up to 64 query rows against 16 keys at a time
+  with the rows in the vector lanes, faster than torch's fused SDPA on fresh prompts and without
+  the gather on a cached prefix. The KV write copies rows with memcpy instead of two
+  `index_copy_` calls.
 - The decoder layer's element-wise ops (csrc/layer_ops.cpp), each one pass instead of several
   torch ops and temporaries: RMSNorm (optionally after the residual add), SiLU-and-multiply,
   rotary embedding in place. Same formulas and op order as transformers; the results differ from
@@ -63,12 +66,35 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [S, max_blocks] int32
     seq_lens: torch.Tensor,  # [S] int32, context lengths incl. the new token (>= 1)
     scale: float,
+    out: torch.Tensor | None = None,  # [S, H, D] contiguous, written; allocated when None
 ) -> torch.Tensor:
     """Same contract as reference.paged_decode_attention (no padding, no plan). Returns [S, H, D]."""
-    out = torch.empty(query.shape, dtype=query.dtype)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
     _lib().paged_decode_attention(
         out, query, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(), scale,
+    )
+    return out
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [Tp, H, D] the new tokens of all prefill chunks, concatenated
+    key_cache: torch.Tensor,  # [KV, N, B, D], the chunks' own K/V already written
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [P, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [P + 1] int32 offsets into query
+    seq_lens: torch.Tensor,  # [P] int32 context lengths after each chunk
+    scale: float,
+    out: torch.Tensor | None = None,  # [Tp, H, D] (rows may be strided), written; allocated when None
+) -> torch.Tensor:
+    """Same contract as reference.paged_prefill_attention: causal attention of each chunk over its
+    cached prefix and itself, read from the cache pages in place. Returns [Tp, H, D]."""
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
+    _lib().paged_prefill_attention(
+        out, query, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
+        query_start_loc.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous(), scale,
     )
     return out
 

@@ -64,6 +64,53 @@ def test_decode_matches_reference(block_size, heads, kv, dim, lens, dtype) -> No
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    ("block_size", "heads", "kv", "dim", "chunks"),
+    [  # chunks: (context length after the chunk, new tokens in it) per sequence
+        (16, 9, 3, 64, [(200, 200), (17, 17), (1, 1), (90, 30), (300, 5)]),  # SmolLM2: 21-token tiles
+        (16, 8, 8, 64, [(130, 130), (70, 64), (65, 1)]),  # MHA: 64-token tiles
+        (4, 32, 8, 128, [(50, 50), (37, 12)]),  # Llama-3-8B's heads, GQA 4, small pages
+        (1, 14, 2, 64, [(40, 40), (23, 9)]),  # G = 7 (63-row tiles), one token per page
+        (32, 16, 2, 16, [(100, 77), (33, 33)]),  # G = 8, a small head size, long pages
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_matches_reference(block_size, heads, kv, dim, chunks, dtype) -> None:  # type: ignore[no-untyped-def]
+    lens = [ctx for ctx, _ in chunks]
+    kc, vc, bt = _paged(lens, block_size, kv, dim, dtype, seed=4)
+    starts = [0]
+    for _, new in chunks:
+        starts.append(starts[-1] + new)
+    base = torch.randn(starts[-1], heads + 2, dim).to(dtype)
+    q = base[:, 2:]  # strided rows
+    out = torch.full((starts[-1], heads, dim), float("nan"), dtype=dtype)  # poisoned
+    cpu_native._native.paged_prefill_attention(
+        out, q, kc, vc, bt, torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), 0.125
+    )
+    ref = reference.paged_prefill_attention(q.float(), kc.float(), vc.float(), bt, starts, lens, 0.125)
+    assert not out.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def test_prefill_bad_input_is_a_clear_error() -> None:
+    kc, vc, bt = _paged([5, 9], 4, 2, 16, torch.float32)
+    q, out = torch.randn(6, 4, 16), torch.empty(6, 4, 16)
+    starts, lens = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32)
+    run = cpu_native._native.paged_prefill_attention
+    run(out, q, kc, vc, bt, starts, lens, 1.0)  # valid
+    with pytest.raises(RuntimeError, match="block id is outside the cache"):
+        run(out, q, kc, vc, torch.full_like(bt, 10_000), starts, lens, 1.0)
+    with pytest.raises(RuntimeError, match="chunk is longer than its context"):
+        run(out, q, kc, vc, bt, starts, torch.tensor([1, 9], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="from 0 to the number of query tokens"):
+        run(out, q, kc, vc, bt, torch.tensor([0, 2, 5], dtype=torch.int32), lens, 1.0)
+    with pytest.raises(RuntimeError, match=r"context length is outside \[1, pages \* block_size\]"):
+        run(out, q, kc, vc, bt, starts, torch.tensor([5, 90], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match=r"query_start_loc must be a contiguous \[P \+ 1\] int32"):
+        run(out, q, kc, vc, bt, starts[:2], lens, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_kv_matches_reference(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
