@@ -14,6 +14,7 @@ void rms_norm(torch::Tensor out, torch::Tensor x, c10::optional<torch::Tensor> a
               double eps);
 void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin_signed);
+void argmax_rows(torch::Tensor out, torch::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CPU kernels over the paged KV cache (see engine/ops/cpu_native.py)";
@@ -24,4 +25,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after adding into them in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate_up projection");
   m.def("rotary_", &rotary_, "rotary embedding in place");
+  m.def("argmax_rows", &argmax_rows, "index of each row's first maximum (NaN counts as the maximum)");
 }

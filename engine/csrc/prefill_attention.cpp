@@ -51,12 +51,15 @@ ENGINE_MULTIVERSION void prefill_tile(
   float* __restrict acc = scratch.acc.data();
   float* __restrict probs = scratch.probs.data();
   alignas(64) float rescale[kMaxRows];  // per row: e^(old max - new max) for what was summed so far
-  for (int64_t r = 0; r < kRows; ++r) {  // one query row at a time into a column of qt
-    if (r < R) {
-      const T* src = query + (r / G) * q_tok_stride + (r % G) * q_head_stride;
-      for (int64_t d = 0; d < D; ++d) qt[d * kMaxRows + r] = to_float(src[d]) * scale;
-    } else {
-      for (int64_t d = 0; d < D; ++d) qt[d * kMaxRows + r] = 0.0f;
+  for (int64_t r0 = 0; r0 < kRows; r0 += kLanes) {  // 16 query rows x 16 dims at a time, transposed
+    const T* src[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i)
+      src[i] = r0 + i < R ? query + ((r0 + i) / G) * q_tok_stride + ((r0 + i) % G) * q_head_stride : nullptr;
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+      v16f block[kLanes];
+      for (int64_t i = 0; i < kLanes; ++i) block[i] = src[i] != nullptr ? load16(src[i] + d0) * scale : v16f{};
+      transpose16(block);
+      for (int64_t j = 0; j < kLanes; ++j) store16(qt + (d0 + j) * kMaxRows + r0, block[j]);
     }
   }
   for (int64_t i = 0; i < kRows * D; ++i) acc[i] = 0.0f;

@@ -115,6 +115,39 @@ ENGINE_INLINE v16f hsum16(v16f* v) {
   return v[0];
 }
 
+// In-place transpose of a 16 x 16 block held as 16 row vectors: four rounds, each swapping one bit
+// of the row index with the same bit of the column index (64 two-source shuffles).
+ENGINE_INLINE void transpose_round8(v16f& a, v16f& b) {
+  const v16f x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  b = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  a = x;
+}
+ENGINE_INLINE void transpose_round4(v16f& a, v16f& b) {
+  const v16f x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  b = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  a = x;
+}
+ENGINE_INLINE void transpose_round2(v16f& a, v16f& b) {
+  const v16f x = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  b = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  a = x;
+}
+ENGINE_INLINE void transpose_round1(v16f& a, v16f& b) {
+  const v16f x = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  b = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  a = x;
+}
+ENGINE_INLINE void transpose16(v16f* v) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 8)) transpose_round8(v[i], v[i + 8]);
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 4)) transpose_round4(v[i], v[i + 4]);
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 2)) transpose_round2(v[i], v[i + 2]);
+  for (int i = 0; i < 16; ++i)
+    if (!(i & 1)) transpose_round1(v[i], v[i + 1]);
+}
+
 ENGINE_INLINE void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "engine._cpu_kernels: ", what); }
 
 // Runs run(float{}) or run(c10::BFloat16{}) by t's dtype; anything else is refused.

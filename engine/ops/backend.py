@@ -99,7 +99,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     """The CPU path with the compiled kernels: new K/V are copied into their slots, then all decodes
     of a step attend over their pages in place in one call, and all prefill chunks (fresh prompts,
     or chunks over a cached prefix) in another: no gather, no length buckets, no padding. A dtype
-    or head size the kernels do not take runs the reference instead.
+    or head size the kernels do not take runs the reference instead. The returned tensor is reused
+    by the next call (consume it first, as the model's output projection does).
     """
 
     name = "cpu"
@@ -122,7 +123,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if not (cpu_native.supports(query, key_cache) and key.dtype == value.dtype == key_cache.dtype):
             return super().forward(query, key, value, key_cache, value_cache, meta, scale)
         cpu_native.write_kv_cache(key, value, key_cache, value_cache, meta.slot_mapping)
-        out = torch.empty(query.shape, dtype=query.dtype)
+        # One buffer for every layer's output (a fresh multi-MB tensor per prefill layer costs page
+        # faults): the caller's output projection consumes it before the next layer's attention.
+        out = self.workspace.take(2, query.numel(), query).view(query.shape)
         nd = meta.num_decode_tokens
         if nd:
             cpu_native.paged_decode_attention(

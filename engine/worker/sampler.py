@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.core.sequence import Sequence
+from engine.ops import cpu_native
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Sampler:
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self._constrain(logits, seqs, in_place=scratch)
-        tokens = logits.argmax(dim=-1)  # greedy for every row; random rows overwritten below
+        tokens = cpu_native.argmax(logits)  # greedy for every row; random rows overwritten below
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             sub_seqs = [seqs[i] for i in rows]

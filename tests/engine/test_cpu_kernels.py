@@ -242,3 +242,18 @@ def test_fused_ops_fall_back_to_torch_for_other_dtypes_and_refuse_bad_shapes() -
         cpu_native._native.silu_and_mul(torch.empty(3, 5), torch.randn(3, 8))
     with pytest.raises(RuntimeError, match=r"cos and sin must be contiguous \[T, D\]"):
         cpu_native._native.rotary_(torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("vocab", [49152, 37, 5, 1])
+def test_argmax_matches_torch_including_ties_nan_and_banned_rows(vocab: int) -> None:
+    torch.manual_seed(5)
+    wide = torch.randn(7, vocab + 3)
+    logits = wide[:, 1 : vocab + 1]  # strided rows
+    logits[1] = torch.randint(0, 3, (vocab,)).float()  # many ties: the first maximum wins
+    logits[2] = float("-inf")  # every token banned
+    logits[3, vocab // 2] = float("nan")  # a NaN counts as the maximum
+    logits[4, -1] = float("nan")  # ... in the tail too
+    logits[4, 0] = float("nan")  # ... and the first NaN is the answer
+    logits[5, -1] = 1e30  # the maximum in the tail
+    assert torch.equal(cpu_native.argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(cpu_native.argmax(logits.double()), logits.double().argmax(dim=-1))  # torch's path
