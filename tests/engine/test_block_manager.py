@@ -142,3 +142,62 @@ def test_reset_prefix_cache_makes_free_cached_blocks_empty() -> None:
     c = make_seq("c", [90 + i for i in range(5)])
     _admit(bm, c)
     assert c.block_table == [0, 1] and bm.find_cached_prefix(make_seq("a2", list(range(9)))) == []
+
+
+def _grow(bm: BlockManager, seq, tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """Decode `tokens` more tokens into seq (output ids appended, blocks allocated as it goes)."""
+    for _ in range(tokens):
+        assert bm.allocate_slots(seq, 1)
+        seq.num_computed_tokens += 1
+        seq.output_token_ids.append(7)
+
+
+def test_a_sequence_grows_into_blocks_reserved_next_to_its_prompt() -> None:
+    bm = BlockManager(16, BS)
+    a = make_seq("a", list(range(5)), max_total_tokens=13)  # 2 prompt blocks, 4 in all
+    b = make_seq("b", [50 + i for i in range(5)], max_total_tokens=9)  # 2 prompt blocks, 3 in all
+    _admit(bm, a)
+    _admit(bm, b)
+    assert a.block_table == [0, 1] and b.block_table == [4, 5]  # 2, 3 are held for a; 6 for b
+    bm.check_integrity([a, b])
+    assert bm.num_free_blocks == 12  # reservations count as free
+    _grow(bm, a, 8)
+    _grow(bm, b, 4)
+    assert a.block_table == [0, 1, 2, 3] and b.block_table == [4, 5, 6]  # each one consecutive
+    bm.check_integrity([a, b])
+    c = make_seq("c", [90 + i for i in range(3)])
+    _admit(bm, c)
+    assert c.block_table == [7]
+
+
+def test_reservations_are_soft_and_released_with_their_sequence() -> None:
+    bm = BlockManager(6, BS)
+    a = make_seq("a", list(range(5)), max_total_tokens=16)  # 2 blocks now, 2 more held for it
+    _admit(bm, a)
+    b = make_seq("b", [50 + i for i in range(12)])  # 3 blocks: no run of 3 is unreserved
+    assert bm.can_admit(b, [], 12)  # reserved blocks count as free
+    _admit(bm, b)
+    assert b.block_table == [4, 5, 2]  # the empty ones, then the lowest reserved one
+    bm.check_integrity([a, b])
+    _grow(bm, a, 4)  # a's next reserved block was taken: it grows into the one after
+    assert a.block_table == [0, 1, 3]
+    bm.free(b)
+    bm.free(a)
+    bm.check_integrity([])
+    assert bm.num_free_blocks == 6
+
+
+def test_growth_reservation_is_capped_and_freed_when_the_sequence_ends() -> None:
+    from engine.core.block_manager import GROWTH_BLOCKS
+
+    bm = BlockManager(200, BS)
+    a = make_seq("a", list(range(8)), max_total_tokens=10_000)
+    _admit(bm, a)
+    b = make_seq("b", [50 + i for i in range(4)])
+    _admit(bm, b)
+    assert b.block_table == [2 + GROWTH_BLOCKS]  # right after a's prompt and its capped reservation
+    bm.free(a)
+    c = make_seq("c", [90 + i for i in range(4)])
+    _admit(bm, c)
+    assert c.block_table == [2]  # a's reservation is free again (its full prompt blocks stay cached)
+    bm.check_integrity([b, c])
