@@ -7,8 +7,8 @@
 // sequence's chunk in query); seq_lens [P] int32 (context length after the chunk).
 //
 // Work item: one sequence, one kv head, a tile of up to 64 query rows (64 / G tokens x the G query
-// heads of that kv head; compiled for 16, 32, 48 and 64 row lanes). Scores are computed transposed, S^T[key][row], with the tile's rows in
-// the vector lanes: every key's score for 16 rows is 64 FMAs over the head dim (a broadcast K
+// heads of that kv head; compiled for 16, 32, 48 and 64 row lanes). Scores are computed transposed,
+// S^T[key][row], with the tile's rows in the vector lanes: every key's score for 16 rows is 64 FMAs over the head dim (a broadcast K
 // element times a row of the transposed queries), the online softmax per row is element-wise
 // across the 16 keys of a step (no horizontal reductions), and the weighted V sum takes each row's
 // probability as a broadcast against whole V rows. Keys come 16 at a time, page by page.
@@ -21,9 +21,8 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 64;             // query rows per tile
-constexpr int64_t kRowVecs = kMaxRows / kLanes;  // 4 vectors of 16 rows
-constexpr int64_t kKeys = kLanes;            // keys per step
+constexpr int64_t kMaxRows = 64;  // query rows per tile
+constexpr int64_t kKeys = kLanes;  // keys per step
 
 struct PrefillScratch {
   std::vector<float> qt;     // [D][kMaxRows] scaled queries, transposed
