@@ -214,34 +214,14 @@ OnlineFn<T> online_kernel(int64_t D, int64_t G) {
 void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache,
                             torch::Tensor value_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                             double scale) {
-  check(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [S, H, D] of one shape");
-  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
-  check(key_cache.is_contiguous() && value_cache.is_contiguous() && out.is_contiguous(), "caches and out must be contiguous");
-  check(query.stride(2) == 1, "query's last dimension must be contiguous");
-  check(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type() &&
-            value_cache.scalar_type() == query.scalar_type(),
-        "query, caches and out must share one dtype");
-  check(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
-        "block_tables must be a contiguous [S, M] int32 tensor");
-  check(seq_lens.scalar_type() == torch::kInt32 && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-        "seq_lens must be a contiguous [S] int32 tensor");
+  check_paged_attention(query, out, key_cache, value_cache, block_tables, seq_lens);
+  check(out.is_contiguous() && block_tables.size(0) == query.size(0), "out must be contiguous, one row per sequence");
   const int64_t S = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t KV = key_cache.size(0), N = key_cache.size(1), B = key_cache.size(2);
-  check(key_cache.size(3) == D, "cache head_dim differs from the query's");
-  check(D % kLanes == 0, "head_dim must be a multiple of 16");
-  check(KV > 0 && H % KV == 0, "query heads must be a multiple of kv heads");
-  check(block_tables.size(0) == S && seq_lens.size(0) == S, "one block table and one length per sequence");
   const int64_t G = H / KV, M = block_tables.size(1);
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  int64_t max_len = 1;
-  for (int64_t s = 0; s < S; ++s) {
-    check(lens[s] >= 1 && lens[s] <= M * B, "a context length is outside [1, pages * block_size]");
-    max_len = std::max<int64_t>(max_len, lens[s]);
-  }
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t p = 0; p < (lens[s] + B - 1) / B; ++p)
-      check(tables[s * M + p] >= 0 && tables[s * M + p] < N, "a block id is outside the cache");
+  const int64_t max_len = S > 0 ? *std::max_element(lens, lens + S) : 1;
   const int64_t q_seq = query.stride(0), q_head = query.stride(1);
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -271,12 +251,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
       }
     });
   };
-  if (query.scalar_type() == torch::kFloat32) {
-    run(float{});
-  } else {
-    check(query.scalar_type() == torch::kBFloat16, "dtype must be float32 or bfloat16");
-    run(c10::BFloat16{});
-  }
+  dispatch(query, run);
 }
 
 // key/value [T, KV, D] (strided rows, last dim contiguous) -> cache[h, slot // B, slot % B, :].

@@ -169,27 +169,14 @@ TileFn<T> tile_for_rows(int64_t rows) {
 void paged_prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache,
                              torch::Tensor value_cache, torch::Tensor block_tables, torch::Tensor query_start_loc,
                              torch::Tensor seq_lens, double scale) {
-  check(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [T, H, D] of one shape");
-  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
-  check(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
-  check(query.stride(2) == 1 && out.stride(2) == 1, "query's and out's last dimension must be contiguous");
-  check(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type() &&
-            value_cache.scalar_type() == query.scalar_type(),
-        "query, caches and out must share one dtype");
-  check(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
-        "block_tables must be a contiguous [P, M] int32 tensor");
-  check(seq_lens.scalar_type() == torch::kInt32 && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-        "seq_lens must be a contiguous [P] int32 tensor");
+  check_paged_attention(query, out, key_cache, value_cache, block_tables, seq_lens);
   check(query_start_loc.scalar_type() == torch::kInt32 && query_start_loc.dim() == 1 &&
             query_start_loc.is_contiguous() && query_start_loc.size(0) == seq_lens.size(0) + 1,
         "query_start_loc must be a contiguous [P + 1] int32 tensor");
   const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t KV = key_cache.size(0), N = key_cache.size(1), B = key_cache.size(2);
   const int64_t P = seq_lens.size(0), M = block_tables.size(1);
-  check(key_cache.size(3) == D, "cache head_dim differs from the query's");
-  check(D % kLanes == 0, "head_dim must be a multiple of 16");
-  check(KV > 0 && H % KV == 0 && H / KV <= kMaxRows, "query heads must be a multiple (at most 64x) of kv heads");
-  check(block_tables.size(0) == P, "one block table per sequence");
+  check(H / KV <= kMaxRows, "at most 64 query heads per kv head");
   const int64_t G = H / KV;
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -200,9 +187,6 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor query, torch::Tens
   for (int64_t s = 0; s < P; ++s) {
     const int64_t n_new = starts[s + 1] - starts[s];
     check(n_new >= 0 && n_new <= lens[s], "a chunk is longer than its context, or query_start_loc decreases");
-    check(lens[s] <= M * B, "a context length is outside [1, pages * block_size]");
-    for (int64_t p = 0; p < (lens[s] + B - 1) / B; ++p)
-      check(tables[s * M + p] >= 0 && tables[s * M + p] < N, "a block id is outside the cache");
     for (int64_t j = 0; j < n_new; j += tile_tokens) {
       items.push_back(s);
       items.push_back(j);

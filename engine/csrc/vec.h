@@ -16,6 +16,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && !defined(ENGINE_NO_CLONES)
@@ -117,35 +118,22 @@ ENGINE_INLINE v16f hsum16(v16f* v) {
 
 // In-place transpose of a 16 x 16 block held as 16 row vectors: four rounds, each swapping one bit
 // of the row index with the same bit of the column index (64 two-source shuffles).
-ENGINE_INLINE void transpose_round8(v16f& a, v16f& b) {
-  const v16f x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-  b = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+template <int K, size_t... I>
+ENGINE_INLINE void transpose_round(v16f& a, v16f& b, std::index_sequence<I...>) {
+  const v16f x = __builtin_shufflevector(a, b, ((I & K) ? 16 + I - K : I)...);
+  b = __builtin_shufflevector(a, b, ((I & K) ? 16 + I : I + K)...);
   a = x;
 }
-ENGINE_INLINE void transpose_round4(v16f& a, v16f& b) {
-  const v16f x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-  b = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  a = x;
-}
-ENGINE_INLINE void transpose_round2(v16f& a, v16f& b) {
-  const v16f x = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-  b = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  a = x;
-}
-ENGINE_INLINE void transpose_round1(v16f& a, v16f& b) {
-  const v16f x = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  b = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  a = x;
+template <int K>
+ENGINE_INLINE void transpose_rounds(v16f* v) {  // pairs of rows K apart exchange their K-wide halves
+  for (int i = 0; i < 16; ++i)
+    if (!(i & K)) transpose_round<K>(v[i], v[i + K], std::make_index_sequence<16>{});
 }
 ENGINE_INLINE void transpose16(v16f* v) {
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 8)) transpose_round8(v[i], v[i + 8]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 4)) transpose_round4(v[i], v[i + 4]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 2)) transpose_round2(v[i], v[i + 2]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 1)) transpose_round1(v[i], v[i + 1]);
+  transpose_rounds<8>(v);
+  transpose_rounds<4>(v);
+  transpose_rounds<2>(v);
+  transpose_rounds<1>(v);
 }
 
 ENGINE_INLINE void check(bool ok, const std::string& what) { TORCH_CHECK(ok, "engine._cpu_kernels: ", what); }
@@ -158,6 +146,40 @@ ENGINE_INLINE void dispatch(const torch::Tensor& t, const F& run) {
   } else {
     check(t.scalar_type() == torch::kBFloat16, "dtype must be float32 or bfloat16");
     run(c10::BFloat16{});
+  }
+}
+
+// The checks both attention kernels make: query and out [T, H, D] of one shape with contiguous
+// last dims; caches [KV, N, B, D] contiguous, D a multiple of 16 and H of KV; one dtype for all;
+// block_tables [P, M] and seq_lens [P] int32, every length in [1, M * B] and every block id it
+// uses inside the cache.
+ENGINE_INLINE void check_paged_attention(const torch::Tensor& query, const torch::Tensor& out,
+                                         const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+                                         const torch::Tensor& block_tables, const torch::Tensor& seq_lens) {
+  check(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [T, H, D] of one shape");
+  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
+  check(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  check(query.stride(2) == 1 && out.stride(2) == 1, "query's and out's last dimension must be contiguous");
+  check(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type() &&
+            value_cache.scalar_type() == query.scalar_type(),
+        "query, caches and out must share one dtype");
+  check(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
+        "block_tables must be a contiguous [P, M] int32 tensor");
+  check(seq_lens.scalar_type() == torch::kInt32 && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
+        "seq_lens must be a contiguous [P] int32 tensor");
+  check(block_tables.size(0) == seq_lens.size(0), "one block table and one length per sequence");
+  const int64_t H = query.size(1), D = query.size(2);
+  const int64_t KV = key_cache.size(0), N = key_cache.size(1), B = key_cache.size(2);
+  check(key_cache.size(3) == D, "cache head_dim differs from the query's");
+  check(D % kLanes == 0, "head_dim must be a multiple of 16");
+  check(KV > 0 && H % KV == 0, "query heads must be a multiple of kv heads");
+  const int64_t P = seq_lens.size(0), M = block_tables.size(1);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < P; ++s) {
+    check(lens[s] >= 1 && lens[s] <= M * B, "a context length is outside [1, pages * block_size]");
+    for (int64_t p = 0; p < (lens[s] + B - 1) / B; ++p)
+      check(tables[s * M + p] >= 0 && tables[s * M + p] < N, "a block id is outside the cache");
   }
 }
 
