@@ -114,8 +114,10 @@ ENGINE_MULTIVERSION void decode_one(
 // One (sequence, kv head) in a single pass with an online softmax, for the common shapes (D of
 // 64 or 128, G <= 4 query heads per kv head): each page 16 rows at a time; each K row is loaded once for all G queries and each V row once for all G
 // accumulators, which stay in registers with the queries. Per 16 rows: the 16 scores of each
-// query at once (transposed reduction), the running max, the correction of what was summed so
-// far, exp. Where a page does not follow its predecessor in memory (scattered blocks), its first
+// query at once (transposed reduction) and the running max; the correction of what was summed so
+// far is one vector exp for all G queries and is applied only when a max rose; the sums of
+// weights stay vectors until the end (measured 1.14x over a per-query scalar exp and horizontal
+// sum per 16 rows with the data in cache, 1.05x from a cold cache). Where a page does not follow its predecessor in memory (scattered blocks), its first
 // line is prefetched two pages ahead: the address translation and the hardware prefetcher's stream
 // start early (measured 1.2x over a cold cache of shuffled pages); consecutive pages need nothing
 // (prefetching them measured slower).
@@ -125,15 +127,15 @@ ENGINE_MULTIVERSION void decode_online(
     const int32_t* __restrict table, int64_t L, int64_t B, float scale, T* __restrict out, int64_t out_row_stride) {
   constexpr int kV = kD / kLanes;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  v16f q[kG][kV], acc[kG][kV];
-  float m[kG], l[kG];
+  v16f q[kG][kV], acc[kG][kV], l[kG];  // l: per-lane sums of the weights
+  float m[kG];
   for (int g = 0; g < kG; ++g) {
     for (int j = 0; j < kV; ++j) {
       q[g][j] = load16(query + g * q_row_stride + j * kLanes) * scale;
       acc[g][j] = v16f{};
     }
     m[g] = kNegInf;
-    l[g] = 0.0f;
+    l[g] = v16f{};
   }
   const int64_t page_elems = B * kD;
   const int64_t num_pages = (L + B - 1) / B;
@@ -163,16 +165,24 @@ ENGINE_MULTIVERSION void decode_online(
           for (int g = 0; g < kG; ++g) part[g][i] = v16f{};
         }
       }
+      v16f sc[kG], drop{};
+      float mx[kG];
       for (int g = 0; g < kG; ++g) {
-        v16f sc = hsum16(part[g]);
+        sc[g] = hsum16(part[g]);
         if (rows < kLanes)
-          for (int64_t i = rows; i < kLanes; ++i) sc[i] = kNegInf;
-        const float mx = std::max(m[g], hmax(sc));
-        const float corr = m[g] == kNegInf ? 0.0f : std::exp(m[g] - mx);
-        const v16f e = exp_nonpositive(sc - mx);  // e^-inf = 0 for the rows past the end
-        l[g] = l[g] * corr + hsum(e);
-        m[g] = mx;
-        for (int j = 0; j < kV; ++j) acc[g][j] *= corr;
+          for (int64_t i = rows; i < kLanes; ++i) sc[g][i] = kNegInf;
+        mx[g] = std::max(m[g], hmax(sc[g]));
+        drop[g] = m[g] - mx[g];  // -inf on the first rows: nothing summed yet
+      }
+      const v16f corr = exp_nonpositive(drop);
+      for (int g = 0; g < kG; ++g) {
+        if (mx[g] != m[g]) {
+          for (int j = 0; j < kV; ++j) acc[g][j] *= corr[g];
+          l[g] *= corr[g];
+          m[g] = mx[g];
+        }
+        const v16f e = exp_nonpositive(sc[g] - mx[g]);  // e^-inf = 0 for the rows past the end
+        l[g] += e;
         store16(w[g], e);
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -185,7 +195,7 @@ ENGINE_MULTIVERSION void decode_online(
     }
   }
   for (int g = 0; g < kG; ++g) {
-    const float inv = 1.0f / l[g];
+    const float inv = 1.0f / hsum(l[g]);
     for (int j = 0; j < kV; ++j) store16(out + g * out_row_stride + j * kLanes, acc[g][j] * inv);
   }
 }
