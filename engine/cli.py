@@ -79,7 +79,13 @@ def bench(
         if device.startswith("cuda"):
             from engine.bench.gpu import run_gpu_bench
 
-            result: dict[str, object] = {"machine": machine_info(), "gpu": run_gpu_bench(device)}
+            machine = machine_info()
+
+            def partial(gpu: dict[str, object]) -> None:  # a run cut short keeps what it measured
+                if out is not None:
+                    out.write_text(json.dumps({"machine": machine, "gpu": gpu, "partial": True}, indent=2))
+
+            result: dict[str, object] = {"machine": machine, "gpu": run_gpu_bench(device, on_progress=partial)}
         else:
             if model is None:
                 raise ValueError("--model is required on CPU")

@@ -26,7 +26,7 @@ class EngineConfig:
     check_integrity: bool = False  # run BlockManager.check_integrity() after every step (tests)
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights of config.json's shape (benchmarks)
     num_threads: int | None = None  # CPU: torch intra-op threads; None = the cores this process may use
-    cuda_graphs: bool = True  # CUDA: replay captured graphs for decode-only steps
+    cuda_graphs: bool = True  # CUDA with the Triton backend: replay captured graphs for decode-only steps
     cpu_packed_linear: bool = True  # CPU fp32/bf16: oneDNN GEMMs on weights pre-packed at load
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 * 1024**3, iters: int =
     _sync(device)
     seconds = time.perf_counter() - t0
     del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the buffers back: the KV cache is sized from the free memory
     return 2 * nbytes * iters / seconds
 
 
@@ -97,55 +100,79 @@ def single_stream_decode(llm: Any, prompt_len: int = 128, output_len: int = 512)
             "tokens_per_s": (seq.num_output_tokens - first) / seconds}
 
 
-def run_gpu_bench(device: str = "cuda", num_prompts: int | None = None) -> dict[str, Any]:
+def run_gpu_bench(
+    device: str = "cuda", num_prompts: int | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """The issue's GPU benchmark: Llama-3.1-8B shape, bf16, 256 requests, lengths U[100, 1024]."""
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is visible to torch {torch.__version__}")
     spec = GPU_WORKLOAD if num_prompts is None else WorkloadSpec(**{**GPU_WORKLOAD.__dict__,
                                                                    "num_prompts": num_prompts})
-    result = run_shape_bench(LLAMA_3_1_8B, spec, device=device, dtype="bfloat16")
-    result["device"] = torch.cuda.get_device_name(torch.device(device))
+    name = torch.cuda.get_device_name(torch.device(device))
+
+    def progress(partial: dict[str, Any]) -> None:
+        if on_progress is not None:
+            on_progress({**partial, "device": name})
+
+    result = run_shape_bench(LLAMA_3_1_8B, spec, device=device, dtype="bfloat16", on_progress=progress)
+    result["device"] = name
     return result
 
 
 def run_shape_bench(
     config: dict[str, Any], spec: WorkloadSpec, device: str, dtype: str, copy_bytes: int = 4 * 1024**3,
     single_stream_tokens: int = 512, max_num_seqs: int = 256,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """A model of config's shape with random weights: offline throughput on spec and single-stream
-    decode against the roofline. Runs anywhere (tests use a tiny shape on CPU)."""
+    decode against the roofline. Runs anywhere (tests use a tiny shape on CPU).
+
+    The KV cache is sized by the engine (kv_cache_bytes=None): on CUDA what the device has left
+    after the weights, at most max_num_seqs full-length sequences, so a smaller or shared device
+    preempts instead of failing to allocate. `on_progress` gets the results so far after each phase
+    (a run cut short still reports what it measured)."""
     from engine import LLM
 
     dev = torch.device(device)
     bw = copy_bandwidth(dev, copy_bytes)
-    elem = getattr(torch, dtype).itemsize
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * elem
     max_len = spec.input_len_max + spec.output_len_max
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_synthetic_model_dir(Path(tmp) / "shape", config)
         t0 = time.perf_counter()
         llm = LLM(model=model_dir, device=device, dtype=dtype, load_format="dummy",
                   max_model_len=max(max_len, 128 + single_stream_tokens), max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=8192,
-                  kv_cache_bytes=int(1.1 * max(spec.num_prompts, 1) * max_len * kv_per_token) + (64 << 20))
+                  max_num_batched_tokens=8192)
         init_s = time.perf_counter() - t0
+    runner = llm.engine.runner
     wbytes = weight_bytes_per_token(llm.engine.model_config, llm.config.torch_dtype)
-    single = single_stream_decode(llm, output_len=single_stream_tokens)
     roofline = bw / wbytes
-    offline = run_offline(llm, make_workload(spec, config["vocab_size"]))
-    return {
+    result: dict[str, Any] = {
         "device": device,
         "workload": spec.describe(),
         "init_seconds": init_s,
-        "cuda_graphs": llm.engine.runner.graphs is not None,
+        "attention_backend": runner.model.backend.name,
+        "cuda_graphs": runner.graphs is not None,
+        "kv_cache_bytes": runner.kv_cache_bytes,
+        "kv_cache_tokens": runner.num_blocks * llm.config.block_size,
         "copy_bandwidth_GBps": bw / 1e9,
         "weight_GB_per_token": wbytes / 1e9,
-        "single_stream_tokens_per_s": single["tokens_per_s"],
         "roofline_tokens_per_s": roofline,
-        "fraction_of_roofline": single["tokens_per_s"] / roofline,
-        "offline_output_tokens": offline.output_tokens,
-        "offline_seconds": offline.seconds,
-        "offline_output_tokens_per_s": offline.output_tokens / offline.seconds,
-        "offline_steps": offline.num_steps,
     }
+    if on_progress is not None:
+        on_progress(dict(result))
+    single = single_stream_decode(llm, output_len=single_stream_tokens)
+    result.update(single_stream_tokens_per_s=single["tokens_per_s"],
+                  fraction_of_roofline=single["tokens_per_s"] / roofline)
+    if on_progress is not None:
+        on_progress(dict(result))
+    preempted = llm.engine.scheduler.num_preemptions
+    offline = run_offline(llm, make_workload(spec, config["vocab_size"]))
+    result.update(
+        offline_output_tokens=offline.output_tokens,
+        offline_seconds=offline.seconds,
+        offline_output_tokens_per_s=offline.output_tokens / offline.seconds,
+        offline_steps=offline.num_steps,
+        offline_preemptions=llm.engine.scheduler.num_preemptions - preempted,
+    )
+    return result

@@ -38,10 +38,14 @@ def write_kv_cache(
 
 def decode_splits(max_seq_len: int, num_seqs: int, num_kv: int, tile_n: int) -> int:
     """Enough programs to fill a GPU (~4 waves of 132 SMs), never more splits than tiles of the
-    longest context (pass the model's max length when the launch is captured in a CUDA graph)."""
+    longest context (pass the model's max length when the launch is captured in a CUDA graph).
+
+    A power of two (1, 2, 4, 8 or 16): SPLITS is a constexpr, so every distinct value is a Triton
+    compile; capturing the CUDA graphs compiles all five, and eager steps then reuse them."""
     tiles = triton.cdiv(max_seq_len, tile_n)
     want = triton.cdiv(528, max(1, num_seqs * num_kv))
-    return max(1, min(16, tiles, want))
+    n = max(1, min(16, tiles, want))
+    return 1 << (n.bit_length() - 1)
 
 
 def paged_decode_attention(

@@ -4,6 +4,10 @@ Checked against engine.ops.reference under TRITON_INTERPRET=1. head_dim is padde
 two >= 16 (HEAD_PAD) with masks, so that `tl.dot` applies. Keys are processed in tiles of TILE_N
 tokens; each token's page is looked up in the block table, so the tile need not equal the page
 size (a 64-token tile over 16-token pages reads four pages per iteration).
+
+`stride_bt` (the block-table width) changes from step to step and is not specialised on: Triton
+would otherwise compile another variant whenever the width turns divisible by 16 or equal to 1,
+in the middle of a timed run.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def write_kv_kernel(
         tl.store(value_cache_ptr + dst, v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def decode_split_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, seq_lens_ptr,
     out_ptr, m_ptr, l_ptr,  # partials: out [S, KV, SPLITS, G_PAD, HEAD_PAD], m/l [S, KV, SPLITS, G_PAD]
@@ -87,7 +91,7 @@ def decode_split_kernel(
     tl.store(l_ptr + part * G_PAD + g, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def prefill_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_table_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
     scale, stride_qt, stride_ot, stride_bt, stride_ch,

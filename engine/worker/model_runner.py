@@ -80,7 +80,9 @@ class ModelRunner:
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(mc.num_layers)]
         self.graphs = None
-        if self.device.type == "cuda" and config.cuda_graphs:
+        # Only the Triton backend is capturable: the torch path syncs with the host (slot checks)
+        # and sizes its gathers from the batch, which a CUDA graph cannot replay.
+        if self.device.type == "cuda" and config.cuda_graphs and self.model.backend.name == "triton":
             from engine.worker.cuda_graphs import DecodeGraphRunner
 
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config, self.num_blocks, self.max_model_len)

@@ -70,12 +70,90 @@ def test_prefill_matches_reference(block_size: int, heads: int, kv: int, dim: in
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture
+def bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter keeps bf16 values as their uint16 bit patterns and its tl.dot multiplies
+    those integers (garbage results); widen bf16 operands to fp32 first, which is exact and what
+    the tensor cores do (bf16 products, fp32 accumulation)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):  # type: ignore[no-untyped-def]
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):  # type: ignore[no-untyped-def]
+        return original(self, widen(a), widen(b), d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def _close_bf16(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    err = (got.float() - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), err  # bf16: 8-bit mantissa (as tests/engine/test_triton_gpu.py)
+
+
+def test_8b_shapes_in_bf16(bf16_dot: None) -> None:
+    """The GPU bench's geometry (32 query heads on 8 kv heads, head_dim 128, 16-token pages, bf16):
+    decode up to 2048 tokens with and without splits, the CUDA-graph launch (splits sized for the
+    max length, padded rows of length 1 over a wide block table), prefill over a prefix, KV write.
+    Reference: the torch ops in fp32 on the same bf16 values."""
+    heads, kv, dim, bs, scale = 32, 8, 128, 16, 128**-0.5
+    lens = [1, 17, 300, 2048]
+    kc, vc, bt = (t if t.dtype == torch.int32 else t.bfloat16() for t in _cache(lens, bs, kv, dim))
+    q = torch.randn(len(lens), heads, dim).bfloat16()
+    sl = torch.tensor(lens, dtype=torch.int32)
+    ref = reference.paged_decode_attention(q.float(), kc.float(), vc.float(), bt, sl, max(lens), scale)
+    for splits in (None, 7):
+        _close_bf16(tb.paged_decode_attention(q, kc, vc, bt, sl, max(lens), scale, num_splits=splits), ref)
+    # as captured: max_seq_len = max_model_len, block table 128 wide, rows past the batch padded
+    wide = torch.zeros(4, 128, dtype=torch.int32)
+    wide[:2, :2] = bt[1:3, :2]
+    short = torch.tensor([17, 20, 1, 1], dtype=torch.int32)
+    ref = reference.paged_decode_attention(q.float(), kc.float(), vc.float(), wide, short, 20, scale)
+    _close_bf16(tb.paged_decode_attention(q, kc, vc, wide, short, 2048, scale), ref)
+
+    heads, kv = 8, 2  # prefill: fewer heads (interpreted); a fresh prompt, a chunk over a prefix, 1 token
+    lens, new = [100, 300, 1], [100, 70, 1]
+    kc, vc, bt = (t if t.dtype == torch.int32 else t.bfloat16() for t in _cache(lens, bs, kv, dim))
+    starts = [0, 100, 170, 171]
+    q = torch.randn(starts[-1], heads, dim).bfloat16()
+    ref = reference.paged_prefill_attention(q.float(), kc.float(), vc.float(), bt, starts, lens, scale)
+    got = tb.paged_prefill_attention(q, kc, vc, bt, torch.tensor(starts, dtype=torch.int32),
+                                     torch.tensor(lens, dtype=torch.int32), max(new), scale)
+    _close_bf16(got, ref)
+
+    k, v = torch.randn(5, kv, dim).bfloat16(), torch.randn(5, kv, dim).bfloat16()
+    slots = torch.tensor([0, 37, -1, 3, 4 * bs + 1])
+    caches = [kc.clone(), vc.clone(), kc.clone(), vc.clone()]
+    reference.write_kv_cache(k, v, caches[0], caches[1], slots)
+    tb.write_kv_cache(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+def test_decode_splits_are_powers_of_two_the_graphs_compile() -> None:
+    """SPLITS is a constexpr: eager steps must only need values the CUDA-graph capture compiled."""
+    from engine.worker.cuda_graphs import CAPTURE_SIZES
+
+    captured = {tb.decode_splits(2048, bs, 8, 64) for bs in CAPTURE_SIZES if bs <= 256}
+    assert captured == {1, 2, 4, 8, 16}
+    eager = {tb.decode_splits(n, s, 8, 64) for n in range(1, 2049, 37) for s in range(1, 300, 7)}
+    assert eager <= captured
+
+
 def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """Whole engine (chunked prefill + decode + prefix cache) with both backends on a tiny model."""
+    """Whole engine (chunked prefill + decode + prefix cache) with both backends on a tiny model,
+    and the Triton backend through the CUDA-graph runner's padded static buffers (run eagerly)."""
     import shutil
 
     transformers = pytest.importorskip("transformers")
     from engine import LLM, SamplingParams
+    from engine.worker.cuda_graphs import DecodeGraphRunner
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -85,9 +163,14 @@ def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) 
     prompts = [[1, 5, 9, 33, 2, 7, 7, 8, 100, 3, 4], [1, 5, 9, 33, 2, 7, 7, 8, 50], [77]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = {}
-    for backend in ("torch", "triton"):
+    for backend, graphs in (("torch", False), ("triton", False), ("triton", True)):
         llm = LLM(model=tmp_path, attention_backend=backend, block_size=4, max_num_batched_tokens=7,
-                  check_integrity=True)
-        assert llm.engine.runner.model.backend.name == backend
-        outs[backend] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert outs["triton"] == outs["torch"]
+                  max_num_seqs=3, check_integrity=True)
+        runner = llm.engine.runner
+        assert runner.model.backend.name == backend
+        if graphs:
+            runner.graphs = DecodeGraphRunner(runner.model, runner.kv_caches, llm.config, runner.num_blocks,
+                                              runner.max_model_len, capture=False)
+        outs[backend, graphs] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert outs["triton", False] == outs["torch", False]
+    assert outs["triton", True] == outs["torch", False]
