@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.model.config import ModelConfig
 from engine.model.rope import RotaryEmbedding
-from engine.ops import cpu_native
+from engine.ops import layer_ops
 from engine.ops.attention_metadata import AttentionMetadata
 from engine.ops.backend import AttentionBackend, TorchAttentionBackend
 
@@ -31,8 +31,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised x; with `add`, x += add first, in place (the residual stream). Same op order as
-        transformers' LlamaRMSNorm; one fused pass on CPU (ops/cpu_native.py)."""
-        return cpu_native.rms_norm(x, self.weight, self.eps, add)
+        transformers' LlamaRMSNorm; one fused pass (ops/layer_ops.py)."""
+        return layer_ops.rms_norm(x, self.weight, self.eps, add)
 
 
 class LlamaMLP(nn.Module):
@@ -44,7 +44,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        return self.down_proj(cpu_native.silu_and_mul(gate_up))  # [T, I] -> [T, hidden]
+        return self.down_proj(layer_ops.silu_and_mul(gate_up))  # [T, I] -> [T, hidden]
 
 
 class LlamaAttention(nn.Module):
@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        if not cpu_native.rotate_(qk, *cos_sin):  # q and k heads rotated together (in place on CPU)
+        if not layer_ops.rotate_(qk, *cos_sin):  # q and k heads rotated together, in place
             qk = RotaryEmbedding.rotate(qk, *cos_sin)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)

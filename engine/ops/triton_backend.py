@@ -11,11 +11,25 @@ import torch
 import triton
 
 from engine.ops.attention_metadata import AttentionMetadata
-from engine.ops.triton_kernels import decode_split_kernel, prefill_kernel, write_kv_kernel
+from engine.ops.triton_kernels import (
+    decode_combine_kernel,
+    decode_split_kernel,
+    prefill_kernel,
+    rms_norm_kernel,
+    rotary_kernel,
+    silu_and_mul_kernel,
+    write_kv_kernel,
+)
 
 
 def _head_pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] as the kernels index it: rows may be strided (a slice of the fused qkv
+    projection), heads D apart and D contiguous; anything else is copied."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def write_kv_cache(
@@ -58,22 +72,24 @@ def paged_decode_attention(
     group = heads // num_kv
     splits = num_splits or decode_splits(max_seq_len, s, num_kv, tile_n)
     g_pad, d_pad = max(16, triton.next_power_of_2(group)), _head_pad(dim)
-    query = query.contiguous()
-    out = torch.empty(s, num_kv, splits, g_pad, d_pad, dtype=torch.float32, device=query.device)
+    query = _rows(query)
+    part = torch.empty(s, num_kv, splits, g_pad, d_pad, dtype=torch.float32, device=query.device)
     m = torch.empty(s, num_kv, splits, g_pad, dtype=torch.float32, device=query.device)
     lse = torch.empty_like(m)
+    out = torch.empty(s, heads, dim, dtype=query.dtype, device=query.device)
+    if s == 0:
+        return out
     decode_split_kernel[(s, num_kv, splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, out, m, lse,
+        query, key_cache, value_cache, block_tables, seq_lens, part, m, lse,
         scale, query.stride(0), block_tables.stride(0), key_cache.stride(0),
         NUM_KV=num_kv, GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, HEAD_PAD=d_pad,
         BLOCK_SIZE=block_size, SPLITS=splits, TILE_N=tile_n,
     )
-    # combine splits: empty splits have m = -inf and l = 0
-    m_max = m.max(dim=2, keepdim=True).values  # [S, KV, 1, G]
-    weight = torch.exp(m - m_max).nan_to_num(0.0)  # [S, KV, SPLITS, G]
-    total = (lse * weight).sum(dim=2)  # [S, KV, G]
-    acc = (out * weight[..., None]).sum(dim=2) / total[..., None]  # [S, KV, G, D_PAD]
-    return acc[:, :, :group, :dim].reshape(s, heads, dim).to(query.dtype)
+    decode_combine_kernel[(s, num_kv)](
+        part, m, lse, out, out.stride(0),
+        NUM_KV=num_kv, GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, HEAD_PAD=d_pad, SPLITS=splits,
+    )
+    return out
 
 
 def paged_prefill_attention(
@@ -84,7 +100,7 @@ def paged_prefill_attention(
     """query [Tp, H, D] -> [Tp, H, D]; query_start_loc [P + 1] and seq_lens [P] on device."""
     tp, heads, dim = query.shape
     p = seq_lens.shape[0]
-    query = query.contiguous()
+    query = _rows(query)
     out = torch.empty_like(query)
     if tp == 0:
         return out
@@ -95,6 +111,54 @@ def paged_prefill_attention(
         BLOCK_M=block_m, BLOCK_SIZE=key_cache.shape[2], TILE_N=tile_n,
     )
     return out
+
+
+# ---- the decoder layer's element-wise ops on CUDA (engine.ops.layer_ops picks them) --------------
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as cpu_native.rms_norm for x [T, H] (x's rows updated in place with `add`)."""
+    if x.stride(-1) != 1:
+        raise ValueError("rms_norm: x's last dimension must be contiguous (it is updated in place)")
+    t, n = x.shape
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    a = x if add is None else _row_major(add)
+    block = triton.next_power_of_2(n)
+    rms_norm_kernel[(t,)](
+        x, a, weight, out, x.stride(0), a.stride(0), out.stride(0), n, eps,
+        HAS_ADD=add is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """gate_up [T, 2 I] -> silu(gate) * up [T, I]."""
+    gate_up = _row_major(gate_up)
+    t, size = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((t, size), dtype=gate_up.dtype, device=gate_up.device)
+    if t:
+        silu_and_mul_kernel[(t, triton.cdiv(size, block))](gate_up, out, gate_up.stride(0), out.stride(0), size,
+                                                           BLOCK=block)
+    return out
+
+
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> bool:
+    """Rotate x [T, heads, D] in place by cos / sin_signed [T, 1, D]; False (nothing done) when x's
+    layout or dtypes do not suit the kernel."""
+    t, heads, dim = x.shape
+    if x.stride(2) != 1 or dim % 2 or cos.dtype != x.dtype or sin_signed.dtype != x.dtype:
+        return False
+    cos, sin_signed = _row_major(cos.reshape(t, dim)), _row_major(sin_signed.reshape(t, dim))
+    if t:
+        rotary_kernel[(t, heads)](x, cos, sin_signed, x.stride(0), x.stride(1), cos.stride(0), sin_signed.stride(0),
+                                  HALF=dim // 2, HALF_PAD=triton.next_power_of_2(dim // 2))
+    return True
 
 
 class TritonAttentionBackend:

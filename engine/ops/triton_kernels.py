@@ -145,3 +145,98 @@ def prefill_kernel(
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + m_off)[:, None] * stride_ot + h * HEAD_DIM + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def decode_combine_kernel(
+    part_ptr, m_ptr, l_ptr,  # decode_split_kernel's partials
+    out_ptr, stride_os,  # out [S, H, D] in the query's dtype (unit stride in D, heads HEAD_DIM apart)
+    NUM_KV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """One program = (sequence, kv head): merges the SPLITS partial softmaxes of its GROUP query
+    heads (weights e^(m_split - m_max); an empty split has m = -inf, l = 0 and weighs 0) and writes
+    the normalised rows in the output dtype: one launch instead of a chain of torch ops."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    base = (s * NUM_KV + kvh) * SPLITS
+    m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+    for i in tl.static_range(SPLITS):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (base + i) * G_PAD + g))
+    total = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_PAD], tl.float32)
+    for i in tl.static_range(SPLITS):
+        m = tl.load(m_ptr + (base + i) * G_PAD + g)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+        total += tl.load(l_ptr + (base + i) * G_PAD + g) * w
+        acc += tl.load(part_ptr + ((base + i) * G_PAD + g)[:, None] * HEAD_PAD + d[None, :]) * w[:, None]
+    res = acc / total[:, None]
+    mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    dst = out_ptr + s.to(tl.int64) * stride_os + (kvh * GROUP + g)[:, None] * HEAD_DIM + d[None, :]
+    tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- the decoder layer's element-wise ops, one pass each, in transformers' op order and rounding --
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr, add_ptr, w_ptr, out_ptr, stride_x, stride_a, stride_o, n_cols, eps,
+    HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program = one row. With HAS_ADD, x += add first (stored back: the residual stream).
+    Then weight * (x * rsqrt(mean(x^2) + eps)) with the normalised row rounded to x's dtype before
+    the weight multiplies it, as transformers' LlamaRMSNorm does."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_ADD:
+        a = tl.load(add_ptr + row * stride_a + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + a.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * stride_x + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / n_cols
+    h = (h * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_g, stride_o, size, BLOCK: tl.constexpr):
+    """One program = BLOCK columns of one row: silu(gate) rounded to the dtype, times up."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < size
+    gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_g + size + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ct, stride_st,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    """One program = (token, head), in place: x * cos + roll(x, D/2) * sin_signed (sin with its
+    first half negated, RotaryEmbedding.cos_sin), each product rounded to x's dtype as in torch."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF_PAD)
+    mask = i < HALF
+    base = x_ptr + t * stride_xt + h * stride_xh
+    dt = x_ptr.dtype.element_ty
+    # products in fp32 are exact for bf16 / fp16 operands: rounding them once gives the dtype's own
+    x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_st + i, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_st + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    tl.store(base + i, y1.to(dt), mask=mask)
+    tl.store(base + HALF + i, y2.to(dt), mask=mask)

@@ -93,6 +93,38 @@ def test_prefill_on_gpu(dtype: torch.dtype) -> None:
     _close(got, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_ops_on_gpu_run_triton_and_match_torch(dtype: torch.dtype) -> None:
+    """engine.ops.layer_ops sends CUDA tensors to the fused Triton kernels: RMSNorm (with the
+    residual add in place), SiLU-and-multiply, rotary in place, at the 8B shapes."""
+    from engine.model.config import RopeConfig
+    from engine.model.rope import RotaryEmbedding
+    from engine.ops import layer_ops
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    t, hidden, inter, heads, kv, dim = 37, 4096, 14336, 32, 8, 128
+    x = torch.randn(t, hidden, device="cuda", generator=gen).to(dtype)
+    add = torch.randn(t, hidden, device="cuda", generator=gen).to(dtype)
+    w = (torch.rand(hidden, device="cuda", generator=gen) + 0.5).to(dtype)
+    want_x = x + add
+    h = want_x.float()
+    want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    _close(layer_ops.rms_norm(x, w, 1e-5, add), want, dtype)
+    assert torch.equal(x, want_x)
+
+    gate_up = torch.randn(t, 2 * inter, device="cuda", generator=gen).to(dtype)
+    gate, up = gate_up.split(inter, dim=-1)
+    _close(layer_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+
+    rope = RotaryEmbedding(RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0), dim, 4096).to("cuda")
+    cos, sin = rope.cos_sin(torch.randint(0, 4096, (t,), device="cuda", generator=gen), dtype)
+    qkv = torch.randn(t, (heads + 2 * kv) * dim, device="cuda", generator=gen).to(dtype)
+    qk = qkv[:, : (heads + kv) * dim].view(t, heads + kv, dim)
+    want = RotaryEmbedding.rotate(qk, cos, sin)
+    assert layer_ops.rotate_(qk, cos, sin)
+    _close(qk, want, dtype)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers = pytest.importorskip("transformers")

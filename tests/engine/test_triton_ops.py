@@ -92,6 +92,26 @@ def bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
+@pytest.fixture
+def bf16_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter converts fp32 to bf16 by truncation; the GPU (cvt.rn) and torch round to
+    nearest even. Round here too, so that a kernel's bf16 results can be held to torch's."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):  # type: ignore[no-untyped-def]
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            u = src.data.astype(np.float32).view(np.uint32)
+            bits = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+            return interpreter.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), bits), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
 def _close_bf16(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert got.dtype == torch.bfloat16 and not got.isnan().any()
     err = (got.float() - ref).abs().max().item()
@@ -144,6 +164,80 @@ def test_decode_splits_are_powers_of_two_the_graphs_compile() -> None:
     assert captured == {1, 2, 4, 8, 16}
     eager = {tb.decode_splits(n, s, 8, 64) for n in range(1, 2049, 37) for s in range(1, 300, 7)}
     assert eager <= captured
+
+
+def _ulps(dtype: torch.dtype) -> float:
+    """Two rounding steps of the dtype: the kernels round where torch does, but a last-bit
+    difference in rsqrt or exp can move an intermediate rounding by one step."""
+    return {torch.float32: 4e-6, torch.bfloat16: 2**-6}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_rms_norm_matches_transformers_formula(dtype: torch.dtype, with_add: bool, bf16_rounding: None) -> None:
+    """Rows of a wider tensor (strided, as the residual stream is not), hidden 80 (not a power of
+    two: masked lanes), with and without the residual add written back in place."""
+    torch.manual_seed(1)
+    base = (torch.randn(5, 96) * 3).to(dtype)
+    x, add = base[:, :80], (torch.randn(5, 80) * 3).to(dtype)
+    weight = (torch.rand(80) + 0.5).to(dtype)
+    want_x = (x + add) if with_add else x.clone()
+    h = want_x.float()
+    want = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # LlamaRMSNorm
+    untouched = base[:, 80:].clone()
+    got = tb.rms_norm(x, weight, 1e-5, add if with_add else None)
+    assert got.dtype == dtype and got.shape == (5, 80) and not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=_ulps(dtype), atol=_ulps(dtype))
+    assert torch.equal(x, want_x)  # the residual stream holds x + add (rounded to the dtype) afterwards
+    assert torch.equal(base[:, 80:], untouched)  # nothing written past the row's 80 columns
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        tb.rms_norm(base.t(), weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(dtype: torch.dtype, bf16_rounding: None) -> None:
+    torch.manual_seed(2)
+    gate_up = (torch.randn(7, 2 * 1100) * 4).to(dtype)  # 1100 columns: two blocks of 1024, the second masked
+    gate, up = gate_up.split(1100, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = tb.silu_and_mul(gate_up)
+    assert got.dtype == dtype and got.shape == (7, 1100)
+    torch.testing.assert_close(got.float(), want.float(), rtol=_ulps(dtype), atol=_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 24])
+def test_rotary_in_place_matches_rotate(dtype: torch.dtype, dim: int, bf16_rounding: None) -> None:
+    """q and k heads of a fused qkv projection's output (rows strided by the v heads), rotated in
+    place; the v heads are left alone. dim 24: a half of 12 lanes, masked to 16."""
+    from engine.model.config import RopeConfig
+    from engine.model.rope import RotaryEmbedding
+
+    torch.manual_seed(3)
+    t, heads, kv = 6, 4, 2
+    rope = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 64)
+    cos, sin = rope.cos_sin(torch.tensor([0, 1, 5, 17, 33, 63]), dtype)
+    qkv = torch.randn(t, (heads + 2 * kv) * dim).to(dtype)
+    qk = qkv[:, : (heads + kv) * dim].view(t, heads + kv, dim)
+    want = RotaryEmbedding.rotate(qk, cos, sin)
+    v_before = qkv[:, (heads + kv) * dim :].clone()
+    assert tb.rotate_(qk, cos, sin)
+    torch.testing.assert_close(qk.float(), want.float(), rtol=_ulps(dtype), atol=_ulps(dtype))
+    assert torch.equal(qkv[:, (heads + kv) * dim :], v_before)
+    assert not tb.rotate_(qk, cos.double(), sin.double())  # mismatched dtypes: the caller's torch path
+
+
+def test_decode_takes_strided_query_rows() -> None:
+    """The decode query is a slice of the fused projection (rows strided, heads contiguous): read
+    in place, same result as a contiguous copy."""
+    lens = [3, 40]
+    kc, vc, bt = _cache(lens, 8, 2, 16)
+    wide = torch.randn(2, 10, 16)
+    q = wide[:, :6]
+    sl = torch.tensor(lens, dtype=torch.int32)
+    got = tb.paged_decode_attention(q, kc, vc, bt, sl, max(lens), 0.25)
+    ref = reference.paged_decode_attention(q.contiguous(), kc, vc, bt, sl, max(lens), 0.25)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) -> None:  # type: ignore[no-untyped-def]
