@@ -240,13 +240,16 @@ def test_decode_takes_strided_query_rows() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Whole engine (chunked prefill + decode + prefix cache) with both backends on a tiny model,
-    and the Triton backend through the CUDA-graph runner's padded static buffers (run eagerly)."""
+    the Triton backend through the CUDA-graph runner's padded static buffers (run eagerly), and
+    finally with the decoder layer's element-wise ops on their Triton kernels as on CUDA (the
+    residual stream, the qkv slices and the rotary tables as the model passes them)."""
     import shutil
 
     transformers = pytest.importorskip("transformers")
     from engine import LLM, SamplingParams
+    from engine.ops import layer_ops
     from engine.worker.cuda_graphs import DecodeGraphRunner
 
     torch.manual_seed(0)
@@ -257,7 +260,9 @@ def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) 
     prompts = [[1, 5, 9, 33, 2, 7, 7, 8, 100, 3, 4], [1, 5, 9, 33, 2, 7, 7, 8, 50], [77]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = {}
-    for backend, graphs in (("torch", False), ("triton", False), ("triton", True)):
+    launches: list[str] = []
+    for backend, graphs, fused in (("torch", False, False), ("triton", False, False), ("triton", True, False),
+                                   ("triton", True, True)):
         llm = LLM(model=tmp_path, attention_backend=backend, block_size=4, max_num_batched_tokens=7,
                   max_num_seqs=3, check_integrity=True)
         runner = llm.engine.runner
@@ -265,6 +270,17 @@ def test_tiny_model_same_greedy_with_triton_backend(tmp_path, engine_model_dir) 
         if graphs:
             runner.graphs = DecodeGraphRunner(runner.model, runner.kv_caches, llm.config, runner.num_blocks,
                                               runner.max_model_len, capture=False)
-        outs[backend, graphs] = [o.token_ids for o in llm.generate(prompts, params)]
-    assert outs["triton", False] == outs["torch", False]
-    assert outs["triton", True] == outs["torch", False]
+        if fused:  # route CPU tensors to the Triton kernels (interpreted), counting the launches
+            monkeypatch.setattr(layer_ops, "_on_cuda", lambda x: True)
+            for name in ("rms_norm", "silu_and_mul", "rotate_"):
+                def counted(*args, _f=getattr(tb, name), _n=name, **kw):  # type: ignore[no-untyped-def]
+                    result = _f(*args, **kw)
+                    if result is not False:  # rotate_ returns False when it leaves the work to torch
+                        launches.append(_n)
+                    return result
+                monkeypatch.setattr(tb, name, counted)
+        outs[backend, graphs, fused] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert outs["triton", False, False] == outs["torch", False, False]
+    assert outs["triton", True, False] == outs["torch", False, False]
+    assert outs["triton", True, True] == outs["torch", False, False]
+    assert {"rms_norm", "silu_and_mul", "rotate_"} <= set(launches)
