@@ -267,13 +267,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor query, torch::Tenso
 // key/value [T, KV, D] (strided rows, last dim contiguous) -> cache[h, slot // B, slot % B, :].
 void write_kv_cache(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
                     torch::Tensor slot_mapping) {
-  check(key.dim() == 3 && key.sizes() == value.sizes(), "key and value must be [T, KV, D] of one shape");
-  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
-  check(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
-  check(key.stride(2) == 1 && value.stride(2) == 1, "key's and value's last dimension must be contiguous");
-  check(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type() &&
-            value_cache.scalar_type() == key_cache.scalar_type(),
-        "key, value and caches must share one dtype");
+  check_rows_and_caches(key, value, key_cache, value_cache, "key", "value");
   check(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
             slot_mapping.size(0) == key.size(0),
         "slot_mapping must be a contiguous [T] int64 tensor");

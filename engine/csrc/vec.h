@@ -149,20 +149,27 @@ ENGINE_INLINE void dispatch(const torch::Tensor& t, const F& run) {
   }
 }
 
-// The checks both attention kernels make: query and out [T, H, D] of one shape with contiguous
-// last dims; caches [KV, N, B, D] contiguous, D a multiple of 16 and H of KV; one dtype for all;
+// What every kernel over the cache checks of its operands: a and b [T, heads, D] of one shape with
+// contiguous last dims, the caches [KV, N, B, D] of one shape and contiguous, one dtype for all four.
+ENGINE_INLINE void check_rows_and_caches(const torch::Tensor& a, const torch::Tensor& b,
+                                         const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+                                         const std::string& a_name, const std::string& b_name) {
+  check(a.dim() == 3 && b.sizes() == a.sizes(), a_name + " and " + b_name + " must be [T, heads, D] of one shape");
+  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
+  check(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  check(a.stride(2) == 1 && b.stride(2) == 1, a_name + "'s and " + b_name + "'s last dimension must be contiguous");
+  check(a.scalar_type() == key_cache.scalar_type() && b.scalar_type() == key_cache.scalar_type() &&
+            value_cache.scalar_type() == key_cache.scalar_type(),
+        a_name + ", " + b_name + " and caches must share one dtype");
+}
+
+// The checks both attention kernels make: query and out as above; D a multiple of 16 and H of KV;
 // block_tables [P, M] and seq_lens [P] int32, every length in [1, M * B] and every block id it
 // uses inside the cache.
 ENGINE_INLINE void check_paged_attention(const torch::Tensor& query, const torch::Tensor& out,
                                          const torch::Tensor& key_cache, const torch::Tensor& value_cache,
                                          const torch::Tensor& block_tables, const torch::Tensor& seq_lens) {
-  check(query.dim() == 3 && out.sizes() == query.sizes(), "query and out must be [T, H, D] of one shape");
-  check(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes(), "caches must be [KV, N, B, D] of one shape");
-  check(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
-  check(query.stride(2) == 1 && out.stride(2) == 1, "query's and out's last dimension must be contiguous");
-  check(query.scalar_type() == key_cache.scalar_type() && out.scalar_type() == query.scalar_type() &&
-            value_cache.scalar_type() == query.scalar_type(),
-        "query, caches and out must share one dtype");
+  check_rows_and_caches(query, out, key_cache, value_cache, "query", "out");
   check(block_tables.scalar_type() == torch::kInt32 && block_tables.dim() == 2 && block_tables.is_contiguous(),
         "block_tables must be a contiguous [P, M] int32 tensor");
   check(seq_lens.scalar_type() == torch::kInt32 && seq_lens.dim() == 1 && seq_lens.is_contiguous(),

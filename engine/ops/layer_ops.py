@@ -9,19 +9,22 @@ decode. Same formulas, op order and rounding as transformers on both paths.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 from engine.ops import cpu_native
 
 
+@functools.cache
+def _have_triton() -> bool:  # looked up once: the ops below run several times per layer
+    return importlib.util.find_spec("triton") is not None
+
+
 def _on_cuda(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # a CUDA build without Triton: the torch ops serve
-        return False
-    return True
+    """CUDA tensors take the Triton kernels; a CUDA build without Triton takes the torch ops."""
+    return x.is_cuda and _have_triton()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
