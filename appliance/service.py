@@ -23,6 +23,7 @@ from appliance.config import NodeConfig
 from appliance.errors import ApplianceError
 from appliance.metrics import GatewayMetrics
 from appliance.openai_schema import ChatCompletionRequest
+from appliance.principal import Principal
 from appliance.ratelimit import RateLimiter
 from engine import AsyncEngine, SamplingParams
 from policies import NodeInfo, PolicySet, RequestContext
@@ -42,12 +43,6 @@ class RequestRejected(ApplianceError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.param = param
-
-
-@dataclass(frozen=True)
-class Principal:
-    tenant: str
-    key_id: str
 
 
 @dataclass

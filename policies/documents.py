@@ -93,6 +93,12 @@ class TenantPolicy:
     rate_limit_rpm: PositiveInt
     max_tokens_per_request: PositiveInt
     max_tokens_per_minute: PositiveInt
+    # Fairness and budgets (0 = no limit): requests in flight at once, prompt tokens admitted but
+    # not yet prefilled, and tokens (prompt + completion) per UTC day and per UTC calendar month.
+    max_concurrent_requests: Annotated[StrictInt, Field(ge=0)] = 0
+    max_queued_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    max_tokens_per_day: Annotated[StrictInt, Field(ge=0)] = 0
+    max_tokens_per_month: Annotated[StrictInt, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _request_fits_minute_budget(self) -> TenantPolicy:

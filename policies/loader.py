@@ -256,6 +256,10 @@ def _as_fields(tenant: TenantPolicy) -> dict[str, Any]:
         "rate_limit_rpm": tenant.rate_limit_rpm,
         "max_tokens_per_request": tenant.max_tokens_per_request,
         "max_tokens_per_minute": tenant.max_tokens_per_minute,
+        "max_concurrent_requests": tenant.max_concurrent_requests,
+        "max_queued_tokens": tenant.max_queued_tokens,
+        "max_tokens_per_day": tenant.max_tokens_per_day,
+        "max_tokens_per_month": tenant.max_tokens_per_month,
     }
 
 

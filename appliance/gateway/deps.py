@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from appliance.runtime import Runtime
-from appliance.service import Principal, RequestRejected
+from appliance.principal import Principal
+from appliance.service import RequestRejected
 
 
 def get_runtime(request: Request) -> Runtime:
