@@ -1,17 +1,31 @@
-"""SLA admission control: refuse now rather than serve late.
+"""SLA admission control: refuse now rather than serve late, and never for another tenant's load.
 
-The gateway tracks, per node, the prompt tokens of requests that have been admitted but have not
-yet produced their first token, and a moving estimate of the node's prefill rate (prompt tokens per
-second, learned from observed time-to-first-token). A new request's TTFT is estimated as the queued
-prompt tokens ahead of it plus its own, divided by that rate. If the estimate exceeds the SLA
-class's TTFT target the request is refused with a ``Retry-After`` of the expected drain time.
-Until the first measurement exists every request is admitted (nothing to base a refusal on).
+Per node the gateway tracks the prompt tokens of admitted requests that have not produced their
+first token yet, by tenant and SLA priority, and a moving estimate of the node's prefill rate
+(prompt tokens per second, learned from observed time-to-first-token).
+
+A new request of tenant T at priority p with P prompt tokens would wait for:
+
+- all queued tokens of higher priority (lower number): they run first;
+- T's own queued tokens at priority p, and its own P;
+- of every other tenant U at priority p, at most ``min(queued_U, queued_T + P)``: with a fair
+  share between tenants of one class, U cannot be served more than T before T's request is
+  served. A flood from U thus counts against T only up to T's own share, never in full;
+- nothing of lower priority.
+
+That sum over the prefill rate is the TTFT estimate. Above the class's TTFT target (and with
+something queued at all) the request is refused with ``Retry-After``. Until the first
+measurement exists every request is admitted (nothing to base a refusal on).
+
+Per-tenant caps on queued prompt tokens (``max_queued_tokens``) are checked here too, across all
+nodes of this gateway.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import defaultdict
 from dataclasses import dataclass
 
 
@@ -20,6 +34,7 @@ class AdmissionDecision:
     admitted: bool
     estimated_ttft_ms: float
     retry_after_s: int = 0
+    reason: str = ""
 
 
 class AdmissionController:
@@ -29,37 +44,68 @@ class AdmissionController:
         self._alpha = smoothing
         self._factor = max_queue_factor
         self._lock = threading.Lock()
-        self._queued_tokens: dict[str, int] = {}
+        # node -> (priority, tenant) -> queued prompt tokens
+        self._queued: dict[str, dict[tuple[int, str], int]] = defaultdict(dict)
         self._rate_tps: dict[str, float] = {}
 
-    def try_admit(self, node: str, prompt_tokens: int, ttft_target_ms: int) -> AdmissionDecision:
+    def _tenant_queued(self, tenant: str) -> int:
+        return sum(n for q in self._queued.values() for (_, t), n in q.items() if t == tenant)
+
+    def estimate_ms(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> float:
         with self._lock:
-            queued = self._queued_tokens.get(node, 0)
-            rate = self._rate_tps.get(node)
-            if rate is None or rate <= 0:
-                estimate_ms = 0.0
-            else:
-                estimate_ms = 1000.0 * (queued + prompt_tokens) / rate
-            if estimate_ms > ttft_target_ms * self._factor and queued > 0:
+            return self._estimate(node, tenant, priority, prompt_tokens)[0]
+
+    def _estimate(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> tuple[float, int]:
+        queue = self._queued.get(node, {})
+        own = queue.get((priority, tenant), 0) + prompt_tokens
+        ahead = own
+        for (prio, other), tokens in queue.items():
+            if prio < priority:
+                ahead += tokens
+            elif prio == priority and other != tenant:
+                ahead += min(tokens, own)
+        rate = self._rate_tps.get(node)
+        estimate = 0.0 if rate is None or rate <= 0 else 1000.0 * ahead / rate
+        return estimate, ahead - prompt_tokens
+
+    def try_admit(self, node: str, tenant: str, priority: int, prompt_tokens: int, ttft_target_ms: int,
+                  max_queued_tokens: int = 0) -> AdmissionDecision:
+        with self._lock:
+            if max_queued_tokens:
+                queued = self._tenant_queued(tenant)
+                if queued and queued + prompt_tokens > max_queued_tokens:
+                    return AdmissionDecision(False, 0.0, 1, f"tenant queue limit of {max_queued_tokens} prompt tokens "
+                                             f"reached ({queued} queued, {prompt_tokens} requested)")
+            estimate_ms, waiting = self._estimate(node, tenant, priority, prompt_tokens)
+            if estimate_ms > ttft_target_ms * self._factor and waiting > 0:
                 excess_s = (estimate_ms - ttft_target_ms) / 1000.0
                 return AdmissionDecision(False, estimate_ms, max(1, math.ceil(excess_s)))
-            self._queued_tokens[node] = queued + prompt_tokens
+            key = (priority, tenant)
+            self._queued[node][key] = self._queued[node].get(key, 0) + prompt_tokens
             return AdmissionDecision(True, estimate_ms)
 
-    def first_token(self, node: str, prompt_tokens: int, ttft_s: float) -> None:
+    def _dequeue(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> None:
+        queue = self._queued.get(node, {})
+        left = queue.get((priority, tenant), 0) - prompt_tokens
+        if left > 0:
+            queue[(priority, tenant)] = left
+        else:
+            queue.pop((priority, tenant), None)
+
+    def first_token(self, node: str, tenant: str, priority: int, prompt_tokens: int, ttft_s: float) -> None:
         """Record the first token of an admitted request: it leaves the queue, the rate is updated."""
         with self._lock:
-            self._queued_tokens[node] = max(0, self._queued_tokens.get(node, 0) - prompt_tokens)
+            self._dequeue(node, tenant, priority, prompt_tokens)
             if ttft_s > 0 and prompt_tokens > 0:
                 sample = prompt_tokens / ttft_s
                 old = self._rate_tps.get(node)
                 self._rate_tps[node] = sample if old is None else (1 - self._alpha) * old + self._alpha * sample
 
-    def release(self, node: str, prompt_tokens: int) -> None:
+    def release(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> None:
         """An admitted request ended before its first token (error or abort)."""
         with self._lock:
-            self._queued_tokens[node] = max(0, self._queued_tokens.get(node, 0) - prompt_tokens)
+            self._dequeue(node, tenant, priority, prompt_tokens)
 
-    def queued_tokens(self, node: str) -> int:
+    def queued_tokens(self, node: str, tenant: str | None = None) -> int:
         with self._lock:
-            return self._queued_tokens.get(node, 0)
+            return sum(n for (_, t), n in self._queued.get(node, {}).items() if tenant is None or t == tenant)

@@ -13,11 +13,50 @@ import yaml
 
 from appliance.errors import ConfigError
 
+ROLES = ("gateway", "engine")
+
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """This host: its name, placement labels, roles and the model names its engine serves
+    (empty: the release's model)."""
+
     name: str
     labels: dict[str, str] = field(default_factory=dict)
+    roles: tuple[str, ...] = ROLES
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineNodeSettings:
+    """The ``engine_node:`` section: where this host's engine node server (mutual TLS) listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 9443
+
+
+@dataclass(frozen=True)
+class FleetNode:
+    """One engine node the gateway routes to (``fleet.nodes[]``), as the installer wrote it."""
+
+    name: str
+    url: str
+    labels: dict[str, str]
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The ``fleet:`` section. ``nodes`` empty: the engine runs in-process (single node).
+    Timeouts and intervals are seconds; every one is configuration."""
+
+    nodes: tuple[FleetNode, ...] = ()
+    health_interval_s: float = 1.0
+    health_backoff_max_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    # Longest wait for any byte from a node: for its first token (its queue included) and between
+    # two tokens. A node that stays silent longer fails the request (``read_timeout``).
+    read_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,13 @@ class ApplianceConfig:
     host: str = "127.0.0.1"
     port: int = 8443
     engine: EngineSettings = field(default_factory=EngineSettings)
+    engine_node: EngineNodeSettings = field(default_factory=EngineNodeSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The model names this host's engine serves."""
+        return self.node.models or (self.model_name,)
 
     @property
     def data_dir(self) -> Path:
@@ -131,8 +177,78 @@ def load_config(root: Path) -> ApplianceConfig:
         model_name=str(_require(model, "name", str, path)),
         model_path=Path(_require(model, "path", str, path)),
         policies_dir=Path(_require(doc, "policies_dir", str, path)),
-        node=NodeConfig(name=str(node.get("name", "local")), labels=dict(node.get("labels") or {})),
+        node=_node(node, path),
         host=str(gateway.get("host", "127.0.0.1")),
         port=port,
         engine=EngineSettings(**engine),
+        engine_node=_engine_node(doc.get("engine_node") or {}, path),
+        fleet=_fleet(doc.get("fleet") or {}, path),
     )
+
+
+def _str_list(value: Any, where: str, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: {where} must be a list of non-empty strings, found {value!r}")
+    return tuple(value)
+
+
+def _labels(value: Any, where: str, path: Path) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{path}: {where} must be a mapping of strings to strings, found {value!r}")
+    return dict(value)
+
+
+def _node(node: Any, path: Path) -> NodeConfig:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: node must be a mapping, found {node!r}")
+    roles = _str_list(node.get("roles", list(ROLES)), "node.roles", path)
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise ConfigError(f"{path}: node.roles must be a non-empty subset of {list(ROLES)}, found {list(roles)}")
+    labels = _labels(node.get("labels") or {}, "node.labels", path)
+    return NodeConfig(name=str(node.get("name", "local")), labels=labels, roles=roles,
+                      models=_str_list(node.get("models", []), "node.models", path))
+
+
+def _engine_node(doc: Any, path: Path) -> EngineNodeSettings:
+    if not isinstance(doc, dict) or set(doc) - {"host", "port"}:
+        raise ConfigError(f"{path}: engine_node must be a mapping of host, port; found {doc!r}")
+    port = doc.get("port", 9443)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: engine_node.port must be an integer in 1..65535, found {port!r}")
+    return EngineNodeSettings(host=str(doc.get("host", "127.0.0.1")), port=port)
+
+
+FLEET_NUMBERS = ("health_interval_s", "health_backoff_max_s", "connect_timeout_s", "read_timeout_s")
+
+
+def _fleet(doc: Any, path: Path) -> FleetSettings:
+    if not isinstance(doc, dict) or set(doc) - {"nodes", *FLEET_NUMBERS}:
+        raise ConfigError(f"{path}: fleet must be a mapping of nodes and {', '.join(FLEET_NUMBERS)}; found {doc!r}")
+    numbers: dict[str, float] = {}
+    for key in FLEET_NUMBERS:
+        if key in doc:
+            value = doc[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{path}: fleet.{key} must be a positive number of seconds, found {value!r}")
+            numbers[key] = float(value)
+    nodes: list[FleetNode] = []
+    raw = doc.get("nodes") or []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: fleet.nodes must be a list, found {raw!r}")
+    for i, entry in enumerate(raw):
+        where = f"fleet.nodes[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"name", "url", "labels", "models"}:
+            raise ConfigError(f"{path}: {where} must be a mapping of name, url, labels, models; found {entry!r}")
+        name, url = entry.get("name"), entry.get("url")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}: {where}.name must be a non-empty string, found {name!r}")
+        if not isinstance(url, str) or not url.startswith("https://"):
+            raise ConfigError(f"{path}: {where}.url must be an https:// URL (mutual TLS), found {url!r}")
+        nodes.append(FleetNode(name, url, _labels(entry.get("labels") or {}, f"{where}.labels", path),
+                               _str_list(entry.get("models") or [], f"{where}.models", path)))
+    names = [n.name for n in nodes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: fleet.nodes: each name once, found {dupes} more than once")
+    return FleetSettings(nodes=tuple(nodes), **numbers)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NODE_STATES = ("active", "draining", "drained", "down")
 
 
 class GatewayMetrics:
@@ -29,3 +33,26 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "appliance_requests_in_flight", "Requests being generated now.", registry=self.registry
         )
+        self.node_requests = Counter(
+            "appliance_node_requests_total", "Requests sent to each engine node, by outcome code "
+            "(completed, failed, aborted, retried).", ["node", "code"], registry=self.registry,
+        )
+        self.node_in_flight = Gauge(
+            "appliance_node_requests_in_flight", "This gateway's requests in flight on each engine node.", ["node"],
+            registry=self.registry,
+        )
+        self.node_state = Gauge(
+            "appliance_node_state", "1 for the state each engine node is in (active, draining, drained, down).",
+            ["node", "state"], registry=self.registry,
+        )
+
+    def set_node_state(self, node: str, state: str) -> None:
+        for name in NODE_STATES:
+            self.node_state.labels(node, name).set(1 if name == state else 0)
+
+    def forget_node(self, node: str) -> None:
+        for name in NODE_STATES:
+            with contextlib.suppress(KeyError):
+                self.node_state.remove(node, name)
+        with contextlib.suppress(KeyError):
+            self.node_in_flight.remove(node)

@@ -1,11 +1,19 @@
-"""Per-tenant request and token rate limits over a sliding one-minute window.
+"""Per-tenant request and token rate limits over a sliding one-minute window, and concurrency.
 
 Limits come from the tenant's policy; state is per tenant, so one tenant's burst never spends
-another tenant's budget.
+another tenant's budget. The gateway uses it in two steps:
+
+1. ``enter`` before any work (parsing aside): counts the request against requests-per-minute and
+   takes one of the tenant's concurrent slots. Refused requests count too: a flood of refusals
+   costs the flooder its own rate, nobody else's;
+2. ``reserve`` once the request is admitted: reserves its prompt tokens plus its ``max_tokens``
+   against tokens-per-minute and returns a ticket; ``settle(ticket, used)`` replaces the
+   reservation by what the request really used. A refused reservation takes nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -19,7 +27,8 @@ WINDOW_S = 60.0
 @dataclass
 class _Window:
     requests: deque[float] = field(default_factory=deque)
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    tokens: dict[int, tuple[float, int]] = field(default_factory=dict)  # ticket -> (time, tokens), in order
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,8 @@ class RateDecision:
     allowed: bool
     reason: str = ""
     retry_after_s: int = 0
+    code: str = "rate_limit_exceeded"
+    ticket: int = 0
 
 
 class RateLimiter:
@@ -34,44 +45,76 @@ class RateLimiter:
         self._clock = clock
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
+        self._tickets = itertools.count(1)
+        self._owner: dict[int, str] = {}
 
-    def _prune(self, win: _Window, now: float) -> None:
+    def _window(self, tenant: str, now: float) -> _Window:
+        win = self._windows.setdefault(tenant, _Window())
         while win.requests and now - win.requests[0] >= WINDOW_S:
             win.requests.popleft()
-        while win.tokens and now - win.tokens[0][0] >= WINDOW_S:
-            win.tokens.popleft()
+        for ticket in [t for t, (ts, _) in win.tokens.items() if now - ts >= WINDOW_S]:
+            del win.tokens[ticket]
+            self._owner.pop(ticket, None)
+        return win
 
-    def check_and_record(self, tenant: str, rpm: int, tpm: int, tokens: int) -> RateDecision:
-        """Admit one request that may use up to ``tokens`` tokens, or say when to retry."""
+    def enter(self, tenant: str, rpm: int, max_concurrent: int = 0) -> RateDecision:
+        """Count one request and take a concurrency slot (give it back with ``leave``)."""
         now = self._clock()
         with self._lock:
-            win = self._windows.setdefault(tenant, _Window())
-            self._prune(win, now)
+            win = self._window(tenant, now)
             if rpm > 0 and len(win.requests) >= rpm:
                 wait = WINDOW_S - (now - win.requests[0])
-                return RateDecision(
-                    False, f"rate limit of {rpm} requests per minute reached", max(1, math.ceil(wait))
-                )
-            used = sum(n for _, n in win.tokens)
-            if tpm > 0 and used + tokens > tpm:
-                wait = WINDOW_S - (now - win.tokens[0][0]) if win.tokens else WINDOW_S
-                return RateDecision(
-                    False,
-                    f"token limit of {tpm} tokens per minute reached ({used} used, {tokens} requested)",
-                    max(1, math.ceil(wait)),
-                )
+                return RateDecision(False, f"rate limit of {rpm} requests per minute reached",
+                                    max(1, math.ceil(wait)))
             win.requests.append(now)
-            win.tokens.append((now, tokens))
+            if max_concurrent > 0 and win.in_flight >= max_concurrent:
+                return RateDecision(False, f"concurrency limit of {max_concurrent} requests in flight reached",
+                                    1, "concurrency_limit_exceeded")
+            win.in_flight += 1
             return RateDecision(True)
 
-    def settle(self, tenant: str, reserved: int, used: int) -> None:
-        """Replace a reservation of ``reserved`` tokens by what the request really used."""
+    def leave(self, tenant: str) -> None:
         with self._lock:
             win = self._windows.get(tenant)
-            if win is None:
-                return
-            for i in range(len(win.tokens) - 1, -1, -1):
-                ts, n = win.tokens[i]
-                if n == reserved:
-                    win.tokens[i] = (ts, used)
-                    return
+            if win is not None:
+                win.in_flight = max(0, win.in_flight - 1)
+
+    def in_flight(self, tenant: str) -> int:
+        with self._lock:
+            win = self._windows.get(tenant)
+            return win.in_flight if win else 0
+
+    def reserve(self, tenant: str, tpm: int, tokens: int) -> RateDecision:
+        """Reserve up to ``tokens`` tokens of the tenant's per-minute budget."""
+        now = self._clock()
+        with self._lock:
+            win = self._window(tenant, now)
+            used = sum(n for _, n in win.tokens.values())
+            if tpm > 0 and used + tokens > tpm:
+                oldest = min((ts for ts, _ in win.tokens.values()), default=now)
+                wait = WINDOW_S - (now - oldest) if win.tokens else WINDOW_S
+                return RateDecision(
+                    False, f"token limit of {tpm} tokens per minute reached ({used} used, {tokens} requested)",
+                    max(1, math.ceil(wait)))
+            ticket = next(self._tickets)
+            win.tokens[ticket] = (now, tokens)
+            self._owner[ticket] = tenant
+            return RateDecision(True, ticket=ticket)
+
+    def settle(self, ticket: int, used: int) -> None:
+        """Replace the reservation ``ticket`` by the tokens the request really used."""
+        with self._lock:
+            tenant = self._owner.get(ticket)
+            win = self._windows.get(tenant) if tenant else None
+            if win is not None and ticket in win.tokens:
+                ts, _ = win.tokens[ticket]
+                win.tokens[ticket] = (ts, used)
+
+    def check_and_record(self, tenant: str, rpm: int, tpm: int, tokens: int) -> RateDecision:
+        """``enter`` and ``reserve`` in one (no concurrency slot is kept): for callers that only
+        meter a request, such as tests of the window."""
+        entered = self.enter(tenant, rpm)
+        if not entered.allowed:
+            return entered
+        self.leave(tenant)
+        return self.reserve(tenant, tpm, tokens)

@@ -1,9 +1,22 @@
-"""One tenant request, end to end: policy, rate limit, admission, audit, engine, audit.
+"""One tenant request, end to end: limits, policy, routing, admission, audit, engine node, audit.
 
-Every refusal is audited as ``rejected`` and answered with an OpenAI-style error; an ``accepted``
-record is committed before generation starts (if it cannot be, the request fails closed); the end of
-every admitted request is audited as ``completed``, ``failed`` or ``aborted`` with token counts,
-latency, node, region and hashes of prompt and output (never their text, never key material).
+The order is fixed and cheap checks come first, so a refused request costs little:
+
+1. ``enter``: requests per minute and the tenant's concurrent slots (refusals count too);
+2. policy: the model is allowed (policy or the tenant's grants), ``max_tokens`` within bounds, and
+   some node serving the model satisfies the tenant's residency (403 / 404 otherwise);
+3. the prompt is rendered and tokenized in a worker thread, one job per tenant at a time, never on
+   the event loop;
+4. the router picks a compliant, healthy node (503 when none is up); admission control checks the
+   class's TTFT target on that node counting others' queues only up to a fair share; the tenant's
+   token rate is reserved;
+5. an ``accepted`` record (node, labels, routing decision) is durable before generation starts.
+
+``run`` then streams from the node. A node that cannot be reached before the first token is
+reported down and the request is routed once more, to another compliant node (audited as
+``retried``); a node that fails mid-stream ends the request ``failed``, naming it. Every admitted
+request ends with a ``completed``, ``failed`` or ``aborted`` record carrying token counts,
+latency, the node and its labels, and keyed hashes of prompt and output (never their text).
 """
 
 from __future__ import annotations
@@ -13,20 +26,30 @@ import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from appliance.admission import AdmissionController
 from appliance.audit import AuditError, AuditLog
-from appliance.config import NodeConfig
 from appliance.errors import ApplianceError
+from appliance.fleet import Fleet
 from appliance.metrics import GatewayMetrics
-from appliance.openai_schema import ChatCompletionRequest
 from appliance.principal import Principal
 from appliance.ratelimit import RateLimiter
-from engine import AsyncEngine, SamplingParams
-from policies import NodeInfo, PolicySet, RequestContext
+from appliance.router import Route, Router, RouteRefused
+from engine import SamplingParams
+from engine.errors import EngineDeadError, EngineError, RequestError
+from engine.outputs import StreamDelta
+from engine.tokenizer.tokenizer import Tokenizer
+from policies import PolicySet
+
+AFFINITY_TOKENS = 64  # prompts sharing their first 64 tokens go to the same node while its load allows
+ECHO_LIMIT = 64  # characters of a client string echoed in an error or an audit record
 
 
 class RequestRejected(ApplianceError):
@@ -45,6 +68,24 @@ class RequestRejected(ApplianceError):
         self.param = param
 
 
+def short(text: str, limit: int = ECHO_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What the tenant asked for, from /v1/chat/completions (``messages``) or /v1/completions
+    (``prompt``), already validated by the request schema."""
+
+    model: str
+    max_tokens: int | None
+    sampling: dict[str, Any]  # SamplingParams fields other than max_tokens
+    stream: bool
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    prefix: str = "chatcmpl"
+
+
 @dataclass
 class Prepared:
     request_id: str
@@ -55,7 +96,13 @@ class Prepared:
     sla_class: str
     priority: int
     deadline: float
+    route: Route
+    ticket: int
+    prompt_hash: str
+    stream: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    retried_from: list[str] = field(default_factory=list)
+    _released: bool = False
 
 
 @dataclass
@@ -64,27 +111,39 @@ class Outcome:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str | None = None
+    node: str = ""
 
 
 class ChatService:
     def __init__(
-        self, *, engine: AsyncEngine, policies: PolicySet, audit: AuditLog, node: NodeConfig,
-        model_name: str, salt_key: bytes, metrics: GatewayMetrics, default_max_tokens: int = 512,
+        self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
+        metrics: GatewayMetrics, default_max_tokens: int = 512, tokenizer_threads: int = 4,
     ) -> None:
-        self.engine = engine
+        self.fleet = fleet
+        self.router = router
         self.policies = policies
         self.audit = audit
-        self.node = node
-        self.model_name = model_name
         self._salt_key = salt_key
         self.metrics = metrics
         self.limiter = RateLimiter()
         self.admission = AdmissionController()
         self.default_max_tokens = default_max_tokens
+        self._pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
+        # one tokenization job per tenant at a time: a tenant's huge prompts queue behind each
+        # other, never in front of another tenant's
+        self._tokenize_turn: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def cache_salt(self, tenant: str) -> str:
         """Derived on the server from the tenant: clients can never choose or learn it."""
         return hmac.new(self._salt_key, tenant.encode(), hashlib.sha256).hexdigest()
+
+    def keyed_hash(self, tenant: str, data: bytes) -> str:
+        """HMAC of content under a per-tenant key: equal contents are linkable inside a tenant's
+        records, and a guessed prompt cannot be confirmed without the appliance's key."""
+        return "hmac-sha256:" + hmac.new(self.cache_salt(tenant).encode(), data, hashlib.sha256).hexdigest()
 
     async def _audit(self, event_type: str, principal: Principal, request_id: str, data: dict[str, Any]) -> None:
         await asyncio.to_thread(
@@ -92,135 +151,257 @@ class ChatService:
             tenant=principal.tenant, request_id=request_id, data=data,
         )
 
-    async def _reject(self, principal: Principal, request_id: str, exc: RequestRejected, model: str) -> None:
+    async def _reject(self, principal: Principal, request_id: str, exc: RequestRejected, model: str,
+                      extra: dict[str, Any] | None = None) -> None:
         self.metrics.requests.labels(principal.tenant, "rejected").inc()
         try:
-            await self._audit(
-                "rejected", principal, request_id,
-                {"model": model, "status": exc.status, "code": exc.code, "reason": exc.message,
-                 "node": self.node.name},
-            )
+            await self._audit("rejected", principal, request_id, {
+                "model": short(model), "status": exc.status, "code": exc.code, "reason": short(exc.message, 500),
+                **(extra or {})})
         except AuditError as audit_exc:
             raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
                                   "audit_unavailable") from audit_exc
         raise exc
 
-    async def prepare(self, principal: Principal, req: ChatCompletionRequest) -> Prepared:
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        policy = self.policies.tenant_policy(principal.tenant)
-        if req.model != self.model_name:
+    # ---- admission ----------------------------------------------------------------------
+    async def prepare(self, principal: Principal, spec: InferenceSpec) -> Prepared:
+        request_id = f"{spec.prefix}-{uuid.uuid4().hex}"
+        tenant = principal.tenant
+        policy = self.policies.tenant_policy(tenant)
+        entered = self.limiter.enter(tenant, policy.rate_limit_rpm, policy.max_concurrent_requests)
+        if not entered.allowed:
             await self._reject(principal, request_id, RequestRejected(
-                404, f"model {req.model!r} is not served here; available: {self.model_name!r}",
-                "invalid_request_error", "model_not_found", param="model"), req.model)
-        max_tokens = req.requested_max_tokens(min(self.default_max_tokens, policy.max_tokens_per_request))
-        decision = self.policies.evaluate(RequestContext(
-            tenant=principal.tenant, model=req.model, requested_max_tokens=max_tokens,
-            nodes=[NodeInfo(name=self.node.name, labels=dict(self.node.labels))],
-        ))
-        if not decision.allowed:
-            status = 400 if decision.code == "max_tokens_exceeded" else 403
-            type_ = "invalid_request_error" if status == 400 else "permission_denied"
-            await self._reject(principal, request_id,
-                               RequestRejected(status, decision.reason, type_, decision.code), req.model)
-        sla = decision.sla_class
-        prompt = self.engine.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-        prompt_ids = self.engine.tokenizer.encode(prompt, add_special_tokens=False)  # template has them
-        rate = self.limiter.check_and_record(
-            principal.tenant, policy.rate_limit_rpm, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens
-        )
-        if not rate.allowed:
+                429, entered.reason, "rate_limit_exceeded", entered.code, entered.retry_after_s), spec.model)
+        try:
+            return await self._admit(principal, spec, request_id)
+        except BaseException:
+            self.limiter.leave(tenant)
+            raise
+
+    def _model_allowed(self, principal: Principal, model: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        grants = getattr(principal, "models", ())
+        return self.policies.tenant_policy(principal.tenant).allows_model(model) or any(
+            fnmatchcase(model, pattern) for pattern in grants)
+
+    async def _admit(self, principal: Principal, spec: InferenceSpec, request_id: str) -> Prepared:
+        tenant = principal.tenant
+        policy = self.policies.tenant_policy(tenant)
+        sla = self.policies.sla_classes[policy.sla_class]
+        model = spec.model
+        if not self._model_allowed(principal, model):
             await self._reject(principal, request_id, RequestRejected(
-                429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), req.model)
-        admit = self.admission.try_admit(self.node.name, len(prompt_ids), sla.ttft_target_ms)
+                403, f"model {short(model)!r} is not allowed for tenant {tenant!r}", "permission_denied",
+                "model_not_allowed", param="model"), model)
+        max_tokens = spec.max_tokens or min(self.default_max_tokens, policy.max_tokens_per_request)
+        if max_tokens > policy.max_tokens_per_request:
+            await self._reject(principal, request_id, RequestRejected(
+                400, f"max_tokens: expected at most {policy.max_tokens_per_request} for tenant {tenant!r}, "
+                f"found {max_tokens}", "invalid_request_error", "max_tokens_exceeded", param="max_tokens"), model)
+        try:
+            self.router.compliant(model, policy.residency)
+        except RouteRefused as refused:
+            await self._refuse_route(principal, request_id, refused, model)
+        tokenizer = self.fleet.tokenizer(model)
+        if tokenizer is None:
+            await self._reject(principal, request_id, RequestRejected(
+                503, f"no node serving {short(model)!r} is up yet; retry later", "server_error",
+                "no_compliant_node_available", retry_after_s=self.router.retry_after_s), model)
+            raise AssertionError("unreachable")  # for type checkers: _reject always raises
+        prompt_ids = await self._tokenize(tenant, tokenizer, spec)
+        if not prompt_ids:
+            await self._reject(principal, request_id, RequestRejected(
+                400, "the prompt is empty: expected at least one token", "invalid_request_error", "empty_prompt",
+                param="messages" if spec.messages is not None else "prompt"), model)
+        affinity = None
+        if len(prompt_ids) > AFFINITY_TOKENS:
+            head = b"".join(i.to_bytes(4, "little") for i in prompt_ids[:AFFINITY_TOKENS])
+            affinity = self.keyed_hash(tenant, head)
+        try:
+            route = self.router.route(model, policy.residency, affinity)
+        except RouteRefused as refused:
+            await self._refuse_route(principal, request_id, refused, model)
+            raise AssertionError("unreachable") from None
+        admit = self.admission.try_admit(route.node, tenant, sla.priority, len(prompt_ids), sla.ttft_target_ms,
+                                         policy.max_queued_tokens)
         if not admit.admitted:
+            message = admit.reason or (
+                f"node {route.node} cannot meet the {sla.name} TTFT target of {sla.ttft_target_ms} ms now "
+                f"(estimated {admit.estimated_ttft_ms:.0f} ms)")
             await self._reject(principal, request_id, RequestRejected(
-                429, f"node {self.node.name} cannot meet the {sla.name} TTFT target of {sla.ttft_target_ms} ms "
-                f"now (estimated {admit.estimated_ttft_ms:.0f} ms)", "overloaded", "sla_unattainable",
-                admit.retry_after_s), req.model)
+                429, message, "overloaded", "queue_limit_exceeded" if admit.reason else "sla_unattainable",
+                admit.retry_after_s), model, {"node": route.node, "routing": route.decision()})
+        release = (route.node, tenant, sla.priority, len(prompt_ids))
         try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                seed=req.seed, stop=req.stop_list() or None,
-                presence_penalty=req.presence_penalty or 0.0,
-                frequency_penalty=req.frequency_penalty or 0.0,
+            rate = self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens)
+            if not rate.allowed:
+                await self._reject(principal, request_id, RequestRejected(
+                    429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), model)
+            try:
+                params = SamplingParams(max_tokens=max_tokens, **spec.sampling)
+            except ValueError as exc:
+                await self._reject(principal, request_id, RequestRejected(
+                    400, str(exc), "invalid_request_error", "invalid_parameter"), model)
+                raise AssertionError("unreachable") from None
+            prep = Prepared(
+                request_id=request_id, principal=principal, model=model, prompt_ids=prompt_ids, params=params,
+                sla_class=sla.name, priority=sla.priority, deadline=time.time() + sla.deadline_ms / 1000.0,
+                route=route, ticket=rate.ticket, stream=spec.stream,
+                prompt_hash=self.keyed_hash(tenant, b"".join(i.to_bytes(4, "little") for i in prompt_ids)),
             )
-        except ValueError as exc:
-            self.admission.release(self.node.name, len(prompt_ids))
-            await self._reject(principal, request_id,
-                               RequestRejected(400, str(exc), "invalid_request_error", "invalid_parameter"),
-                               req.model)
-        prepared = Prepared(
-            request_id=request_id, principal=principal, model=req.model, prompt_ids=prompt_ids,
-            params=params, sla_class=sla.name, priority=sla.priority,
-            deadline=time.time() + sla.deadline_ms / 1000.0,
-        )
-        try:
             await self._audit("accepted", principal, request_id, {
-                "model": req.model, "node": self.node.name, "region": self.node.labels.get("region", ""),
+                "model": model, "node": route.node, "node_labels": dict(route.handle.node.labels),
+                "region": route.handle.node.labels.get("region", ""), "routing": route.decision(),
                 "sla_class": sla.name, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
-                "stream": req.stream, "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                "stream": spec.stream, "prompt_hash": prep.prompt_hash,
             })
         except AuditError as exc:
-            self.admission.release(self.node.name, len(prompt_ids))
+            self.admission.release(*release)
             raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
                                   "audit_unavailable") from exc
-        return prepared
+        except BaseException:
+            self.admission.release(*release)
+            raise
+        return prep
+
+    async def _refuse_route(self, principal: Principal, request_id: str, refused: RouteRefused, model: str) -> None:
+        type_ = {403: "permission_denied", 404: "invalid_request_error"}.get(refused.status, "server_error")
+        await self._reject(principal, request_id, RequestRejected(
+            refused.status, refused.message, type_, refused.code, refused.retry_after_s,
+            param="model" if refused.status == 404 else None), model, {"routing": refused.decision})
+
+    async def _tokenize(self, tenant: str, tokenizer: Tokenizer, spec: InferenceSpec) -> list[int]:
+        def work() -> list[int]:
+            if spec.messages is not None:
+                return tokenizer.encode_chat(spec.messages, add_generation_prompt=True)
+            return tokenizer.encode(spec.prompt or "", add_special_tokens=True)
+
+        async with self._tokenize_turn[tenant]:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+            except EngineError as exc:
+                raise RequestRejected(400, f"cannot build the prompt: {short(str(exc), 300)}",
+                                      "invalid_request_error", "invalid_prompt") from exc
+
+    # ---- generation ---------------------------------------------------------------------
+    async def _open(self, prep: Prepared) -> tuple[Any, StreamDelta]:
+        """Start generation on the routed node and wait for its first delta; a node that cannot
+        be reached is reported down and the request goes once to another compliant node."""
+        tenant = prep.principal.tenant
+        while True:
+            node = prep.route.node
+            self.fleet.acquire(node)
+            stream = prep.route.handle.client.generate(
+                prep.request_id, prep.prompt_ids, prep.params, cache_salt=self.cache_salt(tenant),
+                priority=prep.priority, deadline=prep.deadline)
+            try:
+                return stream, await anext(stream)
+            except RequestError:
+                self.fleet.release(node)
+                raise
+            except (EngineDeadError, httpx.HTTPError, OSError) as exc:
+                self.fleet.release(node)
+                self.metrics.node_requests.labels(node, "retried" if not prep.retried_from else "failed").inc()
+                await self.fleet.report_failure(node, f"{type(exc).__name__}: {short(str(exc), 200)}")
+                policy = self.policies.tenant_policy(tenant)
+                self.admission.release(node, tenant, prep.priority, len(prep.prompt_ids))
+                if prep.retried_from:
+                    raise
+                prep.retried_from.append(node)
+                try:
+                    prep.route = self.router.route(prep.model, policy.residency, None, frozenset(prep.retried_from))
+                except RouteRefused as refused:
+                    raise EngineDeadError(f"node {node} failed and {refused.message}") from exc
+                self.admission.try_admit(prep.route.node, tenant, prep.priority, len(prep.prompt_ids), 10**9)
+                await self._audit("retried", prep.principal, prep.request_id, {
+                    "failed_node": node, "error": f"{type(exc).__name__}"[:100], "node": prep.route.node,
+                    "routing": prep.route.decision()})
 
     async def run(self, prep: Prepared, outcome: Outcome) -> AsyncIterator[tuple[str, str | None]]:
-        """Yield ``(text delta, finish_reason)`` pairs; audits the end however it comes."""
+        """Yield ``(text delta, finish_reason)`` pairs; audits the end however it comes. The first
+        pair is only yielded once the node produced its first token, so a caller that awaits it
+        before answering can still answer an HTTP error."""
         start = time.monotonic()
         first_at: float | None = None
-        hasher = hashlib.sha256()
         tenant = prep.principal.tenant
         self.metrics.in_flight.inc()
         status = "failed"
         error = ""
+        stream: Any = None
         try:
-            async for delta in self.engine.generate(
-                prep.request_id, prep.prompt_ids, prep.params, cache_salt=self.cache_salt(tenant),
-                priority=prep.priority, deadline=prep.deadline,
-            ):
+            stream, delta = await self._open(prep)
+            while True:
                 if first_at is None:
                     first_at = time.monotonic()
-                    self.admission.first_token(self.node.name, len(prep.prompt_ids), first_at - start)
+                    self.admission.first_token(prep.route.node, tenant, prep.priority, len(prep.prompt_ids),
+                                               first_at - start)
                     self.metrics.ttft.labels(prep.sla_class).observe(first_at - start)
                 outcome.text += delta.text
                 outcome.completion_tokens = delta.num_output_tokens
                 outcome.prompt_tokens = delta.num_prompt_tokens
-                hasher.update(delta.text.encode())
                 if delta.finished:
                     outcome.finish_reason = delta.finish_reason
                 yield delta.text, (delta.finish_reason if delta.finished else None)
+                if delta.finished:
+                    break
+                delta = await anext(stream)
             status = "completed"
+        except StopAsyncIteration:
+            error = "node ended the stream without a final token"
         except (asyncio.CancelledError, GeneratorExit):
             status = "aborted"
-            await asyncio.shield(self.engine.abort(prep.request_id))
+            if stream is not None:
+                await asyncio.shield(self._abort(prep))
             raise
-        except Exception as exc:  # the engine failed this request; audit it, then report it
+        except Exception as exc:  # the node failed this request; audit it, then report it
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            if first_at is None:
-                self.admission.release(self.node.name, len(prep.prompt_ids))
-            self.metrics.in_flight.dec()
-            elapsed = time.monotonic() - start
-            self.metrics.latency.labels(prep.sla_class).observe(elapsed)
-            self.metrics.requests.labels(tenant, status).inc()
-            self.metrics.prompt_tokens.labels(tenant).inc(outcome.prompt_tokens)
-            self.metrics.completion_tokens.labels(tenant).inc(outcome.completion_tokens)
-            self.limiter.settle(tenant, len(prep.prompt_ids) + prep.params.max_tokens,
-                                outcome.prompt_tokens + outcome.completion_tokens)
-            data: dict[str, Any] = {
-                "model": prep.model, "node": self.node.name, "region": self.node.labels.get("region", ""),
-                "prompt_tokens": outcome.prompt_tokens or len(prep.prompt_ids),
-                "completion_tokens": outcome.completion_tokens, "finish_reason": outcome.finish_reason,
-                "ttft_ms": None if first_at is None else round((first_at - start) * 1000, 3),
-                "latency_ms": round(elapsed * 1000, 3), "output_sha256": hasher.hexdigest(),
-            }
-            if error:
-                data["error"] = error[:500]
-            # Written synchronously: this block may run during cancellation, when awaiting is unsafe.
-            self.audit.append(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
-                              request_id=prep.request_id, data=data)
+            await self._finish(prep, outcome, status, error, start, first_at, stream)
+
+    async def _abort(self, prep: Prepared) -> None:
+        try:
+            await prep.route.handle.client.abort(prep.request_id)
+        except Exception:  # the node is gone; its requests went with it
+            pass
+
+    async def _finish(self, prep: Prepared, outcome: Outcome, status: str, error: str, start: float,
+                      first_at: float | None, stream: Any) -> None:
+        tenant = prep.principal.tenant
+        node = prep.route.node
+        outcome.node = node
+        if stream is not None:
+            self.fleet.release(node)
+            self.metrics.node_requests.labels(node, status).inc()
+            if hasattr(stream, "aclose"):
+                await asyncio.shield(stream.aclose())
+        if first_at is None and stream is not None:
+            self.admission.release(node, tenant, prep.priority, len(prep.prompt_ids))
+        self.limiter.leave(tenant)
+        self.metrics.in_flight.dec()
+        elapsed = time.monotonic() - start
+        self.metrics.latency.labels(prep.sla_class).observe(elapsed)
+        self.metrics.requests.labels(tenant, status).inc()
+        self.metrics.prompt_tokens.labels(tenant).inc(outcome.prompt_tokens)
+        self.metrics.completion_tokens.labels(tenant).inc(outcome.completion_tokens)
+        self.limiter.settle(prep.ticket, (outcome.prompt_tokens or len(prep.prompt_ids)) + outcome.completion_tokens)
+        data: dict[str, Any] = {
+            "model": prep.model, "node": node, "node_labels": dict(prep.route.handle.node.labels),
+            "region": prep.route.handle.node.labels.get("region", ""),
+            "prompt_tokens": outcome.prompt_tokens or len(prep.prompt_ids),
+            "completion_tokens": outcome.completion_tokens, "finish_reason": outcome.finish_reason,
+            "ttft_ms": None if first_at is None else round((first_at - start) * 1000, 3),
+            "latency_ms": round(elapsed * 1000, 3), "output_hash": self.keyed_hash(tenant, outcome.text.encode()),
+        }
+        if prep.retried_from:
+            data["retried_from"] = list(prep.retried_from)
+        if error:
+            data["error"] = error[:500]
+        append: Callable[[], Any] = lambda: self.audit.append(  # noqa: E731
+            status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
+            request_id=prep.request_id, data=data)
+        # In a worker thread, shielded: this may run while the request is being cancelled, and the
+        # record must still be written in full.
+        await asyncio.shield(asyncio.to_thread(append))
+

@@ -8,6 +8,7 @@ tokenized (and chat templates rendered) exactly as the node would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import tempfile
@@ -45,14 +46,16 @@ def _rejection(status: int, raw: bytes) -> EngineError:
 class RemoteEngine:
     def __init__(
         self, base_url: str, *, ca_cert: str | Path, client_cert: str | Path, client_key: str | Path,
-        timeout_s: float = 30.0,
+        timeout_s: float = 30.0, read_timeout_s: float | None = None, max_connections: int = 1024,
     ) -> None:
         if not base_url.startswith("https://"):
             raise ValueError(f"base_url: expected an https:// URL; got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._ssl = client_ssl_context(Path(ca_cert), Path(client_cert), Path(client_key))
-        # no read timeout on streams: a long generation may pause between tokens under load
-        self._timeout = httpx.Timeout(timeout_s, read=None)
+        # read_timeout_s bounds the wait for the first token (the node answers when it has one) and
+        # between two tokens; None: no limit (a long generation may pause under load)
+        self._timeout = httpx.Timeout(timeout_s, read=read_timeout_s)
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: Tokenizer | None = None
         self._stats: dict[str, Any] = {}
@@ -61,7 +64,8 @@ class RemoteEngine:
     async def start(self) -> None:
         if self._client is not None:
             return
-        self._client = httpx.AsyncClient(base_url=self.base_url, verify=self._ssl, timeout=self._timeout)
+        self._client = httpx.AsyncClient(base_url=self.base_url, verify=self._ssl, timeout=self._timeout,
+                                         limits=self._limits)
         try:
             resp = await self._client.get("/v1/tokenizer")
             resp.raise_for_status()
@@ -76,6 +80,9 @@ class RemoteEngine:
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             await self.shutdown()
             raise EngineDeadError(f"node {self.base_url} unreachable or refused: {exc!r}") from exc
+        except BaseException:  # cancelled (a timeout): no half-started client, so start() can run again
+            await asyncio.shield(self.shutdown())
+            raise
 
     async def shutdown(self) -> None:
         if self._client is not None:

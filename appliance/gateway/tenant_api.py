@@ -1,28 +1,56 @@
-"""Tenant API: ``/v1/models`` and ``/v1/chat/completions`` (streaming and not), OpenAI-compatible."""
+"""Tenant API, OpenAI-compatible: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``
+(streaming and not).
+
+A request is admitted and its first token obtained before any response starts, so every refusal,
+a prompt the node rejects, or no reachable node, is an HTTP error with the OpenAI envelope; once
+streaming, a failure is an ``error`` event with a ``code``. A non-streaming request whose client
+disconnects is aborted on its node and audited ``aborted``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
+from appliance.openai_completions import CompletionRequest
 from appliance.openai_schema import ChatCompletionRequest
-from appliance.service import Outcome, Prepared, RequestRejected
+from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
 from engine import RequestError
+from engine.errors import EngineDeadError
 
 router = APIRouter(prefix="/v1")
+
+MIN_TEMPERATURE = 1e-5  # below this the sampler's division overflows: such a request is served greedily
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    return {
+        "temperature": 0.0 if temperature < MIN_TEMPERATURE else temperature,
+        "top_p": 1.0 if req.top_p is None else float(req.top_p),
+        "seed": None if req.seed is None else req.seed % 2**63,
+        "stop": req.stop_list() or None,
+        "presence_penalty": float(req.presence_penalty or 0.0),
+        "frequency_penalty": float(req.frequency_penalty or 0.0),
+    }
 
 
 @router.get("/models")
 def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+    """The models this tenant may use, on nodes its residency allows (whether up or not)."""
     policy = runtime.policies.tenant_policy(principal.tenant)
-    name = runtime.config.model_name
-    allowed = "*" in policy.allowed_models or name in policy.allowed_models
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "sovereign-appliance"}] if allowed else []
+    names: set[str] = set()
+    for handle in runtime.fleet.handles():
+        if policy.residency.matches(handle.node.labels):
+            names.update(m for m in handle.node.models if runtime.service._model_allowed(principal, m))
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "sovereign-appliance"} for name in sorted(names)]
     return {"object": "list", "data": data}
 
 
@@ -34,59 +62,146 @@ def _usage(outcome: Outcome) -> dict[str, int]:
     }
 
 
-def _chunk(prep: Prepared, delta: dict[str, Any], finish: str | None, usage: Any = None) -> str:
-    body: dict[str, Any] = {
-        "id": prep.request_id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else [],
-    }
-    if usage is not None:
+def _http_error(exc: Exception) -> RequestRejected:
+    """An error before the first token, as the HTTP error the client gets."""
+    if isinstance(exc, RequestRejected):
+        return exc
+    if isinstance(exc, RequestError):
+        return RequestRejected(400, str(exc)[:500], "invalid_request_error", type(exc).__name__)
+    if isinstance(exc, EngineDeadError):
+        return RequestRejected(503, "no compliant engine node could serve the request now; retry later",
+                               "server_error", "no_compliant_node_available", retry_after_s=5)
+    return RequestRejected(502, "the engine node failed the request", "server_error", "node_failed")
+
+
+Chunk = Callable[[Prepared, str | None, str | None, Any], str]
+
+
+def _chat_chunk(prep: Prepared, text: str | None, finish: str | None, usage: Any = None) -> str:
+    body: dict[str, Any] = {"id": prep.request_id, "object": "chat.completion.chunk", "created": prep.created,
+                            "model": prep.model, "choices": []}
+    if usage is None:
+        delta = {"role": "assistant", "content": ""} if text is None and finish is None else (
+            {"content": text} if text else {})
+        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    else:
         body["usage"] = usage
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(runtime: RuntimeDep, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
-    outcome = Outcome()
-    yield _chunk(prep, {"role": "assistant", "content": ""}, None)
+def _text_chunk(prep: Prepared, text: str | None, finish: str | None, usage: Any = None) -> str:
+    body: dict[str, Any] = {"id": prep.request_id, "object": "text_completion", "created": prep.created,
+                            "model": prep.model, "choices": []}
+    if usage is None:
+        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
+    else:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _sse(stream: AsyncIterator[tuple[str, str | None]], first: tuple[str, str | None], prep: Prepared,
+               outcome: Outcome, chunk: Chunk, include_usage: bool, opening: bool) -> AsyncIterator[str]:
     try:
-        async for text, finish in runtime.service.run(prep, outcome):
+        if opening:
+            yield chunk(prep, None, None, None)
+        text, finish = first
+        while True:
             if text or finish:
-                yield _chunk(prep, {"content": text} if text else {}, finish)
+                yield chunk(prep, text, finish, None)
+            if finish:
+                break
+            text, finish = await anext(stream)
+    except StopAsyncIteration:
+        pass
     except RequestError as exc:
-        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
+        yield "data: " + json.dumps({"error": {"message": str(exc)[:500], "type": "invalid_request_error",
+                                               "param": None, "code": type(exc).__name__}}) + "\n\n"
         return
     except Exception:
-        yield "data: " + json.dumps({"error": {"message": "generation failed", "type": "server_error"}}) + "\n\n"
+        yield "data: " + json.dumps({"error": {
+            "message": f"the engine node {outcome.node or prep.route.node} failed during generation",
+            "type": "server_error", "param": None, "code": "node_failed"}}) + "\n\n"
         return
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
     if include_usage:
-        yield _chunk(prep, None, None, usage=_usage(outcome))  # type: ignore[arg-type]
+        yield chunk(prep, None, None, _usage(outcome))
     yield "data: [DONE]\n\n"
+
+
+async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep, spec: InferenceSpec,
+                 include_usage: bool, chat: bool) -> JSONResponse | StreamingResponse:
+    prep = await runtime.service.prepare(principal, spec)
+    outcome = Outcome()
+    stream = runtime.service.run(prep, outcome)
+    headers = {"Cache-Control": "no-cache", "X-Request-Id": prep.request_id}
+    if spec.stream:
+        try:
+            first = await anext(stream)
+        except Exception as exc:
+            raise _http_error(exc) from exc
+        return StreamingResponse(
+            _sse(stream, first, prep, outcome, _chat_chunk if chat else _text_chunk, include_usage, chat),
+            media_type="text/event-stream", headers=headers)
+    await _collect_unless_disconnected(request, stream)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": outcome.finish_reason or "stop", "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": outcome.text}
+    else:
+        choice["text"] = outcome.text
+    return JSONResponse({"id": prep.request_id, "object": "chat.completion" if chat else "text_completion",
+                         "created": prep.created, "model": prep.model, "choices": [choice], "usage": _usage(outcome)},
+                        headers={"X-Request-Id": prep.request_id})
+
+
+async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[tuple[str, str | None]]) -> None:
+    """Run the generation to its end, unless the client goes away first: then it is cancelled (the
+    node aborts it and the record says ``aborted``)."""
+    async def collect() -> None:
+        async for _ in stream:
+            pass
+
+    async def disconnected() -> None:
+        while True:  # the body is read already: the next message is the disconnect
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    work = asyncio.create_task(collect())
+    watch = asyncio.create_task(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+    if work in done:
+        exc = work.exception()
+        if exc is not None:
+            raise _http_error(exc) from exc  # type: ignore[arg-type]
+        return
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
+    raise RequestRejected(499, "client closed the request", "invalid_request_error", "client_disconnected")
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, runtime: RuntimeDep, principal: PrincipalDep
+    body: ChatCompletionRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse | StreamingResponse:
-    prep = await runtime.service.prepare(principal, body)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _sse(runtime, prep, include_usage), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": prep.request_id},
-        )
-    outcome = Outcome()
-    try:
-        async for _text, _finish in runtime.service.run(prep, outcome):
-            pass
-    except RequestError as exc:
-        raise RequestRejected(400, str(exc), "invalid_request_error", "invalid_request") from exc
-    return JSONResponse(
-        {
-            "id": prep.request_id, "object": "chat.completion", "created": prep.created, "model": prep.model,
-            "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": outcome.text},
-                "finish_reason": outcome.finish_reason or "stop", "logprobs": None,
-            }],
-            "usage": _usage(outcome),
-        },
-        headers={"X-Request-Id": prep.request_id},
-    )
+    spec = InferenceSpec(model=body.model, max_tokens=body.requested_max_tokens(0) or None,
+                         sampling=_sampling(body), stream=body.stream, messages=body.template_messages())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _serve(request, runtime, principal, spec, include_usage, chat=True)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
+) -> JSONResponse | StreamingResponse:
+    spec = InferenceSpec(model=body.model, max_tokens=body.max_tokens, sampling=_sampling(body), stream=body.stream,
+                         prompt=body.prompt_text(), prefix="cmpl")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _serve(request, runtime, principal, spec, include_usage, chat=False)

@@ -36,8 +36,10 @@ def _error(status: int, exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": error_body(exc)}, status_code=status)
 
 
-def build_app(engine: AsyncEngine, model_dir: Path, model_name: str | None = None) -> FastAPI:
-    """The engine must be started (and later shut down) by the caller, e.g. in a lifespan."""
+def build_app(engine: AsyncEngine, model_dir: Path, model_name: str | None = None,
+              health_info: dict[str, Any] | None = None) -> FastAPI:
+    """The engine must be started (and later shut down) by the caller, e.g. in a lifespan.
+    ``health_info`` is added to /health's answer (e.g. the release version a supervisor waits for)."""
     app = FastAPI(title="engine node", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = EngineMetrics(engine.stats, model_name or model_dir.name)
     app.state.metrics = metrics
@@ -77,8 +79,8 @@ def build_app(engine: AsyncEngine, model_dir: Path, model_name: str | None = Non
     @app.get("/health", response_model=None)
     async def health() -> Response:
         if engine.is_running:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse({**(health_info or {}), "status": "ok"})
+        return JSONResponse({**(health_info or {}), "status": "unavailable"}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

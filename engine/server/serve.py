@@ -27,6 +27,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8443
     engine: dict[str, Any] = field(default_factory=dict)  # extra EngineConfig fields
+    health_info: dict[str, Any] = field(default_factory=dict)  # added to /health's answer
 
     def __post_init__(self) -> None:
         for name in ("tls_cert", "tls_key", "client_ca"):
@@ -51,7 +52,7 @@ def make_app(config: ServeConfig) -> tuple[FastAPI, AsyncEngine]:
         finally:
             await engine.shutdown()
 
-    app = build_app(engine, Path(config.model))
+    app = build_app(engine, Path(config.model), health_info=config.health_info)
     app.router.lifespan_context = lifespan
     return app, engine
 

@@ -1,0 +1,87 @@
+"""The legacy OpenAI ``/v1/completions`` request: a plain prompt, no chat template.
+
+Validated as strictly as chat requests (appliance/openai_schema.py): no type coercion, unknown
+fields ignored as OpenAI does, one prompt (a string, or a list holding exactly one string), ``n``
+and ``best_of`` of 1, and no ``echo``/``suffix``/``logprobs`` (refused rather than silently
+dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from appliance.openai_schema import StreamOptions, check_text, request_limits
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    user: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        limit = request_limits.get().max_model_chars
+        if len(value) > limit:
+            raise ValueError(f"model is at most {limit} characters, found {len(value)}")
+        return check_text(value, "model")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(f"exactly one prompt per request is supported, found {len(value)}")
+        text = value if isinstance(value, str) else value[0]
+        limit = request_limits.get().max_total_chars
+        if len(text) > limit:
+            raise ValueError(f"prompt is at most {limit} characters, found {len(text)}")
+        if not text:
+            raise ValueError("a non-empty prompt, found an empty string")
+        check_text(text, "prompt")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, found {len(stops)}")
+        limit = request_limits.get().max_stop_chars
+        for stop in stops:
+            if len(stop) > limit:
+                raise ValueError(f"each stop sequence is at most {limit} characters, found {len(stop)}")
+            check_text(stop, "stop")
+        return value
+
+    @field_validator("echo", "suffix", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> Any:
+        if value not in (None, False):
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
