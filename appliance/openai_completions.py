@@ -12,7 +12,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from appliance.openai_schema import StreamOptions, check_text, request_limits
+from appliance.openai_schema import StreamOptions
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_SHORT_CHARS = 256  # model name, each stop sequence
+
+
+def check_text(value: str, field: str) -> str:
+    """Refuse a string that cannot be UTF-8 text (a lone surrogate from a ``\\udXXX`` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} holds a lone UTF-16 surrogate at character {exc.start}; "
+                         "expected valid Unicode text") from None
+    return value
 
 
 class CompletionRequest(BaseModel):
@@ -39,7 +52,7 @@ class CompletionRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        limit = request_limits.get().max_model_chars
+        limit = MAX_SHORT_CHARS
         if len(value) > limit:
             raise ValueError(f"model is at most {limit} characters, found {len(value)}")
         return check_text(value, "model")
@@ -50,7 +63,7 @@ class CompletionRequest(BaseModel):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError(f"exactly one prompt per request is supported, found {len(value)}")
         text = value if isinstance(value, str) else value[0]
-        limit = request_limits.get().max_total_chars
+        limit = MAX_PROMPT_CHARS
         if len(text) > limit:
             raise ValueError(f"prompt is at most {limit} characters, found {len(text)}")
         if not text:
@@ -64,7 +77,7 @@ class CompletionRequest(BaseModel):
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop sequences are allowed, found {len(stops)}")
-        limit = request_limits.get().max_stop_chars
+        limit = MAX_SHORT_CHARS
         for stop in stops:
             if len(stop) > limit:
                 raise ValueError(f"each stop sequence is at most {limit} characters, found {len(stop)}")
