@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,13 @@ class Tokenizer:
         source = _chat_template_source(model_dir, config)
         self._chat = ChatTemplate(source, self.bos_token, self.eos_token) if source else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # For encode_chat: the added tokens' texts (control tokens) and a second tokenizer that
+        # encodes their text as ordinary characters (used for message contents).
+        self._added = {tok.content: tid for tid, tok in self._tok.get_added_tokens_decoder().items()}
+        by_length = sorted(self._added, key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")" if by_length else "(?!)")
+        self._plain = _HFTokenizer.from_file(str(path))
+        self._plain.encode_special_tokens = True
 
     @property
     def has_chat_template(self) -> bool:
@@ -83,5 +92,44 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        ids: list[int] = self.apply_chat_template(messages, add_generation_prompt, tokenize=True)
-        return ids
+        """Prompt ids for a chat whose control tokens come only from the template.
+
+        Message contents are text: ``<|im_start|>`` typed by a user is encoded as the characters
+        it is made of, never as the control token. For contents without such text the ids are
+        exactly ``encode(apply_chat_template(...), add_special_tokens=False)``: the rendered
+        prompt is cut at the added tokens the template wrote (as ``encode`` cuts it at every
+        added token) and each piece between them is encoded alone, with added-token text in it
+        read as plain text.
+        """
+        if self._chat is None:
+            raise ChatTemplateError("model has no chat template: expected tokenizer_config.json "
+                                    "'chat_template' or chat_template.jinja; found neither")
+        # Each content is wrapped in markers no client can forge (a fresh nonce per call), so the
+        # rendered text says which characters came from a message and which from the template.
+        nonce = secrets.token_hex(8)
+        start, end = f"\ue000{nonce}\ue001", f"\ue001{nonce}\ue000"
+        marked = [
+            {**m, "content": f"{start}{m['content']}{end}"} if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
+        rendered = self._chat.render(marked, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        piece: list[str] = []  # text since the last control token
+        for i, part in enumerate(rendered.split(start)):
+            content, found, template = part.rpartition(end) if i else ("", "", part)
+            if (i and not found) or end in content or "\ue000" in template or "\ue001" in template:
+                raise ChatTemplateError("chat template does not copy message contents verbatim; "
+                                        "expected each content once, as given")
+            piece.append(content)
+            for j, text in enumerate(self._added_re.split(template)):
+                if j % 2:  # a control token the template wrote
+                    ids += self._encode_plain("".join(piece))
+                    ids.append(self._added[text])
+                    piece = []
+                else:
+                    piece.append(text)
+        return ids + self._encode_plain("".join(piece))
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of text in which added-token text (``<|im_start|>``) is read as plain characters."""
+        return list(self._plain.encode(text, add_special_tokens=False).ids) if text else []
