@@ -1,27 +1,98 @@
 """OpenAI-compatible request and response shapes for the tenant API.
 
 Requests are validated strictly: unknown roles, empty messages, ``n`` other than 1 and out-of-range
-sampling values are refused with a 400 naming the field, before anything reaches the engine.
+sampling values are refused with a 400 naming the field, before anything reaches the engine. Types
+are not coerced (``"10"`` is not a number, ``"yes"`` is not a boolean; an integer is a valid float,
+as OpenAI accepts ``temperature: 1``). Strings holding a lone UTF-16 surrogate (``"\\ud800"``, valid
+JSON that no UTF-8 text can hold) are refused naming the field. Sizes are capped by
+``RequestLimits``: the gateway sets the configured limits for each request (``request_limits``), and
+each refusal names the limit and what was found.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Below this a temperature divides logits into infinities: the sampler would return garbage, so the
+# request is served greedily (temperature 0), which is what such a temperature asks for.
+MIN_TEMPERATURE = 1e-5
+# top_p at or below this keeps only the most likely token either way.
+MIN_TOP_P = 1e-5
+SEED_RANGE = 2**63  # the sampler's seeds are in [0, 2**63); other integers are reduced modulo this
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on what one request may hold (checked while the body is validated)."""
+
+    max_messages: int = 2048
+    max_total_chars: int = 1_000_000  # all message contents together
+    max_stop_chars: int = 256  # each stop sequence
+    max_model_chars: int = 256
+    max_name_chars: int = 256  # message names and ``user``
+
+    def __post_init__(self) -> None:
+        for name in ("max_messages", "max_total_chars", "max_stop_chars", "max_model_chars", "max_name_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
+
+
+# The limits in force for the request being validated; the gateway's edge middleware sets the
+# configured ones for each request (pydantic validators cannot receive arguments from FastAPI).
+request_limits: ContextVar[RequestLimits] = ContextVar("request_limits", default=RequestLimits())  # noqa: B039 (frozen)
+
+
+def check_text(value: str, field: str) -> str:
+    """Refuse strings that cannot be UTF-8 text: a lone surrogate from a ``\\udXXX`` JSON escape."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{field} holds a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X} at character {exc.start}); "
+            "expected valid Unicode text"
+        ) from None
+    return value
+
+
+def _cap(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise ValueError(f"{field} is at most {limit} characters, found {len(value)}")
+    return check_text(value, field)
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, value: str) -> str:
+        return check_text(value, "text")
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        return check_text(value, "content") if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        return None if value is None else _cap(value, "name", request_limits.get().max_name_chars)
 
     def text(self) -> str:
         if self.content is None:
@@ -30,35 +101,88 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def text_length(self) -> int:
+        if self.content is None:
+            return 0
+        if isinstance(self.content, str):
+            return len(self.content)
+        return sum(len(part.text) for part in self.content)
+
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
+@dataclass(frozen=True)
+class SamplingValues:
+    """What the sampler is asked for, after clamping to what it can honour."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    presence_penalty: float
+    frequency_penalty: float
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     user: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _valid_model(cls, value: str) -> str:
+        return _cap(value, "model", request_limits.get().max_model_chars)
+
+    @field_validator("user")
+    @classmethod
+    def _valid_user(cls, value: str | None) -> str | None:
+        return None if value is None else _cap(value, "user", request_limits.get().max_name_chars)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _message_count(cls, value: Any) -> Any:
+        # Checked before the items are validated, so an oversized list costs one len().
+        limit = request_limits.get().max_messages
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"at most {limit} messages are allowed, found {len(value)}")
+        return value
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError(f"at most 4 stop sequences are allowed, found {len(value)}")
+        limit = request_limits.get().max_stop_chars
+        for stop in [value] if isinstance(value, str) else value or []:
+            if not stop:
+                raise ValueError("stop sequences must be non-empty strings, found ''")
+            _cap(stop, "stop sequence", limit)
         return value
+
+    @model_validator(mode="after")
+    def _total_chars(self) -> ChatCompletionRequest:
+        limit = request_limits.get().max_total_chars
+        total = sum(m.text_length() for m in self.messages)
+        if total > limit:
+            raise ValueError(f"messages hold at most {limit} characters in all, found {total}")
+        return self
 
     def requested_max_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -67,6 +191,22 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> SamplingValues:
+        """The sampling values to serve: OpenAI's defaults filled in, then clamped to what the
+        sampler honours (a temperature below ``MIN_TEMPERATURE`` is greedy, a ``top_p`` below
+        ``MIN_TOP_P`` is ``MIN_TOP_P``, a seed outside [0, 2**63) is taken modulo 2**63)."""
+        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        top_p = 1.0 if self.top_p is None else max(float(self.top_p), MIN_TOP_P)
+        return SamplingValues(
+            temperature=temperature, top_p=top_p,
+            seed=None if self.seed is None else self.seed % SEED_RANGE,
+            stop=self.stop_list(),
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+        )
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]

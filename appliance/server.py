@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from appliance.errors import PortInUseError
+from appliance.gateway.edge import EdgeLimits
+from appliance.gateway.protocol import deadline_protocol
 from appliance.tls import TlsFiles, ensure_tls, installer_tls
 
 if TYPE_CHECKING:
@@ -65,13 +67,30 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def build_server(runtime: Runtime, host: str, port: int) -> uvicorn.Server:
+def configured_limits(runtime: Runtime) -> EdgeLimits:
+    """The edge limits of the installed configuration (``config.edge`` once appliance.yaml carries
+    them), else the defaults."""
+    limits = getattr(runtime.config, "edge", None)
+    return limits if isinstance(limits, EdgeLimits) else EdgeLimits()
+
+
+def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | None = None) -> uvicorn.Server:
+    """uvicorn over TLS with the edge limits on the sockets: a deadline for each request head (the
+    protocol), a connection cap, a concurrency cap, a keep-alive timeout and a cap on the size of
+    a request head; the app adds the body and request limits."""
     from appliance.gateway import create_app
 
+    limits = limits or configured_limits(runtime)
     check_port_free(host, port)
     tls = tls_for(runtime, host)
     config = uvicorn.Config(
-        create_app(runtime), host=host, port=port, ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key),
-        log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+        create_app(runtime, limits=limits), host=host, port=port, ssl_certfile=str(tls.cert),
+        ssl_keyfile=str(tls.key), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+        http=deadline_protocol(limits.header_read_timeout_s, limits.max_connections),
+        # The protocol refuses connections past max_connections first; uvicorn's own cap (a plain-text
+        # 503) is a backstop one above it, for tasks that outlive their connection.
+        limit_concurrency=limits.max_connections + 1,
+        timeout_keep_alive=max(1, round(limits.keep_alive_timeout_s)),
+        h11_max_incomplete_event_size=limits.max_head_bytes,
     )
     return GracefulServer(config)

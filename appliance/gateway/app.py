@@ -6,28 +6,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from appliance.gateway import admin_api, tenant_api
-from appliance.openai_schema import error_body
+from appliance.gateway.edge import EdgeLimits, EdgeMiddleware
+from appliance.gateway.errors import install_error_handlers
+from appliance.gateway.openapi import install_openapi
+from appliance.gateway.refusals import RefusalBudget
 from appliance.runtime import Runtime
-from appliance.service import RequestRejected
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts = []
-    param = None
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        param = param or loc or None
-        parts.append(f"{loc or 'body'}: {err.get('msg')}" + (f" (got {err['input']!r})" if "input" in err
-                                                            and not isinstance(err["input"], dict) else ""))
-    return "invalid request: " + "; ".join(parts), param
-
-
-def create_app(runtime: Runtime, *, manage_lifecycle: bool = True) -> FastAPI:
+def create_app(runtime: Runtime, *, manage_lifecycle: bool = True, limits: EdgeLimits | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
@@ -38,20 +27,15 @@ def create_app(runtime: Runtime, *, manage_lifecycle: bool = True) -> FastAPI:
             if manage_lifecycle:
                 await runtime.stop()
 
-    app = FastAPI(title="Sovereign Appliance Gateway", version=runtime.config.version, lifespan=lifespan)
+    limits = limits or EdgeLimits()
+    # No HTML docs (they would load scripts from a CDN) and no open /openapi.json: install_openapi
+    # serves the tenant and admin documents, each behind its key.
+    app = FastAPI(title="Sovereign Appliance Gateway", version=runtime.config.version, lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
-
-    @app.exception_handler(RequestRejected)
-    async def _rejected(_req: Request, exc: RequestRejected) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-        if exc.status == 401:
-            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), 400)
+    app.state.edge_limits = limits
+    app.state.refusals = RefusalBudget(limits.refusals_per_minute)
+    install_error_handlers(app)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -60,4 +44,7 @@ def create_app(runtime: Runtime, *, manage_lifecycle: bool = True) -> FastAPI:
 
     app.include_router(tenant_api.router)
     app.include_router(admin_api.router)
+    install_openapi(app)
+    # Added last, so it is the outermost of the app's middleware: it sees every request and response.
+    app.add_middleware(EdgeMiddleware, limits=limits, refusals=app.state.refusals)
     return app
