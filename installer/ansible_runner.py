@@ -228,8 +228,10 @@ def _take_line(line: str, result: PlaybookResult, on_event: EventHandler | None)
     if kind in ("ok", "failed", "unreachable", "skipped", "ignored") and "duration_s" in event:
         result.task_times.append((str(event.get("host", "?")), str(event.get("task", "?")),
                                   float(event["duration_s"])))
-    if isinstance(event.get("service"), dict):
-        result.service_reports.append({"host": event.get("host"), "task": event.get("task"), **event["service"]})
+    services = [event["service"]] if isinstance(event.get("service"), dict) else []
+    services += [s for s in event.get("services") or [] if isinstance(s, dict)]
+    for service in services:
+        result.service_reports.append({"host": event.get("host"), "task": event.get("task"), **service})
     if isinstance(event.get("runtime"), dict):
         result.runtime_reports.append({"host": event.get("host"), "task": event.get("task"), **event["runtime"]})
     if isinstance(event.get("firewall"), dict):

@@ -336,7 +336,6 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         raise
     previous = layout.current_version()
     extra_vars = {
-        "sovereign_root": str(layout.root),
         "sovereign_version": report.version,
         "sovereign_bundle_digest": report.digest,
         "sovereign_release_staging_dir": str(stage),
@@ -344,13 +343,16 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         "sovereign_release_model_name": model_name,
         "sovereign_release_gateway_host": inv.gateway.host,
         "sovereign_release_gateway_port": inv.gateway.port,
+        # a fleet: engine nodes run `appliance node serve`, gateways route to these over mutual TLS
+        "sovereign_fleet": inv.is_fleet,
+        "sovereign_fleet_nodes": inv.fleet_nodes(model_name),
         **runtime_vars(runtime),
         **service_vars(inv, start=start),
         **node_security_vars,
     }
     with playbook_progress(console, f"{action} {report.version}") as on_event:
-        result = run_playbook("install.yml", inventory=inv.to_ansible(work / "remote-tmp"), extra_vars=extra_vars,
-                              work_dir=work / "ansible", on_event=on_event, timeout_s=timeout_s)
+        result = run_playbook("install.yml", inventory=inv.to_ansible(work / "remote-tmp", layout.root),
+                              extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event, timeout_s=timeout_s)
     if not result.ok:
         error = playbook_error(result)
         journal("failed", str(error) if isinstance(error, RolledBack) else result.summary())

@@ -18,11 +18,25 @@ YAML format::
         appliance: /opt/venv/bin/appliance      # optional; default: `appliance` next to python
         gpus: 1                                 # optional; expected NVIDIA GPU count
         labels: {region: eu-west, site: dc1, classification: confidential}   # all three required
+        roles: [gateway, engine]                # optional; default both (see "Several nodes" below)
       - name: gpu-2
         connection: ssh
         host: 10.0.0.12                          # required for ssh
         user: deploy                             # optional
         port: 22                                 # optional
+        ssh_key: /home/admin/.ssh/id_ed25519     # optional; private key on this machine (else ssh's default)
+        known_hosts: /home/admin/fleet_known_hosts   # optional; host keys checked against this file
+        roles: [engine]                          # an engine node: `appliance node serve`, mutual TLS
+        engine_port: 9443                        # optional; where its engine node server listens
+        models: [SmolLM2-135M-Instruct]          # optional; default: the release's model
+        root: /srv/sovereign                     # optional; this node's install root (default --root)
+
+Several nodes: the inventory needs at least one node with the gateway role and one with the
+engine role. With more than one node, or any node without both roles, the install is a fleet:
+every engine node runs its engine node server (mutual TLS with the installer-issued engine
+certificates) and every gateway node routes to all engine nodes, each reached at
+``https://<host or name>:<engine_port>`` (a name its certificates cover, see pki.node_sans).
+One node with both roles is the single-node appliance: the gateway runs its engine in-process.
 
 Without a file the inventory is one local node named ``local`` labelled region=local,
 site=local, classification=internal, an evaluation on this machine: its egress firewall is
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path, PurePosixPath
@@ -56,8 +71,12 @@ from installer.errors import InventoryError
 REQUIRED_LABELS = ("region", "site", "classification")
 DEFAULT_LABELS = {"region": "local", "site": "local", "classification": "internal"}
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ROLES = ("gateway", "engine")
+DEFAULT_ENGINE_PORT = 9443
 
 Label = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+Role = Literal["gateway", "engine"]
+ModelName = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
 
 
 class GatewaySettings(BaseModel):
@@ -132,6 +151,33 @@ class InventoryNode(BaseModel):
     appliance: StrictStr | None = None
     gpus: Annotated[StrictInt, Field(ge=0)] | None = None
     labels: dict[Label, Label]
+    roles: list[Role] = ["gateway", "engine"]
+    engine_port: Annotated[StrictInt, Field(ge=1, le=65535)] = DEFAULT_ENGINE_PORT
+    models: list[ModelName] | None = None
+    root: StrictStr | None = None
+    ssh_key: StrictStr | None = None
+    known_hosts: StrictStr | None = None
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, roles: list[str]) -> list[str]:
+        if not roles:
+            raise ValueError(f"at least one role of {list(ROLES)}, found none")
+        dupes = sorted({r for r in roles if roles.count(r) > 1})
+        if dupes:
+            raise ValueError(f"each role once, found {dupes} more than once")
+        return [r for r in ROLES if r in roles]  # a stable order: gateway, engine
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[str] | None) -> list[str] | None:
+        if models is not None:
+            if not models:
+                raise ValueError("at least one model name (or no models field: the release's model), found []")
+            dupes = sorted({m for m in models if models.count(m) > 1})
+            if dupes:
+                raise ValueError(f"each model once, found {dupes} more than once")
+        return models
 
     @field_validator("labels")
     @classmethod
@@ -151,7 +197,37 @@ class InventoryNode(BaseModel):
             raise ValueError(f"an absolute python path, found {self.python!r}")
         if self.appliance is not None and not self.appliance.startswith("/"):
             raise ValueError(f"an absolute path of the appliance script, found {self.appliance!r}")
+        if self.root is not None and (not self.root.startswith("/") or self.root.rstrip("/") == ""
+                                      or ".." in PurePosixPath(self.root).parts):
+            raise ValueError(f"an absolute install root other than / without '..', found {self.root!r}")
+        for field_name in ("ssh_key", "known_hosts"):
+            value = getattr(self, field_name)
+            if value is not None and self.connection != "ssh":
+                raise ValueError(f"{field_name} only for connection ssh, found {field_name} on a "
+                                 f"{self.connection} node")
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"an absolute {field_name} path on this machine, found {value!r}")
+        if self.models is not None and "engine" not in self.roles:
+            raise ValueError(f"models only on a node with the engine role, found models {self.models} on a node "
+                             f"with roles {self.roles}")
         return self
+
+    @property
+    def is_gateway(self) -> bool:
+        return "gateway" in self.roles
+
+    @property
+    def is_engine(self) -> bool:
+        return "engine" in self.roles
+
+    def address(self) -> str:
+        """How the other nodes reach this one: its SSH host, else its name (for a local node)."""
+        return self.host or self.name
+
+    def engine_url(self) -> str:
+        host = self.address()
+        netloc = f"[{host}]" if ":" in host else host
+        return f"https://{netloc}:{self.engine_port}"
 
     def interpreter(self) -> str:
         """The python3 ansible runs modules with on this node (always named explicitly)."""
@@ -190,7 +266,45 @@ class Inventory(BaseModel):
         local = [n.name for n in self.nodes if n.connection == "local"]
         if len(local) > 1:
             raise ValueError(f"at most one node with connection local, found {local}")
+        for role in ROLES:
+            if not any(role in n.roles for n in self.nodes):
+                found = ", ".join(f"{n.name}: {n.roles}" for n in self.nodes)
+                raise ValueError(f"at least one node with the {role} role, found roles {found}")
+        places: dict[tuple[str, str], str] = {}
+        for node in self.nodes:
+            if node.root is None:
+                continue
+            place = (node.host or "<local>", node.root.rstrip("/"))
+            if place in places:
+                raise ValueError(f"each node its own install root, found {node.name} and {places[place]} both "
+                                 f"at {place[1]} on {place[0]}")
+            places[place] = node.name
         return self
+
+    @property
+    def is_fleet(self) -> bool:
+        """More than one node, or a node without both roles: the gateways route to engine node
+        servers over mutual TLS instead of running the engine in-process."""
+        return len(self.nodes) > 1 or any(len(n.roles) < len(ROLES) for n in self.nodes)
+
+    @property
+    def gateway_nodes(self) -> list[InventoryNode]:
+        return [n for n in self.nodes if n.is_gateway]
+
+    @property
+    def engine_nodes(self) -> list[InventoryNode]:
+        return [n for n in self.nodes if n.is_engine]
+
+    def node_root(self, node: InventoryNode, root: Path | str) -> str:
+        """The install root on ``node``: its own ``root`` field, else the installer's --root."""
+        return node.root.rstrip("/") if node.root else os.fspath(root)
+
+    def fleet_nodes(self, model_name: str) -> list[dict[str, Any]]:
+        """The engine nodes as appliance.yaml's fleet.nodes lists them (empty: not a fleet)."""
+        if not self.is_fleet:
+            return []
+        return [{"name": n.name, "url": n.engine_url(), "labels": dict(n.labels),
+                 "models": list(n.models or [model_name])} for n in self.engine_nodes]
 
     @property
     def names(self) -> list[str]:
@@ -199,16 +313,23 @@ class Inventory(BaseModel):
     def local_node(self) -> InventoryNode | None:
         return next((n for n in self.nodes if n.connection == "local"), None)
 
-    def to_ansible(self, local_tmp: Path) -> dict[str, Any]:
-        """An ansible YAML/JSON inventory: group ``sovereign_nodes`` with per-host connection vars."""
+    def to_ansible(self, local_tmp: Path, root: Path | str | None = None) -> dict[str, Any]:
+        """An ansible YAML/JSON inventory: group ``sovereign_nodes`` with per-host connection vars,
+        roles, models, engine port and, given ``root``, the node's install root (``sovereign_root``
+        as a host var: the installer then never passes it as an extra var, which would override it)."""
         hosts: dict[str, dict[str, Any]] = {}
         for node in self.nodes:
             hostvars: dict[str, Any] = {
                 "ansible_connection": node.connection,
                 "ansible_python_interpreter": node.interpreter(),
                 "sovereign_node_labels": dict(node.labels),
+                "sovereign_node_roles": list(node.roles),
+                "sovereign_node_models": list(node.models or []),
+                "sovereign_node_engine_port": node.engine_port,
                 "sovereign_service_exe": node.appliance_command(),
             }
+            if root is not None:
+                hostvars["sovereign_root"] = self.node_root(node, root)
             if node.gpus is not None:
                 hostvars["sovereign_node_gpus"] = node.gpus
             if node.connection == "local":
@@ -218,6 +339,11 @@ class Inventory(BaseModel):
                 hostvars["ansible_port"] = node.port
                 if node.user:
                     hostvars["ansible_user"] = node.user
+                if node.ssh_key:
+                    hostvars["ansible_ssh_private_key_file"] = node.ssh_key
+                if node.known_hosts:  # host keys are checked, never switched off
+                    hostvars["ansible_ssh_common_args"] = (f"-o UserKnownHostsFile={shlex.quote(node.known_hosts)} "
+                                                           "-o StrictHostKeyChecking=yes")
             hosts[node.name] = hostvars
         return {"sovereign_nodes": {"hosts": hosts}}
 

@@ -72,10 +72,10 @@ def rollback(
 
     with installer_lock(layout), tracked_run(layout, "rollback", target, digest, inv.names) as notes, \
             run_dir(layout) as work:
-        extra_vars = {"sovereign_root": str(layout.root), "sovereign_version": target,
+        extra_vars = {"sovereign_version": target,
                       "sovereign_bundle_digest": digest, **service_vars(inv, start=start)}
         with playbook_progress(console, f"rollback to {target}") as on_event:
-            result = run_playbook("rollback.yml", inventory=inv.to_ansible(work / "remote-tmp"),
+            result = run_playbook("rollback.yml", inventory=inv.to_ansible(work / "remote-tmp", layout.root),
                                   extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
                                   timeout_s=timeout_s or service_timeout(inv))
         if not result.ok:

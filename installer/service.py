@@ -73,7 +73,8 @@ def service_notes(result: PlaybookResult) -> list[str]:
     """One line per supervisor report worth showing (starts, stops, kills, failures)."""
     notes = []
     for report in result.service_reports:
-        if report.get("changed") or report.get("sovereign_service") != "ok" or report.get("killed"):
+        if (report.get("changed") or report.get("sovereign_service") != "ok" or report.get("killed")
+                or report.get("skipped") or report.get("timed_out")):
             notes.append(f"{report.get('host')}: {report.get('message', '')}".strip())
     return notes
 
@@ -107,7 +108,7 @@ def run_locked_outside_root(layout: RootLayout, playbook: str, inventory: Invent
     with installer_lock(layout), tempfile.TemporaryDirectory(prefix="sovereign-installer-") as tmp:
         work = Path(tmp)
         with playbook_progress(console, label) as on_event:
-            result = run_playbook(playbook, inventory=inventory.to_ansible(work / "remote-tmp"),
+            result = run_playbook(playbook, inventory=inventory.to_ansible(work / "remote-tmp", layout.root),
                                   extra_vars=extra_vars, work_dir=work / "ansible", on_event=on_event,
                                   timeout_s=service_timeout(inventory))
     if not result.ok:
@@ -128,7 +129,7 @@ def control_service(root: Path, action: str, inventory: Inventory, *, console: C
     if version is None and action != "stop":
         raise NotInstalledError(f"{layout.root}: expected an installed release to {action}, found no current symlink")
     digest = release_digest(layout, version)
-    extra_vars = {"sovereign_root": str(layout.root), "sovereign_service_action": action,
+    extra_vars = {"sovereign_service_action": action,
                   **service_vars(inventory, start=action != "stop")}
     entry = JournalEntry(action, "ok", version or "", digest, inventory.names, "")
     result = run_locked_outside_root(layout, "service.yml", inventory, extra_vars, label=f"{action} appliance",

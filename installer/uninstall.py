@@ -52,7 +52,7 @@ def uninstall(root: Path, inventory: Inventory, *, purge_audit: bool = False,
         raise NotInstalledError(f"{layout.root}: expected an appliance root to uninstall, found no directory")
     version = layout.current_version()
     digest = release_digest(layout, version)
-    extra_vars = {"sovereign_root": str(layout.root), "sovereign_common_purge_audit": purge_audit,
+    extra_vars = {"sovereign_common_purge_audit": purge_audit,
                   **service_vars(inventory, start=False)}
     # ROOT (or most of it) is removed while ansible runs: its work directory lies outside ROOT.
     result = run_locked_outside_root(layout, "uninstall.yml", inventory, extra_vars, label="uninstall",

@@ -61,9 +61,10 @@ def test_appliance_yaml_follows_the_contract(installed: Path, bundle_v1: Path, t
         "bundle_digest": digest,
         "model": {"name": "SmolLM2-tiny", "path": str(release / "model")},
         "policies_dir": str(release / "policies"),
-        "node": {"name": "local", "labels": {"region": "local", "site": "local", "classification": "internal"}},
+        "node": {"name": "local", "labels": {"region": "local", "site": "local", "classification": "internal"},
+                 "roles": ["gateway", "engine"], "models": ["SmolLM2-tiny"]},
         "gateway": {"host": "127.0.0.1", "port": 8443},
-    }
+    }  # one node with both roles: no engine_node and no fleet section (the engine runs in-process)
     from policies import load_policy_set
 
     assert load_policy_set(Path(config["policies_dir"])).sla_classes["interactive"].priority == 0

@@ -46,7 +46,12 @@ def test_valid_inventory_to_ansible(tmp_path: Path) -> None:
         "sovereign_node_labels": {"region": "eu-west", "site": "dc2", "classification": "confidential"},
         "ansible_host": "10.0.0.12", "ansible_port": 22, "ansible_user": "deploy",
         "sovereign_service_exe": "/usr/bin/appliance",  # next to the node's python by default
+        "sovereign_node_roles": ["gateway", "engine"], "sovereign_node_models": [],
+        "sovereign_node_engine_port": 9443,
     }
+    # given the installer's --root, every node gets its install root as a host var
+    rooted = inv.to_ansible(tmp_path / "tmp", "/srv/app")["sovereign_nodes"]["hosts"]
+    assert rooted["gpu-2"]["sovereign_root"] == rooted["local"]["sovereign_root"] == "/srv/app"
 
 
 @pytest.mark.parametrize(

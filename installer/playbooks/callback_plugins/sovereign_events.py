@@ -75,6 +75,10 @@ class CallbackModule(CallbackBase):
         service = _service_report(data)
         if service is not None:
             event["service"] = service
+        # a looped task (one supervisor call per service of the node): every item's report
+        items = [_service_report(item) for item in data.get("results", []) or [] if isinstance(item, dict)]
+        if any(items):
+            event["services"] = [item for item in items if item is not None]
         runtime = _service_report(data, RUNTIME_MARK)
         if runtime is not None:
             event["runtime"] = runtime

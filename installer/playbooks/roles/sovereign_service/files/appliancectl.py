@@ -22,6 +22,15 @@ success, 1 on failure.
           Whether the recorded process is alive, and what it serves.
   health  --root R --host H --port P [--expect-version V] [--timeout S]
           Waits for /health (used after a systemd start).
+  nodes   --root R --exe APPLIANCE --action drain|undrain --node NAME [--wait S]
+          On a gateway node: `EXE nodes drain NAME --root R --wait S --json` (or undrain), with
+          EXE chosen as for start; skipped (ok, "skipped": true) when the gateway is not running.
+
+Every command but nodes takes --kind: "gateway" (default; `appliance serve`, R/run/appliance.pid,
+R/logs/appliance.log, /health over HTTPS trusting R/tls/ca.pem) or "engine" (the engine node
+server of a fleet node: `appliance node serve`, R/run/engine-node.pid, R/logs/engine-node.log,
+/health over mutual TLS: R/tls/engine/ca.pem, presenting R/tls/engine/client.pem and client.key).
+status without --kind reports both services (top-level fields: the gateway's if it runs).
 """
 
 from __future__ import annotations
@@ -50,15 +59,28 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "PYTHONUNBUFFERED": "1", "NO_PROXY": "*", "no_proxy": "*"}
 
 
+KINDS = ("gateway", "engine")
+DRAIN_STILL_DRAINING = 3  # `appliance nodes drain --wait`: the wait ended with requests still in flight
+
+
 class Paths:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, kind: str = "gateway") -> None:
         self.root = Path(os.path.abspath(root))
+        self.kind = kind
+        stem = "appliance" if kind == "gateway" else "engine-node"
         self.run = self.root / "run"
-        self.pidfile = self.run / "appliance.pid"
-        self.state = self.run / "appliance.json"
+        self.pidfile = self.run / f"{stem}.pid"
+        self.state = self.run / f"{stem}.json"
         self.logs = self.root / "logs"
-        self.log = self.logs / "appliance.log"
-        self.ca = self.root / "tls" / "ca.pem"
+        self.log = self.logs / f"{stem}.log"
+        tls = self.root / "tls"
+        self.ca = tls / "ca.pem" if kind == "gateway" else tls / "engine" / "ca.pem"
+        # the engine node server accepts only clients with a certificate of the installation CA
+        self.client_cert = None if kind == "gateway" else (tls / "engine" / "client.pem", tls / "engine" / "client.key")
+
+    def serve_args(self) -> list[str]:
+        """The subcommand of `appliance` this service runs."""
+        return ["serve"] if self.kind == "gateway" else ["node", "serve"]
 
 
 def emit(ok: bool, **fields: Any) -> int:
@@ -107,13 +129,17 @@ def alive(pid: int) -> bool:
 
 
 def is_our_appliance(pid: int, paths: Paths) -> bool:
-    """The pid still names `appliance serve --root ROOT` (a recycled pid must not be signalled)."""
+    """The pid still names `appliance serve --root ROOT` (`appliance node serve` for the engine
+    node server): a recycled pid, or the other service of the node, must not be signalled."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc: trust the pidfile
     args = [a.decode(errors="replace") for a in argv if a]
-    return "serve" in args and str(paths.root) in args
+    if "serve" not in args or str(paths.root) not in args:
+        return False
+    at = args.index("serve")
+    return (at > 0 and args[at - 1] == "node") == (paths.kind == "engine")
 
 
 def running_pid(paths: Paths) -> int | None:
@@ -151,6 +177,11 @@ def probe(paths: Paths, host: str, port: int) -> dict[str, Any] | str:
     connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     netloc = f"[{connect}]" if ":" in connect else connect
     ctx = ssl.create_default_context(cafile=str(paths.ca))
+    if paths.client_cert is not None:
+        try:
+            ctx.load_cert_chain(str(paths.client_cert[0]), str(paths.client_cert[1]))
+        except (OSError, ssl.SSLError) as exc:  # the message names the file, never key material
+            return f"no usable engine client certificate at {paths.client_cert[0]} ({type(exc).__name__})"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
     try:
         with opener.open(f"https://{netloc}:{port}/health", timeout=5) as resp:
@@ -211,7 +242,7 @@ def missing_exe(exe: str, runtime: str) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    paths = Paths(args.root)
+    paths = Paths(args.root, args.kind)
     pid = running_pid(paths)
     if pid is not None:
         ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout, pid=pid)
@@ -224,7 +255,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return emit(False, changed=False, runtime=runtime, message=missing_exe(exe, runtime))
     for directory in (paths.run, paths.logs):
         directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    argv = [exe, "serve", "--root", str(paths.root), "--host", args.host, "--port", str(args.port)]
+    argv = [exe, *paths.serve_args(), "--root", str(paths.root), "--host", args.host, "--port", str(args.port)]
     started = time.time()
     log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
@@ -281,7 +312,7 @@ def stop_pid(pid: int, paths: Paths, timeout_s: float, proc: subprocess.Popen[by
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    paths = Paths(args.root)
+    paths = Paths(args.root, args.kind)
     pid = running_pid(paths)
     if pid is None:
         stale = paths.pidfile.exists()
@@ -301,21 +332,31 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return emit(True, changed=True, pid=pid, killed=False, message=f"stopped (pid {pid}) after SIGTERM")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    paths = Paths(args.root)
+def service_status(paths: Paths) -> dict[str, Any]:
     pid = running_pid(paths)
     state = read_state(paths)
     if pid is None:
-        return emit(True, changed=False, running=False, pid=None, version=None, message="not running")
+        return {"running": False, "pid": None, "version": None, "message": "not running"}
     health = probe(paths, str(state.get("host", "127.0.0.1")), int(state.get("port", 8443)))
     version = health.get("version") if isinstance(health, dict) else state.get("version")
-    return emit(True, changed=False, running=True, pid=pid, version=version, port=state.get("port"),
-                healthy=isinstance(health, dict) and health.get("status") == "ok", health=health,
-                message=f"running (pid {pid})")
+    return {"running": True, "pid": pid, "version": version, "port": state.get("port"),
+            "healthy": isinstance(health, dict) and health.get("status") == "ok", "health": health,
+            "message": f"running (pid {pid})"}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(KINDS)
+    services = {kind: service_status(Paths(args.root, kind)) for kind in kinds}
+    running = [kind for kind in kinds if services[kind]["running"]]
+    top = services[running[0]] if running else services[kinds[0]]
+    # one version when every running service reports the same, else none (the rollout restarts)
+    versions = {str(services[kind]["version"]) for kind in running}
+    version = top["version"] if len(versions) == 1 else None
+    return emit(True, changed=False, **{**top, "version": version}, kinds=running, services=services)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    paths = Paths(args.root)
+    paths = Paths(args.root, args.kind)
     ok, why, health = wait_healthy(paths, args.host, args.port, args.expect_version, args.timeout)
     if ok:
         return emit(True, changed=False, health=health, message="healthy")
@@ -325,14 +366,47 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    paths = Paths(args.root)
+    paths = Paths(args.root, args.kind)
     exe, runtime = release_exe(paths, args.exe)
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
         sys.stderr.write(f"appliancectl exec: {missing_exe(exe, runtime)}\n")
         return 1
     os.chdir(paths.root)
-    os.execve(exe, [exe, "serve", "--root", str(paths.root)], child_env(exe))
+    os.execve(exe, [exe, *paths.serve_args(), "--root", str(paths.root)], child_env(exe))
     return 1  # not reached
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    paths = Paths(args.root, "gateway")
+    if running_pid(paths) is None:
+        return emit(True, changed=False, skipped=True, node=args.node, action=args.action,
+                    message=f"{args.action} of {args.node} skipped: the gateway is not running on this node")
+    exe, runtime = release_exe(paths, args.exe)
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return emit(False, changed=False, runtime=runtime, message=missing_exe(exe, runtime))
+    argv = [exe, "nodes", args.action, args.node, "--root", str(paths.root)]
+    if args.action == "drain":
+        argv += ["--wait", str(args.wait), "--json"]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=str(paths.root),
+                              env=child_env(exe), timeout=args.wait + 60)
+    except subprocess.TimeoutExpired:
+        return emit(False, changed=False, node=args.node, action=args.action,
+                    message=f"`appliance nodes {args.action} {args.node}` did not return within {args.wait + 60:.0f} s")
+    elapsed = round(time.monotonic() - started, 3)
+    if args.action == "drain" and done.returncode == DRAIN_STILL_DRAINING:
+        # the node is restarted anyway: a request stuck longer than the wait must not block an upgrade
+        return emit(True, changed=True, node=args.node, action=args.action, seconds=elapsed, timed_out=True,
+                    message=f"{args.node} was still draining on the gateway after {args.wait:.0f} s: requests "
+                            "still in flight there are cut off by the restart")
+    if done.returncode != 0:
+        why = last_error(done.stderr or done.stdout)
+        return emit(False, changed=False, node=args.node, action=args.action, rc=done.returncode, seconds=elapsed,
+                    message=f"`appliance nodes {args.action} {args.node}` on the gateway exited {done.returncode}: "
+                            f"{why}")
+    return emit(True, changed=True, node=args.node, action=args.action, seconds=elapsed,
+                message=f"{args.action}ed {args.node} on the gateway in {elapsed:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,9 +422,17 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--expect-version", default=None)
         if name in ("start", "exec"):
             p.add_argument("--exe", required=True)
+        # status without --kind: both services
+        p.add_argument("--kind", choices=KINDS, default=None if name == "status" else "gateway")
+    p = sub.add_parser("nodes")
+    p.add_argument("--root", required=True)
+    p.add_argument("--exe", required=True)
+    p.add_argument("--action", choices=("drain", "undrain"), required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--wait", type=float, default=300.0)
     args = parser.parse_args(argv)
     handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health,
-               "exec": cmd_exec}[args.command]
+               "exec": cmd_exec, "nodes": cmd_nodes}[args.command]
     return handler(args)
 
 
