@@ -1,68 +1,190 @@
-"""Admin API: tenants and keys, audit verification, metrics. Every change is an audit event."""
+"""Admin API: tenants, keys and admins, audit verification, metrics. Needs an admin key (scope
+``admin``, checked by ``auth.AuthMiddleware``); every change is an audit event on the ``_admin``
+stream with actor ``admin:<name>`` and the admin's key id (never a secret)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.apikeys import parse_duration, parse_expiry
 from appliance.errors import TenancyError
 from appliance.gateway.deps import AdminDep, RuntimeDep
+from appliance.principal import AdminPrincipal
 from appliance.service import RequestRejected
 
 router = APIRouter(prefix="/admin/v1")
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class TenantCreate(BaseModel):
+    model_config = _STRICT
     name: str = Field(min_length=1, max_length=63)
+    models: list[str] = Field(default_factory=list, max_length=64)
+
+
+class TenantUpdate(BaseModel):
+    model_config = _STRICT
+    models: list[str] | None = Field(default=None, max_length=64)
+    disabled: bool | None = None
 
 
 class KeyCreate(BaseModel):
+    model_config = _STRICT
     label: str = Field(default="", max_length=128)
+    scopes: list[str] = Field(default_factory=lambda: ["inference"], min_length=1, max_length=3)
+    expires: str | None = Field(default=None, max_length=64, description="'90d', '12h' or an ISO 8601 time")
 
 
-def _audit_admin(runtime: RuntimeDep, event: str, data: dict[str, Any]) -> None:
-    runtime.audit.append(f"admin.{event}", stream="_admin", actor="admin-api", data=data)
+class KeyRotate(BaseModel):
+    model_config = _STRICT
+    grace: str | None = Field(default=None, max_length=16, description="how long the old key keeps working: '1h'")
+
+
+class AdminCreate(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=63)
+
+
+def _refused(exc: TenancyError) -> RequestRejected:
+    text = str(exc)
+    if text.startswith(("unknown", "no active key")):
+        return RequestRejected(404, text, "invalid_request_error", "not_found")
+    if "already exists" in text or "was deleted" in text:
+        return RequestRejected(409, text, "invalid_request_error", "conflict")
+    return RequestRejected(400, text, "invalid_request_error", "invalid_request")
+
+
+def _audit(runtime: RuntimeDep, admin: AdminPrincipal, event: str, data: dict[str, Any],
+           tenant: str | None = None) -> None:
+    runtime.audit.append(f"admin.{event}", stream="_admin", actor=admin.actor, tenant=tenant,
+                         data={**data, "by_key_id": admin.key_id})
 
 
 @router.get("/tenants")
-def list_tenants(runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
-    return {"data": [t.__dict__ for t in runtime.tenants.list_tenants()]}
+def list_tenants(runtime: RuntimeDep, _admin: AdminDep, include_deleted: bool = False) -> dict[str, Any]:
+    return {"data": [t.to_dict() for t in runtime.tenants.list_tenants(include_deleted=include_deleted)]}
 
 
 @router.post("/tenants", status_code=201)
-def create_tenant(body: TenantCreate, runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+def create_tenant(body: TenantCreate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
     try:
-        tenant = runtime.tenants.create_tenant(body.name)
+        tenant = runtime.tenants.create_tenant(body.name, body.models)
     except TenancyError as exc:
-        raise RequestRejected(409 if "exists" in str(exc) else 400, str(exc), "invalid_request_error",
-                              "tenant_invalid") from exc
-    _audit_admin(runtime, "tenant_created", {"tenant": tenant.name})
-    return tenant.__dict__
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "tenant_created", {"tenant": tenant.name, "models": list(tenant.models)}, tenant.name)
+    return tenant.to_dict()
+
+
+@router.get("/tenants/{name}")
+def get_tenant(name: str, runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+    tenant = runtime.tenants.get_tenant(name, include_deleted=True)
+    if tenant is None:
+        raise RequestRejected(404, f"unknown tenant {name[:64]!r}", "invalid_request_error", "not_found")
+    return {**tenant.to_dict(), "keys": [k.to_dict() for k in runtime.tenants.list_keys(tenant=name)]}
+
+
+@router.patch("/tenants/{name}")
+def update_tenant(name: str, body: TenantUpdate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    try:
+        tenant = runtime.tenants.update_tenant(name, models=body.models, disabled=body.disabled)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "tenant_updated", body.model_dump(exclude_none=True) | {"tenant": name}, name)
+    return tenant.to_dict()
+
+
+@router.post("/tenants/{name}/disable")
+def disable_tenant(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    return update_tenant(name, TenantUpdate(disabled=True), runtime, admin)
+
+
+@router.delete("/tenants/{name}")
+def delete_tenant(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    try:
+        revoked = runtime.tenants.delete_tenant(name)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "tenant_deleted", {"tenant": name, "revoked_key_ids": revoked}, name)
+    return {"tenant": name, "deleted": True, "revoked_key_ids": revoked}
 
 
 @router.post("/tenants/{name}/keys", status_code=201)
-def create_key(name: str, body: KeyCreate, runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+def create_key(name: str, body: KeyCreate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
     try:
-        issued = runtime.tenants.issue_key(name, body.label)
+        issued = runtime.tenants.issue_key(name, body.label, scopes=body.scopes, expires_at=parse_expiry(body.expires),
+                                           created_by=admin.actor)
     except TenancyError as exc:
-        raise RequestRejected(404, str(exc), "invalid_request_error", "tenant_not_found") from exc
-    _audit_admin(runtime, "key_issued", {"tenant": name, "key_id": issued.key_id, "label": body.label})
-    return {"tenant": name, "key_id": issued.key_id, "key": issued.secret}
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "key_issued", {"tenant": name, "key_id": issued.key_id, "label": body.label,
+                                          "scopes": list(issued.scopes), "expires_at": issued.expires_at}, name)
+    return {"tenant": name, "key_id": issued.key_id, "key": issued.secret, "scopes": list(issued.scopes),
+            "expires_at": issued.expires_at}
+
+
+@router.get("/keys")
+def list_keys(runtime: RuntimeDep, _admin: AdminDep, tenant: str | None = None, admin: str | None = None,
+              include_revoked: bool = False) -> dict[str, Any]:
+    keys = runtime.tenants.list_keys(tenant=tenant, admin=admin, include_revoked=include_revoked)
+    return {"data": [k.to_dict() for k in keys]}
 
 
 @router.delete("/keys/{key_id}")
-def revoke_key(key_id: str, runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+def revoke_key(key_id: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
     try:
-        runtime.tenants.revoke_key(key_id)
+        info = runtime.tenants.revoke_key(key_id)
     except TenancyError as exc:
-        raise RequestRejected(404, str(exc), "invalid_request_error", "key_not_found") from exc
-    _audit_admin(runtime, "key_revoked", {"key_id": key_id})
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "key_revoked", {"key_id": key_id, "owner": info.owner, "owner_kind": info.owner_kind})
     return {"key_id": key_id, "revoked": True}
+
+
+@router.post("/keys/{key_id}/rotate", status_code=201)
+def rotate_key(key_id: str, body: KeyRotate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    try:
+        grace = parse_duration(body.grace) if body.grace else dt.timedelta(0)
+        new, old = runtime.tenants.rotate_key(key_id, grace=grace, created_by=admin.actor)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "key_rotated", {"key_id": key_id, "new_key_id": new.key_id, "owner": new.owner,
+                                           "owner_kind": new.owner_kind, "old_revoked_at": old.revoked_at})
+    return {"key_id": new.key_id, "key": new.secret, "owner": new.owner, "owner_kind": new.owner_kind,
+            "scopes": list(new.scopes), "expires_at": new.expires_at, "old_key_id": key_id,
+            "old_revoked_at": old.revoked_at}
+
+
+@router.get("/admins")
+def list_admins(runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+    return {"data": [a.__dict__ for a in runtime.tenants.admins.list_admins()]}
+
+
+@router.post("/admins", status_code=201)
+def create_admin(body: AdminCreate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    try:
+        issued = runtime.tenants.admins.create_admin(body.name, admin.actor)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "admin_created", {"admin": body.name, "key_id": issued.key_id})
+    return {"admin": body.name, "key_id": issued.key_id, "key": issued.secret}
+
+
+@router.post("/admins/{name}/disable")
+def disable_admin(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    if name == admin.name:
+        raise RequestRejected(400, "an admin cannot disable itself: expected another admin's name",
+                              "invalid_request_error", "invalid_request")
+    try:
+        found = runtime.tenants.admins.set_disabled(name, True)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "admin_disabled", {"admin": name})
+    return found.__dict__
 
 
 @router.get("/audit/verify")

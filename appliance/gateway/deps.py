@@ -1,13 +1,18 @@
-"""Request dependencies: the runtime, and who is calling (tenant key or admin token)."""
+"""Request dependencies: the runtime, and who is calling.
+
+The key is checked by ``auth.AuthMiddleware`` before the body is read; these dependencies read
+what it put in the request's state. A route reached without it (the middleware missing) fails
+closed with 401.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
+from appliance.principal import AdminPrincipal, Principal
 from appliance.runtime import Runtime
-from appliance.principal import Principal
 from appliance.service import RequestRejected
 
 
@@ -19,34 +24,21 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+def get_principal(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise RequestRejected(401, "missing API key: expected the header 'Authorization: Bearer <tenant key>'",
+                              "invalid_request_error", "missing_api_key")
+    return principal
 
 
-def get_principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    token = _bearer(authorization)
-    if token is None:
-        raise RequestRejected(
-            401, "missing API key: send 'Authorization: Bearer <tenant key>'", "invalid_request_error",
-            "missing_api_key",
-        )
-    found = runtime.tenants.authenticate(token)
-    if found is None:
-        raise RequestRejected(401, "invalid API key", "invalid_request_error", "invalid_api_key")
-    return Principal(tenant=found[0], key_id=found[1])
-
-
-def require_admin(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    token = _bearer(authorization)
-    if token is None or not runtime.check_admin(token):
-        raise RequestRejected(401, "admin token required", "invalid_request_error", "invalid_admin_token")
-    return "admin"
+def require_admin(request: Request) -> AdminPrincipal:
+    admin = getattr(request.state, "admin", None)
+    if not isinstance(admin, AdminPrincipal):
+        raise RequestRejected(401, "admin key required: expected the header 'Authorization: Bearer <admin key>'",
+                              "invalid_request_error", "missing_api_key")
+    return admin
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-AdminDep = Annotated[str, Depends(require_admin)]
+AdminDep = Annotated[AdminPrincipal, Depends(require_admin)]
