@@ -1,24 +1,21 @@
-"""The ``appliance`` command: quickstart, serve, tenants, keys, audit."""
+"""The ``appliance`` command: quickstart, serve, tenants, keys, admins, audit."""
 
 from __future__ import annotations
 
-import getpass
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from appliance.errors import ApplianceError, ConfigError, TenancyError
+from appliance.errors import ApplianceError
+from appliance.identity_cli import admins_app, keys_app, tenants_app
 
 app = typer.Typer(help="Sovereign inference appliance.", no_args_is_help=True, add_completion=False)
-tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
-keys_app = typer.Typer(help="Manage tenant API keys.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(admins_app, name="admins")
 console = Console()
 err = Console(stderr=True)
 
@@ -71,67 +68,6 @@ def serve(root: RootOpt = Path("var"), host: str | None = None, port: int | None
     server.run()
 
 
-def _store(root: Path):  # type: ignore[no-untyped-def]
-    from appliance.audit import AuditLog
-    from appliance.config import load_config
-    from appliance.db import open_database
-    from appliance.tenancy import TenantStore
-
-    config = load_config(root)
-    return TenantStore(open_database(config.db_url)), AuditLog(config.db_url, config.audit_key_path)
-
-
-@tenants_app.command("create")
-def tenants_create(name: str, root: RootOpt = Path("var")) -> None:
-    try:
-        store, audit = _store(root)
-        tenant = store.create_tenant(name)
-    except (TenancyError, ConfigError) as exc:
-        raise _fail(exc, 2) from None
-    audit.append("admin.tenant_created", stream="_admin", actor=f"cli:{getpass.getuser()}", data={"tenant": name})
-    console.print(f"created tenant {tenant.name}")
-
-
-@tenants_app.command("list")
-def tenants_list(root: RootOpt = Path("var"), as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    try:
-        store, _ = _store(root)
-    except ConfigError as exc:
-        raise _fail(exc, 2) from None
-    tenants = store.list_tenants()
-    if as_json:
-        print(json.dumps([t.__dict__ for t in tenants]))
-        return
-    table = Table("tenant", "created", "disabled")
-    for t in tenants:
-        table.add_row(t.name, t.created_at, str(t.disabled))
-    console.print(table)
-
-
-@keys_app.command("issue")
-def keys_issue(tenant: str, root: RootOpt = Path("var"), label: str = "") -> None:
-    """Issue a key; it is printed once and only its hash is stored."""
-    try:
-        store, audit = _store(root)
-        issued = store.issue_key(tenant, label)
-    except (TenancyError, ConfigError) as exc:
-        raise _fail(exc, 2) from None
-    audit.append("admin.key_issued", stream="_admin", actor=f"cli:{getpass.getuser()}",
-                 data={"tenant": tenant, "key_id": issued.key_id, "label": label})
-    print(issued.secret)
-
-
-@keys_app.command("revoke")
-def keys_revoke(key_id: str, root: RootOpt = Path("var")) -> None:
-    try:
-        store, audit = _store(root)
-        store.revoke_key(key_id)
-    except (TenancyError, ConfigError) as exc:
-        raise _fail(exc, 2) from None
-    audit.append("admin.key_revoked", stream="_admin", actor=f"cli:{getpass.getuser()}", data={"key_id": key_id})
-    console.print(f"revoked {key_id}")
-
-
 def _mount_audit() -> None:
     try:
         from appliance.audit.cli import app as audit_app
@@ -141,6 +77,16 @@ def _mount_audit() -> None:
 
 
 _mount_audit()
+
+
+def _mount_nodes() -> None:
+    from appliance.nodes_cli import node_app, nodes_app
+
+    app.add_typer(node_app, name="node")
+    app.add_typer(nodes_app, name="nodes")
+
+
+_mount_nodes()
 
 
 def main() -> None:
