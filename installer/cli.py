@@ -21,6 +21,7 @@ from rich.table import Table
 
 from installer.ansible_entry import FROZEN_SUBCOMMAND
 from installer.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, InputError, InstallerError
+from installer.first_admin import issue_first_admin_key
 from installer.frozen import prepare_process
 from installer.install import InstallResult, install_bundle
 from installer.inventory import Inventory, load_inventory
@@ -167,7 +168,7 @@ def _install(upgrade: bool, bundle: Path, trusted_root: Path, root: Path, invent
         raise _fail(exc, as_json, _error_extra(exc)) from exc
     except KeyboardInterrupt as exc:
         raise _interrupted("upgrade" if upgrade else "install", exc, as_json) from exc
-    _print_result(result, as_json)
+    _print_result(result, as_json, issue_first_admin_key(result.root))
 
 
 def _interrupted(action: str, exc: KeyboardInterrupt, as_json: bool) -> typer.Exit:
@@ -182,9 +183,9 @@ def _interrupted(action: str, exc: KeyboardInterrupt, as_json: bool) -> typer.Ex
     return typer.Exit(EXIT_INTERRUPTED)
 
 
-def _print_result(result: InstallResult, as_json: bool) -> None:
+def _print_result(result: InstallResult, as_json: bool, first_admin_key: str | None = None) -> None:
     if as_json:
-        _emit_json(result.to_dict())
+        _emit_json({**result.to_dict(), **({"first_admin_key": first_admin_key} if first_admin_key else {})})
         return
     table = Table(title=f"{result.action} {result.version}", show_header=False)
     table.add_column("what")
@@ -198,6 +199,9 @@ def _print_result(result: InstallResult, as_json: bool) -> None:
     table.add_row("appliance", "running, healthy" if result.started else "not started (--no-start)")
     for note in result.notes:
         table.add_row("note", note)
+    if first_admin_key:
+        table.add_row("first admin key", f"{first_admin_key} (admin 'admin'; shown once, and kept in "
+                      f"{result.root / 'secrets' / 'admin.key'} (0600) until you move it)")
     if result.timings:
         table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     out_console.print(table)

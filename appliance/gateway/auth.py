@@ -10,6 +10,9 @@
 - An accepted key is put in the request's state: ``principal`` (tenant, a ``Principal``) or
   ``admin`` (an ``AdminPrincipal``), and ``key_id``; ``deps.py`` reads them from there.
 - ``last_used_at`` is written at most once a minute per key, in a worker thread.
+- An install that starts the appliance writes its first-admin key after the gateway opened: while
+  no admin has been seen and ROOT/secrets/admin.key exists, a refused admin key triggers the
+  first-admin bootstrap (``admins.bootstrap_admins``) once more before the refusal stands.
 
 The failure-audit bounds are an ``AuthFailureAudit`` (defaults: 10 records per client address and
 200 in all per minute); an app may set its own as ``app.state.auth_failures``.
@@ -26,6 +29,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from appliance.admins import ADMIN_KEY_FILE, bootstrap_admins
 from appliance.apikeys import KeyCache, KeyCheck, LastUsed, split_key
 from appliance.gateway.auth_audit import AuthFailureAudit, failure_event
 from appliance.openai_schema import error_body
@@ -80,6 +84,7 @@ class AuthMiddleware:
         self.failures = failure_audit or AuthFailureAudit()
         self.last_used = LastUsed()
         self._background: set[asyncio.Task[None]] = set()
+        self._admins_seen = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,6 +109,8 @@ class AuthMiddleware:
             cached = cache.get(fingerprint)
             if cached is None:
                 check = await asyncio.to_thread(store.check, token)
+                if check.code == "invalid_api_key" and needed == (ADMIN,) and self._first_admin_waiting(runtime):
+                    check = await asyncio.to_thread(self._enrol_first_admin, runtime, token)
                 cache.put(fingerprint, check)
             else:
                 check = cached
@@ -130,6 +137,20 @@ class AuthMiddleware:
         if self.last_used.due(str(check.key_id)):
             self._spawn(store.touch, str(check.key_id))
         await self.app(scope, receive, send)
+
+    def _first_admin_waiting(self, runtime: Any) -> bool:
+        """The installer wrote its first-admin key after this gateway started (an install that
+        starts the appliance): cheap to ask, and asked only while no admin has been seen."""
+        if self._admins_seen:
+            return False
+        return bool((runtime.config.secrets_dir / ADMIN_KEY_FILE).exists())
+
+    def _enrol_first_admin(self, runtime: Any, token: str) -> KeyCheck:
+        store = runtime.tenants
+        done = bootstrap_admins(store.admins, runtime.audit, runtime.config.secrets_dir)
+        self._admins_seen = store.admins.count() > 0
+        log.info("admins: %s", done)
+        return store.check(token)  # type: ignore[no-any-return]
 
     async def _refuse(self, scope: Scope, send: Send, runtime: Any, failures: AuthFailureAudit, check: KeyCheck,
                       code: str, status: int, type_: str, message: str) -> None:
