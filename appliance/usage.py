@@ -137,6 +137,18 @@ class UsageStore:
                          .where(c.tenant == tenant, c.period.in_((reserved.day, reserved.month)))
                          .values(tokens=sa.case((c.tokens + delta < 0, 0), else_=c.tokens + delta)))
 
+    def release(self, tenant: str, reserved: Reservation) -> None:
+        """Undo a reservation whose request was refused after it was made (admission, audit): the
+        tokens and the request are taken back, as if it had never been reserved."""
+        if reserved.tenant != tenant:
+            raise ValueError(f"release: expected the reservation of tenant {tenant!r}, found {reserved.tenant!r}")
+        c = usage_table.c
+        with self._engine.begin() as conn:
+            conn.execute(usage_table.update()
+                         .where(c.tenant == tenant, c.period.in_((reserved.day, reserved.month)))
+                         .values(tokens=sa.case((c.tokens - reserved.tokens < 0, 0), else_=c.tokens - reserved.tokens),
+                                 requests=sa.case((c.requests < 1, 0), else_=c.requests - 1)))
+
     def usage(self, tenant: str, policy: BudgetLimits, *, now: dt.datetime | None = None
               ) -> tuple[PeriodUsage, PeriodUsage]:
         """Today's and this month's usage of ``tenant``."""

@@ -73,6 +73,19 @@ def test_settle_replaces_the_reservation_in_the_periods_it_was_made_in(url: str)
     assert store.reserve("acme", 500, limits, now=new_year).allowed  # a new day, a new budget
 
 
+def test_release_takes_a_refused_requests_reservation_back(url: str) -> None:
+    store = UsageStore(open_database(url))
+    limits = Limits(max_tokens_per_day=100)
+    kept = store.reserve("acme", 30, limits, now=NOON)
+    dropped = store.reserve("acme", 70, limits, now=NOON)
+    assert kept.reservation is not None and dropped.reservation is not None
+    assert not store.reserve("acme", 1, limits, now=NOON).allowed
+    store.release("acme", dropped.reservation)  # e.g. admission refused it after the reservation
+    day, month = store.usage("acme", limits, now=NOON)
+    assert (day.tokens, day.requests, month.tokens, month.requests) == (30, 1, 30, 1)
+    assert store.reserve("acme", 70, limits, now=NOON).allowed
+
+
 def test_tenants_have_separate_counters_and_bad_values_are_refused(url: str) -> None:
     store = UsageStore(open_database(url))
     limits = Limits(max_tokens_per_day=10)
