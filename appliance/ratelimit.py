@@ -3,12 +3,12 @@
 Limits come from the tenant's policy; state is per tenant, so one tenant's burst never spends
 another tenant's budget. The gateway uses it in two steps:
 
-1. ``enter`` before any work (parsing aside): counts the request against requests-per-minute and
-   takes one of the tenant's concurrent slots. Refused requests count too: a flood of refusals
-   costs the flooder its own rate, nobody else's;
-2. ``reserve`` once the request is admitted: reserves its prompt tokens plus its ``max_tokens``
-   against tokens-per-minute and returns a ticket; ``settle(ticket, used)`` replaces the
-   reservation by what the request really used. A refused reservation takes nothing.
+1. ``enter`` before any work (parsing aside): a cheap check that the tenant has a request left in
+   this minute, and one of its concurrent slots taken (``leave`` gives it back);
+2. ``reserve`` once the request is admitted: counts the request and reserves its prompt tokens
+   plus its ``max_tokens`` against tokens-per-minute, returning a ticket; ``settle(ticket, used)``
+   replaces the reservation by what the request really used. A refused request takes nothing of
+   either budget (floods of refusals are the refusal budget's business, appliance/gateway/refusals.py).
 """
 
 from __future__ import annotations
@@ -57,16 +57,20 @@ class RateLimiter:
             self._owner.pop(ticket, None)
         return win
 
+    def _rpm_refusal(self, win: _Window, rpm: int, now: float) -> RateDecision | None:
+        if rpm > 0 and len(win.requests) >= rpm:
+            wait = WINDOW_S - (now - win.requests[0])
+            return RateDecision(False, f"rate limit of {rpm} requests per minute reached", max(1, math.ceil(wait)))
+        return None
+
     def enter(self, tenant: str, rpm: int, max_concurrent: int = 0) -> RateDecision:
-        """Count one request and take a concurrency slot (give it back with ``leave``)."""
+        """Check that a request is left this minute and take a concurrency slot (``leave`` returns it)."""
         now = self._clock()
         with self._lock:
             win = self._window(tenant, now)
-            if rpm > 0 and len(win.requests) >= rpm:
-                wait = WINDOW_S - (now - win.requests[0])
-                return RateDecision(False, f"rate limit of {rpm} requests per minute reached",
-                                    max(1, math.ceil(wait)))
-            win.requests.append(now)
+            refused = self._rpm_refusal(win, rpm, now)
+            if refused is not None:
+                return refused
             if max_concurrent > 0 and win.in_flight >= max_concurrent:
                 return RateDecision(False, f"concurrency limit of {max_concurrent} requests in flight reached",
                                     1, "concurrency_limit_exceeded")
@@ -84,11 +88,14 @@ class RateLimiter:
             win = self._windows.get(tenant)
             return win.in_flight if win else 0
 
-    def reserve(self, tenant: str, tpm: int, tokens: int) -> RateDecision:
-        """Reserve up to ``tokens`` tokens of the tenant's per-minute budget."""
+    def reserve(self, tenant: str, tpm: int, tokens: int, rpm: int = 0) -> RateDecision:
+        """Count one admitted request and reserve up to ``tokens`` tokens of the per-minute budget."""
         now = self._clock()
         with self._lock:
             win = self._window(tenant, now)
+            refused = self._rpm_refusal(win, rpm, now)
+            if refused is not None:
+                return refused
             used = sum(n for _, n in win.tokens.values())
             if tpm > 0 and used + tokens > tpm:
                 oldest = min((ts for ts, _ in win.tokens.values()), default=now)
@@ -97,6 +104,7 @@ class RateLimiter:
                     False, f"token limit of {tpm} tokens per minute reached ({used} used, {tokens} requested)",
                     max(1, math.ceil(wait)))
             ticket = next(self._tickets)
+            win.requests.append(now)
             win.tokens[ticket] = (now, tokens)
             self._owner[ticket] = tenant
             return RateDecision(True, ticket=ticket)
@@ -111,10 +119,5 @@ class RateLimiter:
                 win.tokens[ticket] = (ts, used)
 
     def check_and_record(self, tenant: str, rpm: int, tpm: int, tokens: int) -> RateDecision:
-        """``enter`` and ``reserve`` in one (no concurrency slot is kept): for callers that only
-        meter a request, such as tests of the window."""
-        entered = self.enter(tenant, rpm)
-        if not entered.allowed:
-            return entered
-        self.leave(tenant)
-        return self.reserve(tenant, tpm, tokens)
+        """``reserve`` with both limits: for callers that only meter a request (tests of the window)."""
+        return self.reserve(tenant, tpm, tokens, rpm)

@@ -1,29 +1,40 @@
 """Everything one running appliance holds, built from an install root.
 
 ``Runtime.open(root)`` reads the installed release's configuration and opens (creating on first
-start) the database, the audit log, the tenant store, the secrets and the engine. The engine is
-started and stopped with the gateway's lifespan.
+start) the database, the audit log, the tenant store, the secrets, the node registry and the
+fleet. Without a ``fleet:`` section (a single-node install, the quickstart) the engine runs in
+this process and is registered as the one node ``inprocess://<node name>``; with one, the
+registry is synced from it (source ``inventory``) and every node is reached over mutual TLS with
+the installer-issued gateway client certificate (ROOT/tls/engine/client.pem). Either way requests
+go through the same router. The engine and the fleet are started and stopped with the gateway's
+lifespan.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 import torch
 
+from appliance.admins import bootstrap_admins
 from appliance.audit import AuditLog
 from appliance.config import ApplianceConfig, load_config
 from appliance.db import open_database
+from appliance.errors import ConfigError
+from appliance.fleet import EngineClient, Fleet
 from appliance.journal_import import import_journal
 from appliance.metrics import GatewayMetrics
+from appliance.nodes import INPROCESS, Node, NodeRegistry
+from appliance.router import Router
 from appliance.secrets_store import ensure_secret
 from appliance.service import ChatService
 from appliance.tenancy import TenantStore
-from engine import AsyncEngine, EngineConfig
+from appliance.usage import UsageStore
+from engine import AsyncEngine, EngineConfig, RemoteEngine
 from policies import PolicySet, load_policy_set
 
 log = logging.getLogger(__name__)
@@ -36,9 +47,11 @@ class Runtime:
     tenants: TenantStore
     audit: AuditLog
     policies: PolicySet
-    engine: AsyncEngine
+    engine: AsyncEngine | None  # the in-process engine of a single-node install
     service: ChatService
-    admin_token: str
+    usage: UsageStore
+    nodes: NodeRegistry
+    fleet: Fleet
 
     @classmethod
     def open(cls, root: Path, *, engine_overrides: dict[str, object] | None = None) -> Runtime:
@@ -52,28 +65,47 @@ class Runtime:
         imported = import_journal(config.journal_path, config.data_dir / "journal-import.json", audit)
         if imported:
             log.info("imported %d installer journal entries into the audit log", imported)
-        admin_token = ensure_secret(config.secrets_dir / "admin.token")
+        log.info("admins: %s", bootstrap_admins(tenants.admins, audit, config.secrets_dir))
         salt_key = ensure_secret(config.secrets_dir / "cache-salt.key").encode()
-        settings = config.engine.resolved(cuda_available=torch.cuda.is_available())
-        settings.update(engine_overrides or {})
-        engine = AsyncEngine(EngineConfig(model=str(config.model_path), **settings))  # type: ignore[arg-type]
-        service = ChatService(
-            engine=engine, policies=policies, audit=audit, node=config.node, model_name=config.model_name,
-            salt_key=salt_key, metrics=GatewayMetrics(),
-        )
-        return cls(config, db, tenants, audit, policies, engine, service, admin_token)
+        nodes = NodeRegistry(db)
+        metrics = GatewayMetrics()
+        engine: AsyncEngine | None = None
+        if config.fleet.nodes:
+            wanted = [Node(n.name, n.url, n.labels, n.models or (config.model_name,)) for n in config.fleet.nodes]
+            _sync_nodes(nodes, audit, wanted, "inventory")
+            _sync_nodes(nodes, audit, [], "local")
+        else:
+            settings = config.engine.resolved(cuda_available=torch.cuda.is_available())
+            settings.update(engine_overrides or {})
+            engine = AsyncEngine(EngineConfig(model=str(config.model_path), **settings))  # type: ignore[arg-type]
+            local = Node(config.node.name, INPROCESS + config.node.name, dict(config.node.labels),
+                         config.served_models)
+            _sync_nodes(nodes, audit, [local], "local")
+            _sync_nodes(nodes, audit, [], "inventory")
 
-    def check_admin(self, presented: str) -> bool:
-        return hmac.compare_digest(presented.encode(), self.admin_token.encode())
+        def audit_fleet(event: str, data: dict[str, object]) -> None:
+            audit.append(f"admin.{event}", stream="_admin", actor="gateway", data=data)
+
+        fleet = Fleet(nodes, config.fleet, _client_factory(config, engine), audit_fleet, metrics)
+        service = ChatService(
+            fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
+        )
+        return cls(config, db, tenants, audit, policies, engine, service, UsageStore(db), nodes, fleet)
 
     async def start(self) -> None:
-        await self.engine.start()
+        if self.engine is not None:
+            await self.engine.start()
+        await self.fleet.start()
         self.audit.append("admin.appliance_started", stream="_admin", actor="appliance",
                           data={"version": self.config.version, "bundle_digest": self.config.bundle_digest,
                                 "node": self.config.node.name, "model": self.config.model_name})
 
     async def stop(self) -> None:
-        await self.engine.shutdown()
+        await self.service.drain()
+        await self.fleet.stop()
+        if self.engine is not None:
+            await self.engine.shutdown()
+        self.service.close()
         self.audit.append("admin.appliance_stopped", stream="_admin", actor="appliance",
                           data={"version": self.config.version})
         self.audit.checkpoint()
@@ -82,3 +114,28 @@ class Runtime:
         # pools reopen connections on demand if this runtime is started again.
         self.audit.close()
         self.db.dispose()
+
+
+def _sync_nodes(nodes: NodeRegistry, audit: AuditLog, wanted: list[Node], source: str) -> None:
+    for change in nodes.sync(wanted, source):
+        kind = change.pop("change")
+        audit.append(f"admin.node_{kind}", stream="_admin", actor=f"config:{source}", data=change)
+
+
+def _client_factory(config: ApplianceConfig, engine: AsyncEngine | None) -> Callable[[Node], EngineClient]:
+    tls = config.root / "tls" / "engine"
+
+    def make(node: Node) -> EngineClient:
+        if node.url.startswith(INPROCESS):
+            if engine is None or node.url != INPROCESS + config.node.name:
+                raise ConfigError(f"node {node.name}: {node.url} names an in-process engine this gateway does not run")
+            return engine
+        for name in ("ca.pem", "client.pem", "client.key"):
+            if not (tls / name).is_file():
+                raise ConfigError(f"node {node.name}: the gateway's client certificate for mutual TLS is missing: "
+                                  f"expected {tls / name} (issued by sovereign-installer)")
+        return RemoteEngine(node.url, ca_cert=tls / "ca.pem", client_cert=tls / "client.pem",
+                            client_key=tls / "client.key", timeout_s=config.fleet.connect_timeout_s,
+                            read_timeout_s=config.fleet.read_timeout_s)
+
+    return make

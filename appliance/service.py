@@ -2,7 +2,7 @@
 
 The order is fixed and cheap checks come first, so a refused request costs little:
 
-1. ``enter``: requests per minute and the tenant's concurrent slots (refusals count too);
+1. ``enter``: a request left in this minute, and one of the tenant's concurrent slots;
 2. policy: the model is allowed (policy or the tenant's grants), ``max_tokens`` within bounds, and
    some node serving the model satisfies the tenant's residency (403 / 404 otherwise);
 3. the prompt is rendered and tokenized in a worker thread, one job per tenant at a time, never on
@@ -132,6 +132,7 @@ class ChatService:
         # one tokenization job per tenant at a time: a tenant's huge prompts queue behind each
         # other, never in front of another tenant's
         self._tokenize_turn: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -234,7 +235,8 @@ class ChatService:
                 admit.retry_after_s), model, {"node": route.node, "routing": route.decision()})
         release = (route.node, tenant, sla.priority, len(prompt_ids))
         try:
-            rate = self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens)
+            rate = self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens,
+                                        policy.rate_limit_rpm)
             if not rate.allowed:
                 await self._reject(principal, request_id, RequestRejected(
                     429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), model)
@@ -352,7 +354,7 @@ class ChatService:
         except (asyncio.CancelledError, GeneratorExit):
             status = "aborted"
             if stream is not None:
-                await asyncio.shield(self._abort(prep))
+                self._background(self._abort(prep))  # its own task: a repeated cancellation cannot stop it
             raise
         except Exception as exc:  # the node failed this request; audit it, then report it
             error = f"{type(exc).__name__}: {exc}"
@@ -375,7 +377,7 @@ class ChatService:
             self.fleet.release(node)
             self.metrics.node_requests.labels(node, status).inc()
             if hasattr(stream, "aclose"):
-                await asyncio.shield(stream.aclose())
+                self._background(stream.aclose())
         if first_at is None and stream is not None:
             self.admission.release(node, tenant, prep.priority, len(prep.prompt_ids))
         self.limiter.leave(tenant)
@@ -401,7 +403,21 @@ class ChatService:
         append: Callable[[], Any] = lambda: self.audit.append(  # noqa: E731
             status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
             request_id=prep.request_id, data=data)
-        # In a worker thread, shielded: this may run while the request is being cancelled, and the
-        # record must still be written in full.
-        await asyncio.shield(asyncio.to_thread(append))
+        # In a worker thread. A cancelled request (client gone) may be cancelled again at every await
+        # here (anyio's cancel scopes re-deliver), so its record is written by a task of its own that
+        # no cancellation reaches; every other record is durable before the client's final chunk.
+        write = self._background(asyncio.to_thread(append))
+        if status != "aborted":
+            await asyncio.shield(write)
+
+    def _background(self, work: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for the records and aborts still being written (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
