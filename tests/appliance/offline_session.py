@@ -38,8 +38,9 @@ def main(bundle: str, trusted_root: str, root: str) -> int:
     proc = start([str(BIN / "appliance"), "serve", "--root", root, "--port", str(port)], url, ca)
     try:
         admin = httpx.Client(base_url=url, verify=tls_ctx(ca), timeout=30, headers={
-            "Authorization": f"Bearer {(Path(root) / 'secrets' / 'admin.token').read_text().strip()}"})
-        admin.post("/admin/v1/tenants", json={"name": "offline"}).raise_for_status()
+            "Authorization": f"Bearer {(Path(root) / 'secrets' / 'admin.key').read_text().strip()}"})
+        grant = {"name": "offline", "models": ["SmolLM2-135M-Instruct"]}  # the shipped policy grants none
+        admin.post("/admin/v1/tenants", json=grant).raise_for_status()
         key = admin.post("/admin/v1/tenants/offline/keys", json={}).json()["key"]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
                                http_client=httpx.Client(verify=tls_ctx(ca), timeout=120))

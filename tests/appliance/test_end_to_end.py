@@ -25,19 +25,21 @@ class Served:
     root: Path
     url: str
     ca: Path
-    admin_token: str
+    admin_key: str
 
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=tls_ctx(self.ca),
-                            headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
+                            headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30)
 
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
                              http_client=httpx.Client(verify=tls_ctx(self.ca), timeout=120))
 
-    def new_tenant_key(self, tenant: str) -> str:
+    def new_tenant_key(self, tenant: str, models: tuple[str, ...] = (MODEL,)) -> str:
         with self.admin() as admin:
-            assert admin.post("/admin/v1/tenants", json={"name": tenant}).status_code == 201
+            # the shipped policy grants no model: the tenant gets the served one
+            made = admin.post("/admin/v1/tenants", json={"name": tenant, "models": list(models)})
+            assert made.status_code == 201, made.text
             resp = admin.post(f"/admin/v1/tenants/{tenant}/keys", json={"label": "test"})
             assert resp.status_code == 201, resp.text
             return str(resp.json()["key"])
@@ -49,11 +51,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, vendor_bundle: VendorBundle
     port = free_port()
     installed = run_installer(vendor_bundle, root, port)
     assert installed.returncode == 0, installed.stdout + installed.stderr
+    # the first admin's key: shown once by the installer, enrolled by the appliance when it starts
+    admin_key = (root / "secrets" / "admin.key").read_text().strip()
+    assert admin_key in installed.stdout.replace("\n", "").replace(" ", "").replace("│", "")
     url = f"https://localhost:{port}"
     proc = start([str(BIN / "appliance"), "serve", "--root", str(root), "--port", str(port)], url,
                  root / "tls" / "ca.pem")
-    token = (root / "secrets" / "admin.token").read_text().strip()
-    yield Served(root, url, root / "tls" / "ca.pem", token)
+    yield Served(root, url, root / "tls" / "ca.pem", admin_key)
     code, out = interrupt(proc)
     assert code == 0, out
 
@@ -92,8 +96,8 @@ def test_missing_and_wrong_keys_get_401(served: Served) -> None:
 
 
 def test_bad_requests_get_clear_openai_errors(served: Served) -> None:
-    client = served.client(served.new_tenant_key("badreq"))
-    with pytest.raises(openai.NotFoundError, match="not served here"):
+    client = served.client(served.new_tenant_key("badreq", models=("*",)))  # any model: 404 when not served
+    with pytest.raises(openai.NotFoundError, match="not served by any node"):
         client.chat.completions.create(model="gpt-4", messages=QUESTION)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=MODEL, messages=[])
@@ -110,10 +114,16 @@ def test_plain_http_is_refused(served: Served) -> None:
         httpx.get(served.url.replace("https", "http") + "/health", timeout=5)
 
 
-def test_admin_api_needs_the_admin_token(served: Served) -> None:
+def test_admin_api_needs_an_admin_key(served: Served) -> None:
     resp = httpx.get(f"{served.url}/admin/v1/tenants", verify=tls_ctx(served.ca),
                      headers={"Authorization": "Bearer not-the-token"})
     assert resp.status_code == 401
+    tenant_key = served.new_tenant_key("not-an-admin")
+    resp = httpx.get(f"{served.url}/admin/v1/tenants", verify=tls_ctx(served.ca),
+                     headers={"Authorization": f"Bearer {tenant_key}"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "insufficient_scope"
+    with served.admin() as admin:
+        assert admin.get("/admin/v1/tenants").status_code == 200
 
 
 def test_audit_records_exist_verify_and_hold_no_secrets(served: Served) -> None:
@@ -133,7 +143,7 @@ def test_audit_records_exist_verify_and_hold_no_secrets(served: Served) -> None:
     completed = next(r for r in records if r.event_type == "completed" and r.request_id == reply.id)
     data = completed.data if isinstance(completed.data, dict) else json.loads(completed.data)
     assert data["completion_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
-    assert data["node"] and "output_sha256" in data
+    assert data["node"] and data["output_hash"].startswith("hmac-sha256:")
     secret = key.rsplit("_", 1)[1]
     for path in (served.root / "data").iterdir():
         if path.is_file():

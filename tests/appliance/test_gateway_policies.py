@@ -34,8 +34,10 @@ SITE_POLICY = {
 def runtime(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Runtime]:
     """An install root laid out as the installer leaves it, with a site policy added."""
     rt = Runtime.open(_lay_out_root(tmp_path_factory.mktemp("root"), model_dir))
+    # The shipped policy grants no model; each tenant is granted the served one except
+    # "other-models", whose site policy allows only another model.
     for tenant in ("acme", "other-models", "eu-bank", "tight"):
-        rt.tenants.create_tenant(tenant)
+        rt.tenants.create_tenant(tenant, [] if tenant == "other-models" else [MODEL])
     yield rt
 
 
@@ -128,7 +130,7 @@ def test_stop_leaves_every_record_in_the_database_file(tmp_path: Path, model_dir
     """After a clean stop no write-ahead log is left beside the database: a backup of
     data/appliance.db alone has every record (SQLite merges the WAL when the last connection closes)."""
     rt = Runtime.open(_lay_out_root(tmp_path / "root", model_dir))
-    rt.tenants.create_tenant("acme")
+    rt.tenants.create_tenant("acme", [MODEL])
     with TestClient(create_app(rt)) as c:
         assert c.post("/v1/chat/completions", headers=_key(rt, "acme"),
                       json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}).status_code == 200
