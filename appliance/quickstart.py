@@ -5,7 +5,8 @@
    which verifies the bundle before touching anything;
 3. appliance: engine in-process, HTTPS gateway with the certificate the installer issued from the
    installation's internal CA (ROOT/state/pki), SQLite, audit log;
-4. a demo tenant and key, and ready-to-paste ``curl`` and ``openai`` snippets.
+4. the first admin (key in ROOT/secrets/admin.key), a demo tenant granted the model and its key,
+   and ready-to-paste ``curl`` and ``openai`` snippets.
 
 With ``--wheelhouse DIR`` (``make run`` passes .cache/wheelhouse) the bundle also carries the
 appliance's wheels: the installer builds the runtime ROOT/runtimes/<id> from them with
@@ -36,6 +37,7 @@ from rich.console import Console
 import appliance
 from airgap_bundle import build_bundle, import_gguf, init_keys
 from airgap_bundle.testmodel import find_smollm2_gguf
+from appliance.admins import ensure_first_admin
 from appliance.audit import AuditLog
 from appliance.config import load_config
 from appliance.db import open_database
@@ -132,19 +134,28 @@ def run_installer(artifacts: VendorArtifacts, root: Path, inventory: Path, conso
 
 
 def ensure_demo_key(runtime: Runtime) -> str:
-    return demo_key(runtime.tenants, runtime.audit, runtime.config.secrets_dir)
+    ensure_first_admin(runtime.tenants.admins, runtime.audit, runtime.config.secrets_dir, "quickstart")
+    return demo_key(runtime.tenants, runtime.audit, runtime.config.secrets_dir, runtime.config.model_name)
 
 
-def demo_key(tenants: TenantStore, audit: AuditLog, secrets_dir: Path) -> str:
+def demo_key(tenants: TenantStore, audit: AuditLog, secrets_dir: Path, model: str) -> str:
+    """The demo tenant, granted ``model`` (the shipped policy grants none), and its key, kept in
+    secrets/demo-tenant.key (0600) and reused while it stays valid."""
     key_file = secrets_dir / "demo-tenant.key"
-    if tenants.get_tenant(DEMO_TENANT) is None:
-        tenants.create_tenant(DEMO_TENANT)
-        audit.append("admin.tenant_created", stream="_admin", actor="quickstart", data={"tenant": DEMO_TENANT})
+    tenant = tenants.get_tenant(DEMO_TENANT)
+    if tenant is None:
+        tenants.create_tenant(DEMO_TENANT, [model])
+        audit.append("admin.tenant_created", stream="_admin", actor="quickstart",
+                     data={"tenant": DEMO_TENANT, "models": [model]})
+    elif model not in tenant.models or tenant.disabled:
+        granted = tenants.update_tenant(DEMO_TENANT, models=[*tenant.models, model], disabled=False)
+        audit.append("admin.tenant_updated", stream="_admin", actor="quickstart",
+                     data={"tenant": DEMO_TENANT, "models": list(granted.models), "disabled": False})
     if key_file.exists():
         stored = key_file.read_text().strip()
         if tenants.authenticate(stored) is not None:
             return stored
-    issued = tenants.issue_key(DEMO_TENANT, label="quickstart demo key")
+    issued = tenants.issue_key(DEMO_TENANT, label="quickstart demo key", created_by="quickstart")
     audit.append("admin.key_issued", stream="_admin", actor="quickstart",
                  data={"tenant": DEMO_TENANT, "key_id": issued.key_id})
     write_secret(key_file, issued.secret)
@@ -228,8 +239,9 @@ def serve_from_runtime(root: Path, runtime_dir: Path, host: str, port: int, cons
     config = load_config(root)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.data_dir.chmod(0o700)
-    key = demo_key(TenantStore(open_database(config.db_url)), AuditLog(config.db_url, config.audit_key_path),
-                   config.secrets_dir)
+    tenants, audit = TenantStore(open_database(config.db_url)), AuditLog(config.db_url, config.audit_key_path)
+    ensure_first_admin(tenants.admins, audit, config.secrets_dir, "quickstart")
+    key = demo_key(tenants, audit, config.secrets_dir, config.model_name)
     env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
     env.update(OFFLINE_ENV)
     console.print(f"[bold]runtime[/]: serving with {exe}")
@@ -245,7 +257,8 @@ def serve_from_runtime(root: Path, runtime_dir: Path, host: str, port: int, cons
         _wait_healthy(proc, base, ca, START_TIMEOUT_S)
         console.print(f"\n[bold green]appliance {config.version} serving {config.model_name} at {base}[/]"
                       f"  (runtime {runtime_dir.name}, pid {proc.pid}; Ctrl-C to stop)\n"
-                      f"demo tenant key stored in {config.secrets_dir / 'demo-tenant.key'} (0600)")
+                      f"demo tenant key stored in {config.secrets_dir / 'demo-tenant.key'} (0600); "
+                      f"admin key in {config.secrets_dir / 'admin.key'} (0600)")
         console.print(snippets(base, ca, key, config.model_name), markup=False, highlight=False, soft_wrap=True)
         code = proc.wait()
         if code != 0:
@@ -287,7 +300,8 @@ def quickstart(root: Path, model_dir: Path, host: str, port: int, console: Conso
     base = f"https://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}"
     console.print(f"\n[bold green]appliance {runtime.config.version} serving {runtime.config.model_name}"
                   f" at {base}[/]  (Ctrl-C to stop)\n"
-                  f"demo tenant key stored in {runtime.config.secrets_dir / 'demo-tenant.key'} (0600)")
+                  f"demo tenant key stored in {runtime.config.secrets_dir / 'demo-tenant.key'} (0600); "
+                  f"admin key in {runtime.config.secrets_dir / 'admin.key'} (0600)")
     console.print(snippets(base, runtime.config.tls_dir / "ca.pem", key, runtime.config.model_name),
                   markup=False, highlight=False, soft_wrap=True)
     server.run()

@@ -37,6 +37,13 @@ def test_quickstart_serves_paris_and_restarts(tmp_path: Path, model_dir: Path) -
     assert "Paris" in _ask(url, root / "tls" / "ca.pem", key)
     assert httpx.post(f"{url}/v1/chat/completions", verify=tls_ctx(root / "tls" / "ca.pem"),
                       json={"model": "x", "messages": []}).status_code == 401
+    # the first admin (its key shown by the installer and kept 0600) sees the demo tenant and its grant
+    admin_key = (root / "secrets" / "admin.key").read_text().strip()
+    assert (root / "secrets" / "admin.key").stat().st_mode & 0o777 == 0o600
+    tenants = httpx.get(f"{url}/admin/v1/tenants", verify=tls_ctx(root / "tls" / "ca.pem"),
+                        headers={"Authorization": f"Bearer {admin_key}"})
+    assert tenants.status_code == 200, tenants.text
+    assert [(t["name"], t["models"]) for t in tenants.json()["data"]] == [("demo", ["SmolLM2-135M-Instruct"])]
     code, out = interrupt(proc)
     assert code == 0, out
     assert f"curl --cacert {root / 'tls' / 'ca.pem'}" in out and key in out and "openai.OpenAI" in out
