@@ -4,6 +4,10 @@ Per node the gateway tracks the prompt tokens of admitted requests that have not
 first token yet, by tenant and SLA priority, and a moving estimate of the node's prefill rate
 (prompt tokens per second, learned from observed time-to-first-token).
 
+The prefill rate is learned from each request's first token as (tokens ahead of it when it was
+admitted + its own) / TTFT: what the node got through while that request waited, so a busy node's
+rate is not mistaken for a slow one's.
+
 A new request of tenant T at priority p with P prompt tokens would wait for:
 
 - all queued tokens of higher priority (lower number): they run first;
@@ -35,6 +39,7 @@ class AdmissionDecision:
     estimated_ttft_ms: float
     retry_after_s: int = 0
     reason: str = ""
+    ahead_tokens: int = 0  # queued tokens this request waits for (pass back to first_token)
 
 
 class AdmissionController:
@@ -82,7 +87,7 @@ class AdmissionController:
                 return AdmissionDecision(False, estimate_ms, max(1, math.ceil(excess_s)))
             key = (priority, tenant)
             self._queued[node][key] = self._queued[node].get(key, 0) + prompt_tokens
-            return AdmissionDecision(True, estimate_ms)
+            return AdmissionDecision(True, estimate_ms, ahead_tokens=waiting)
 
     def _dequeue(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> None:
         queue = self._queued.get(node, {})
@@ -92,12 +97,13 @@ class AdmissionController:
         else:
             queue.pop((priority, tenant), None)
 
-    def first_token(self, node: str, tenant: str, priority: int, prompt_tokens: int, ttft_s: float) -> None:
+    def first_token(self, node: str, tenant: str, priority: int, prompt_tokens: int, ttft_s: float,
+                    ahead_tokens: int = 0) -> None:
         """Record the first token of an admitted request: it leaves the queue, the rate is updated."""
         with self._lock:
             self._dequeue(node, tenant, priority, prompt_tokens)
             if ttft_s > 0 and prompt_tokens > 0:
-                sample = prompt_tokens / ttft_s
+                sample = (prompt_tokens + ahead_tokens) / ttft_s
                 old = self._rate_tps.get(node)
                 self._rate_tps[node] = sample if old is None else (1 - self._alpha) * old + self._alpha * sample
 

@@ -13,6 +13,7 @@ another tenant's budget. The gateway uses it in two steps:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -117,6 +118,16 @@ class RateLimiter:
             if win is not None and ticket in win.tokens:
                 ts, _ = win.tokens[ticket]
                 win.tokens[ticket] = (ts, used)
+
+    def cancel(self, ticket: int) -> None:
+        """Take back a reservation whose request was refused after it (its request and tokens)."""
+        with self._lock:
+            tenant = self._owner.pop(ticket, None)
+            win = self._windows.get(tenant) if tenant else None
+            if win is not None and ticket in win.tokens:
+                ts, _ = win.tokens.pop(ticket)
+                with contextlib.suppress(ValueError):
+                    win.requests.remove(ts)
 
     def check_and_record(self, tenant: str, rpm: int, tpm: int, tokens: int) -> RateDecision:
         """``reserve`` with both limits: for callers that only meter a request (tests of the window)."""

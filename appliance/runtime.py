@@ -87,10 +87,12 @@ class Runtime:
             audit.append(f"admin.{event}", stream="_admin", actor="gateway", data=data)
 
         fleet = Fleet(nodes, config.fleet, _client_factory(config, engine), audit_fleet, metrics)
+        usage = UsageStore(db)
         service = ChatService(
             fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
+            usage=usage,
         )
-        return cls(config, db, tenants, audit, policies, engine, service, UsageStore(db), nodes, fleet)
+        return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet)
 
     async def start(self) -> None:
         if self.engine is not None:

@@ -27,7 +27,7 @@ import hmac
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ from appliance.metrics import GatewayMetrics
 from appliance.principal import Principal
 from appliance.ratelimit import RateLimiter
 from appliance.router import Route, Router, RouteRefused
+from appliance.usage import Reservation, UsageStore
 from engine import SamplingParams
 from engine.errors import EngineDeadError, EngineError, RequestError
 from engine.outputs import StreamDelta
@@ -98,6 +99,8 @@ class Prepared:
     deadline: float
     route: Route
     ticket: int
+    budget: Reservation | None
+    ahead_tokens: int
     prompt_hash: str
     stream: bool
     created: int = field(default_factory=lambda: int(time.time()))
@@ -117,8 +120,10 @@ class Outcome:
 class ChatService:
     def __init__(
         self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
-        metrics: GatewayMetrics, default_max_tokens: int = 512, tokenizer_threads: int = 4,
+        metrics: GatewayMetrics, usage: UsageStore | None = None, default_max_tokens: int = 512,
+        tokenizer_threads: int = 4,
     ) -> None:
+        self.usage = usage
         self.fleet = fleet
         self.router = router
         self.policies = policies
@@ -234,12 +239,21 @@ class ChatService:
                 429, message, "overloaded", "queue_limit_exceeded" if admit.reason else "sla_unattainable",
                 admit.retry_after_s), model, {"node": route.node, "routing": route.decision()})
         release = (route.node, tenant, sla.priority, len(prompt_ids))
+        release_rate = 0
+        budget: Reservation | None = None
         try:
             rate = self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens,
                                         policy.rate_limit_rpm)
             if not rate.allowed:
                 await self._reject(principal, request_id, RequestRejected(
                     429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), model)
+            release_rate = rate.ticket
+            if self.usage is not None:
+                decision = await asyncio.to_thread(self.usage.reserve, tenant, len(prompt_ids) + max_tokens, policy)
+                if not decision.allowed:
+                    await self._reject(principal, request_id, RequestRejected(
+                        429, decision.reason, "rate_limit_exceeded", decision.code, decision.retry_after_s), model)
+                budget = decision.reservation
             try:
                 params = SamplingParams(max_tokens=max_tokens, **spec.sampling)
             except ValueError as exc:
@@ -249,7 +263,8 @@ class ChatService:
             prep = Prepared(
                 request_id=request_id, principal=principal, model=model, prompt_ids=prompt_ids, params=params,
                 sla_class=sla.name, priority=sla.priority, deadline=time.time() + sla.deadline_ms / 1000.0,
-                route=route, ticket=rate.ticket, stream=spec.stream,
+                route=route, ticket=rate.ticket, budget=budget, ahead_tokens=admit.ahead_tokens,
+                stream=spec.stream,
                 prompt_hash=self.keyed_hash(tenant, b"".join(i.to_bytes(4, "little") for i in prompt_ids)),
             )
             await self._audit("accepted", principal, request_id, {
@@ -258,12 +273,15 @@ class ChatService:
                 "sla_class": sla.name, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
                 "stream": spec.stream, "prompt_hash": prep.prompt_hash,
             })
-        except AuditError as exc:
+        except BaseException as exc:
             self.admission.release(*release)
-            raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
-                                  "audit_unavailable") from exc
-        except BaseException:
-            self.admission.release(*release)
+            if release_rate:
+                self.limiter.cancel(release_rate)
+            if budget is not None and self.usage is not None:
+                await asyncio.shield(asyncio.to_thread(self.usage.release, tenant, budget))
+            if isinstance(exc, AuditError):
+                raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
+                                      "audit_unavailable") from exc
             raise
         return prep
 
@@ -337,7 +355,7 @@ class ChatService:
                 if first_at is None:
                     first_at = time.monotonic()
                     self.admission.first_token(prep.route.node, tenant, prep.priority, len(prep.prompt_ids),
-                                               first_at - start)
+                                               first_at - start, prep.ahead_tokens)
                     self.metrics.ttft.labels(prep.sla_class).observe(first_at - start)
                 outcome.text += delta.text
                 outcome.completion_tokens = delta.num_output_tokens
@@ -387,7 +405,6 @@ class ChatService:
         self.metrics.requests.labels(tenant, status).inc()
         self.metrics.prompt_tokens.labels(tenant).inc(outcome.prompt_tokens)
         self.metrics.completion_tokens.labels(tenant).inc(outcome.completion_tokens)
-        self.limiter.settle(prep.ticket, (outcome.prompt_tokens or len(prep.prompt_ids)) + outcome.completion_tokens)
         data: dict[str, Any] = {
             "model": prep.model, "node": node, "node_labels": dict(prep.route.handle.node.labels),
             "region": prep.route.handle.node.labels.get("region", ""),
@@ -400,9 +417,15 @@ class ChatService:
             data["retried_from"] = list(prep.retried_from)
         if error:
             data["error"] = error[:500]
-        append: Callable[[], Any] = lambda: self.audit.append(  # noqa: E731
-            status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
-            request_id=prep.request_id, data=data)
+        used = (outcome.prompt_tokens or len(prep.prompt_ids)) + outcome.completion_tokens
+        self.limiter.settle(prep.ticket, used)
+
+        def append() -> None:
+            if prep.budget is not None and self.usage is not None:
+                self.usage.settle(tenant, prep.budget, used)
+            self.audit.append(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
+                              request_id=prep.request_id, data=data)
+
         # In a worker thread. A cancelled request (client gone) may be cancelled again at every await
         # here (anyio's cancel scopes re-deliver), so its record is written by a task of its own that
         # no cancellation reaches; every other record is durable before the client's final chunk.

@@ -20,22 +20,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
 from appliance.openai_completions import CompletionRequest
-from appliance.openai_schema import ChatCompletionRequest
+from appliance.openai_schema import MIN_TEMPERATURE, MIN_TOP_P, SEED_RANGE, ChatCompletionRequest
 from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
 from engine import RequestError
 from engine.errors import EngineDeadError
 
 router = APIRouter(prefix="/v1")
 
-MIN_TEMPERATURE = 1e-5  # below this the sampler's division overflows: such a request is served greedily
-
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """OpenAI's defaults filled in, clamped to what the sampler honours (ChatCompletionRequest.sampling)."""
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     return {
         "temperature": 0.0 if temperature < MIN_TEMPERATURE else temperature,
-        "top_p": 1.0 if req.top_p is None else float(req.top_p),
-        "seed": None if req.seed is None else req.seed % 2**63,
+        "top_p": 1.0 if req.top_p is None else max(float(req.top_p), MIN_TOP_P),
+        "seed": None if req.seed is None else req.seed % SEED_RANGE,
         "stop": req.stop_list() or None,
         "presence_penalty": float(req.presence_penalty or 0.0),
         "frequency_penalty": float(req.frequency_penalty or 0.0),

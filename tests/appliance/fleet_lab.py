@@ -82,6 +82,24 @@ class FleetLab:
             "fleet": {"nodes": [{"name": n.name, "url": n.url, "labels": n.labels, "models": [MODEL]}
                                 for n in self.nodes.values()], **(fleet_settings or {})}}, policies)
 
+    def build_single(self, tenants_policy: dict[str, object], labels: dict[str, str] | None = None) -> None:
+        """One host running gateway and engine in one process (the quickstart's shape: no fleet)."""
+        from policies import default_policy_dir
+
+        policies = self.base / "policies"
+        shutil.copytree(default_policy_dir(), policies)
+        (policies / "site.yaml").write_text(yaml.safe_dump(tenants_policy))
+        self.gateway_root = self.base / "gw"
+        self.gateway_port = free_port()
+        release = self.gateway_root / "releases" / "1.0.0"
+        release.mkdir(parents=True)
+        (release / "appliance.yaml").write_text(yaml.safe_dump({
+            "version": "1.0.0", "bundle_digest": "sha256:single-test",
+            "model": {"name": MODEL, "path": str(self.model_dir)}, "policies_dir": str(policies),
+            "node": {"name": "solo", "labels": labels or {"region": "eu", "site": "a", "classification": "internal"}},
+            "gateway": {"host": "127.0.0.1", "port": self.gateway_port}, "engine": ENGINE}))
+        (self.gateway_root / "current").symlink_to(release)
+
     def _lay_out(self, root: Path, pki_dir: Path, node: str, extra: dict[str, object], policies: Path) -> None:
         release = root / "releases" / "1.0.0"
         release.mkdir(parents=True)

@@ -1,0 +1,144 @@
+"""Per-tenant limits through the real HTTPS API (one gateway process with its in-process engine):
+a flooding tenant is held to its own concurrency and never gets another tenant refused; token
+budgets per day are enforced and reported; refused requests spend no budget; a non-streaming
+request whose client leaves is aborted; /v1/completions works streaming and not."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.appliance.fleet_lab import MODEL, FleetLab
+from tests.appliance.support import tls_ctx
+
+POLICY = {
+    "tenants": {
+        "flooder": {"allowed_models": ["*"], "sla_class": "batch", "max_concurrent_requests": 4,
+                    "rate_limit_rpm": 1000, "max_tokens_per_minute": 1000000},
+        "victim": {"allowed_models": ["*"], "sla_class": "interactive", "rate_limit_rpm": 1000,
+                   "max_tokens_per_minute": 1000000},
+        "metered": {"allowed_models": ["*"], "max_tokens_per_day": 400, "rate_limit_rpm": 1000,
+                    "max_tokens_per_minute": 1000000},
+        "twice": {"allowed_models": ["*"], "rate_limit_rpm": 2},
+        "leaver": {"allowed_models": ["*"]},
+        "legacy": {"allowed_models": ["*"]},
+    },
+}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to cook, in ten chapters."}]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[FleetLab]:
+    lab = FleetLab(tmp_path_factory.mktemp("single"), model_dir)
+    lab.build_single(POLICY)
+    try:
+        lab.start_gateway()
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_flooding_tenant_is_held_to_its_own_concurrency_and_never_refuses_another(lab: FleetLab) -> None:
+    flood = lab.client(lab.tenant_key("flooder"), timeout=300)
+    codes: list[str] = []
+    lock = threading.Lock()
+
+    def hold_a_stream() -> None:
+        try:
+            for _ in flood.chat.completions.create(model=MODEL, messages=STORY, max_tokens=48, temperature=0,
+                                                   stream=True):
+                pass
+            outcome = "served"
+        except openai.APIStatusError as exc:
+            outcome = str(exc.code)
+        with lock:
+            codes.append(outcome)
+
+    threads = [threading.Thread(target=hold_a_stream) for _ in range(24)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # the flood holds its streams now
+    victim = lab.client(lab.tenant_key("victim"), timeout=300)
+    for _ in range(3):  # never refused because of another tenant's load
+        reply = victim.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content
+    for t in threads:
+        t.join(300)
+    assert len(codes) == 24
+    assert codes.count("served") >= 4
+    assert set(codes) <= {"served", "concurrency_limit_exceeded"}, codes
+    assert "concurrency_limit_exceeded" in codes
+    rejected = [d for kind, _, d in lab.records("flooder") if kind == "rejected"]
+    assert rejected and all(d["code"] == "concurrency_limit_exceeded" for d in rejected)
+    assert not [d for kind, _, d in lab.records("victim") if kind == "rejected"]
+
+
+def test_day_budget_is_enforced_and_reported(lab: FleetLab) -> None:
+    key = lab.tenant_key("metered")
+    client = lab.client(key)
+    refused = None
+    for _ in range(20):
+        try:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+        except openai.RateLimitError as exc:
+            refused = exc
+            break
+    assert refused is not None and refused.code == "token_budget_exceeded"
+    assert "per UTC day" in refused.message and refused.response.headers.get("retry-after")
+    usage = httpx.get(f"{lab.url}/v1/usage", verify=tls_ctx(lab.gateway_root / "tls" / "ca.pem"),
+                      headers={"Authorization": f"Bearer {key}"}).json()
+    text = str(usage)
+    assert "400" in text  # the limit is reported
+    served = [d for kind, _, d in lab.records("metered") if kind == "completed"]
+    used = sum(int(d["prompt_tokens"]) + int(d["completion_tokens"]) for d in served)  # type: ignore[call-overload]
+    assert 0 < used <= 400
+
+
+def test_refused_requests_spend_no_request_budget(lab: FleetLab) -> None:
+    client = lab.client(lab.tenant_key("twice"))
+    for _ in range(3):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=4)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=100000)
+    for _ in range(2):  # the two requests of the minute are still there
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+    with pytest.raises(openai.RateLimitError, match="2 requests per minute"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+
+
+def test_non_streaming_request_whose_client_leaves_is_aborted(lab: FleetLab) -> None:
+    key = lab.tenant_key("leaver")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{lab.url}/v1/chat/completions", verify=tls_ctx(lab.gateway_root / "tls" / "ca.pem"),
+                   headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(30, read=3),
+                   json={"model": MODEL, "messages": STORY, "max_tokens": 500, "temperature": 0})
+    deadline = time.monotonic() + 30
+    kinds: list[str] = []
+    while time.monotonic() < deadline and len(kinds) < 2:
+        kinds = [k for k, _, _ in lab.records("leaver")]
+        time.sleep(0.2)
+    assert kinds == ["accepted", "aborted"]
+    aborted = lab.records("leaver")[-1][2]
+    assert int(aborted["completion_tokens"]) < 500  # type: ignore[call-overload]
+
+
+def test_legacy_completions_streaming_and_not(lab: FleetLab) -> None:
+    client = lab.client(lab.tenant_key("legacy"))
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text.strip()
+    assert reply.id.startswith("cmpl-") and reply.usage and reply.usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == reply.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=4)
