@@ -361,15 +361,20 @@ class ChatService:
                 outcome.completion_tokens = delta.num_output_tokens
                 outcome.prompt_tokens = delta.num_prompt_tokens
                 if delta.finished:
+                    # completed before the last pair is handed over: the consumer may close this
+                    # generator right after it, which is not an abort
                     outcome.finish_reason = delta.finish_reason
-                yield delta.text, (delta.finish_reason if delta.finished else None)
-                if delta.finished:
+                    status = "completed"
+                    yield delta.text, delta.finish_reason
                     break
+                yield delta.text, None
                 delta = await anext(stream)
             status = "completed"
         except StopAsyncIteration:
             error = "node ended the stream without a final token"
         except (asyncio.CancelledError, GeneratorExit):
+            if status == "completed":  # closed after the final pair: nothing to abort
+                raise
             status = "aborted"
             if stream is not None:
                 self._background(self._abort(prep))  # its own task: a repeated cancellation cannot stop it

@@ -140,16 +140,23 @@ class RemoteEngine:
             async with self.client.stream("POST", "/v1/generate", json=body) as resp:
                 if resp.status_code != 200:
                     raise _rejection(resp.status_code, await resp.aread())
-                async for line in resp.aiter_lines():
+                lines = resp.aiter_lines()
+                async for line in lines:
                     if not line:
                         continue
                     obj = json.loads(line)
                     if "error" in obj:
                         raise error_from_body(obj["error"])
                     delta = delta_from_obj(obj)
-                    yield delta
                     if delta.finished:
+                        # The node ends the body right after its final line: reading it to the end
+                        # returns the connection to the pool instead of closing it (no new TLS
+                        # handshake for the next request).
+                        async for _ in lines:
+                            pass
+                        yield delta
                         return
+                    yield delta
         except httpx.HTTPError as exc:
             raise EngineDeadError(f"node {self.base_url}: {exc!r}") from exc
 

@@ -135,9 +135,12 @@ def test_legacy_completions_streaming_and_not(lab: FleetLab) -> None:
     reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert reply.object == "text_completion" and reply.choices[0].text.strip()
     assert reply.id.startswith("cmpl-") and reply.usage and reply.usage.completion_tokens > 0
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if c.choices)
-    assert streamed == reply.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
+    # a stream read to its end is recorded completed (not aborted when the server closes it)
+    kinds = [k for k, rid, _ in lab.records("legacy") if rid == chunks[0].id]
+    assert kinds == ["accepted", "completed"]
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True)
     with pytest.raises(openai.BadRequestError):
