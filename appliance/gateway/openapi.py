@@ -20,7 +20,6 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from starlette.routing import BaseRoute
 
 from appliance.gateway.deps import AdminDep
 from appliance.principal import Principal
@@ -52,6 +51,16 @@ ERROR_DESCRIPTIONS = {
     500: "Internal error; the message names the request id",
     503: "Busy, or no compliant node or audit log available: see Retry-After",
 }
+# Routes that answer 2xx with something other than JSON (FastAPI documents JSON unless a route
+# names its response_class).
+NOT_JSON = {"/admin/v1/metrics": "text/plain", "/v1/audit/export": "application/x-tar"}
+# One server-sent event (OpenAPI 3.1 has a text/event-stream schema describe each event): its data
+# is a JSON chunk, an error object, or the final "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4},
+    "/v1/completions": {"prompt": "Hello", "max_tokens": 4},
+}
 _ALWAYS = (401, 429, 500, 503)  # any operation (also those that take no body)
 _WITH_BODY = (400, 408, 413)
 REQUEST_ID = {"x-request-id": {"description": "The gateway's id of this request", "schema": {"type": "string"}}}
@@ -65,25 +74,56 @@ def _is_admin(path: str) -> bool:
     return path.startswith("/admin/")
 
 
-def build_document(app: FastAPI, keep: Callable[[str], bool], title: str, statuses: Sequence[int]) -> dict[str, Any]:
-    routes: list[BaseRoute] = [r for r in app.routes if keep(getattr(r, "path", ""))]
-    doc = copy.deepcopy(get_openapi(title=title, version=app.version, routes=routes))
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for unused in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(unused, None)
-    schemas["ErrorResponse"] = ERROR_SCHEMA
-    doc["components"]["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-    for path, operations in doc.get("paths", {}).items():
+def build_document(app: FastAPI, keep: Callable[[str], bool], title: str, statuses: Sequence[int],
+                   model: str | None = None) -> dict[str, Any]:
+    """The document of the routes whose paths ``keep`` accepts; ``model`` (the served model's
+    name) makes the request examples ones the gateway serves."""
+    full = copy.deepcopy(get_openapi(title=title, version=app.version, routes=app.routes))
+    doc = {**full, "paths": {p: ops for p, ops in full.get("paths", {}).items() if keep(p)}}
+    for path, operations in doc["paths"].items():
         for method, op in operations.items():
             _exact_responses(path, method, op, statuses)
+            if model and path in EXAMPLES and "requestBody" in op:
+                media = op["requestBody"].get("content", {}).get("application/json")
+                if media is not None:
+                    media["example"] = {"model": model, **EXAMPLES[path]}
+    doc["components"] = {
+        "schemas": {**_referenced(doc["paths"], full.get("components", {}).get("schemas", {})),
+                    "ErrorResponse": ERROR_SCHEMA},
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+    }
     return doc
+
+
+def _referenced(paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The component schemas the kept paths use (transitively); the others' (admin models, the
+    422's validation error) are left out."""
+    prefix = "#/components/schemas/"
+    kept: dict[str, Any] = {}
+    todo = [paths]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(prefix):
+                name = ref[len(prefix):]
+                if name not in kept and name in schemas:
+                    kept[name] = schemas[name]
+                    todo.append(schemas[name])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return kept
 
 
 def _exact_responses(path: str, method: str, op: dict[str, Any], statuses: Sequence[int]) -> None:
     responses: dict[str, Any] = op.setdefault("responses", {})
     responses.pop("422", None)
-    has_input = "requestBody" in op or bool(op.get("parameters"))
-    wanted = {*_ALWAYS, *(_WITH_BODY if has_input else ()), *statuses}
+    wanted = {*_ALWAYS, *statuses}
+    if op.get("parameters"):
+        wanted.add(400)
+    if "requestBody" in op:
+        wanted.update(_WITH_BODY)
     if path == "/health":
         wanted -= {401, 403, 404, 409}
     else:
@@ -93,11 +133,13 @@ def _exact_responses(path: str, method: str, op: dict[str, Any], statuses: Seque
             "description": ERROR_DESCRIPTIONS[status], "headers": REQUEST_ID,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
         }
-    for status, response in responses.items():
+    for code, response in responses.items():
         response.setdefault("headers", REQUEST_ID)
-        if status.startswith("2") and method == "post" and path.startswith("/v1/"):
+        if code.startswith("2") and path in NOT_JSON:
+            response["content"] = {NOT_JSON[path]: {"schema": {"type": "string"}}}
+        if code.startswith("2") and method == "post" and path.startswith("/v1/"):
             # Any request with "stream": true is answered as server-sent events.
-            response.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+            response.setdefault("content", {})["text/event-stream"] = {"schema": SSE_EVENT}
 
 
 async def _tenant_key(request: Request) -> None:
@@ -122,7 +164,8 @@ def install_openapi(app: FastAPI) -> None:
     def document(kind: str) -> dict[str, Any]:
         if kind not in cache:
             if kind == "tenant":
-                cache[kind] = build_document(app, _is_tenant, f"{app.title}: tenant API", (403, 404))
+                model = getattr(app.state.runtime.config, "model_name", None)
+                cache[kind] = build_document(app, _is_tenant, f"{app.title}: tenant API", (403, 404), model)
             else:
                 cache[kind] = build_document(app, _is_admin, f"{app.title}: admin API", (403, 404, 409))
         return cache[kind]

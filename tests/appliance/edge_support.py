@@ -39,7 +39,8 @@ def lay_out_root(root: Path, model_dir: Path) -> Path:
     policies = release / "policies"
     shutil.copytree(default_policy_dir(), policies)
     generous = {"allowed_models": [MODEL], "rate_limit_rpm": 100_000, "max_tokens_per_minute": 100_000_000}
-    (policies / "site.yaml").write_text(yaml.safe_dump({"tenants": dict.fromkeys(TENANTS, generous)}))
+    tenants = {**dict.fromkeys(TENANTS, generous), "edge-fuzz": {**generous, "max_tokens_per_request": 8}}
+    (policies / "site.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
     (release / "appliance.yaml").write_text(yaml.safe_dump({
         "version": "1.0.0", "bundle_digest": "sha256:test",
         "model": {"name": MODEL, "path": str(model_dir)}, "policies_dir": str(policies),
@@ -58,7 +59,11 @@ def _issue_keys(runtime: Any) -> dict[str, str]:
             runtime.tenants.create_tenant(tenant, models=[MODEL])
         except TypeError:  # a store without per-tenant model grants
             runtime.tenants.create_tenant(tenant)
-        keys[tenant] = runtime.tenants.issue_key(tenant, "edge tests").secret
+        try:  # the fuzzed tenant may also read its audit records, so that route is reached too
+            scopes = ("inference", "audit:read") if tenant == "edge-fuzz" else ("inference",)
+            keys[tenant] = runtime.tenants.issue_key(tenant, "edge tests", scopes=scopes).secret
+        except TypeError:  # a store without key scopes
+            keys[tenant] = runtime.tenants.issue_key(tenant, "edge tests").secret
     if hasattr(runtime, "admin_token"):
         keys["admin"] = runtime.admin_token
     else:
