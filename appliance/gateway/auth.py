@@ -38,6 +38,7 @@ from appliance.principal import AdminPrincipal, Principal
 log = logging.getLogger(__name__)
 
 ADMIN, INFERENCE, AUDIT_READ = "admin", "inference", "audit:read"
+AUTH_CHECKED = "auth_checked"  # request state: the middleware checked this request's key
 
 
 def required_scopes(path: str) -> tuple[str, ...] | None:
@@ -76,6 +77,29 @@ REFUSALS = {
     "tenant_disabled": (403, "permission_denied", "the tenant of this key is disabled"),
     "admin_disabled": (403, "permission_denied", "the admin of this key is disabled"),
 }
+
+
+def refusal(check: KeyCheck, needed: tuple[str, ...]) -> tuple[int, str, str, str] | None:
+    """``(status, type, code, message)`` when ``check`` does not open a route needing one of
+    ``needed``; None when it does."""
+    if not check.ok:
+        status, type_, message = REFUSALS[check.code]
+        return status, type_, check.code, message
+    if not any(s in check.scopes for s in needed):
+        wanted = " or ".join(repr(s) for s in needed)
+        has = ", ".join(repr(s) for s in check.scopes) or "none"
+        kind = "admin" if check.admin is not None else "tenant"
+        return (403, "permission_denied", "insufficient_scope",
+                f"this route needs a key with scope {wanted}; this {kind} key has {has}")
+    return None
+
+
+def accepted(check: KeyCheck) -> dict[str, Any]:
+    """What an accepted key puts in the request state."""
+    if check.admin is not None:
+        return {"admin": AdminPrincipal(name=check.admin, key_id=str(check.key_id))}
+    return {"principal": Principal(tenant=str(check.tenant), key_id=str(check.key_id), scopes=check.scopes,
+                                   models=check.models)}
 
 
 class AuthMiddleware:
@@ -118,22 +142,12 @@ class AuthMiddleware:
         if check.key_id is None and token is not None:
             check = KeyCheck(check.code, split_key(token)[0])
         state["key_id"] = check.key_id
-        if not check.ok:
-            await self._refuse(scope, send, runtime, failures, check, check.code, *REFUSALS[check.code])
+        state[AUTH_CHECKED] = True
+        refused = refusal(check, needed)
+        if refused is not None:
+            await self._refuse(scope, send, runtime, failures, check, *refused)
             return
-        is_admin = check.admin is not None
-        if not any(s in check.scopes for s in needed):
-            wanted = " or ".join(repr(s) for s in needed)
-            has = ", ".join(repr(s) for s in check.scopes) or "none"
-            await self._refuse(scope, send, runtime, failures, check, "insufficient_scope", 403, "permission_denied",
-                               f"this route needs a key with scope {wanted}; this {'admin' if is_admin else 'tenant'} "
-                               f"key has {has}")
-            return
-        if is_admin:
-            state["admin"] = AdminPrincipal(name=str(check.admin), key_id=str(check.key_id))
-        else:
-            state["principal"] = Principal(tenant=str(check.tenant), key_id=str(check.key_id),
-                                           scopes=check.scopes, models=check.models)
+        state.update(accepted(check))
         if self.last_used.due(str(check.key_id)):
             self._spawn(store.touch, str(check.key_id))
         await self.app(scope, receive, send)
@@ -153,7 +167,7 @@ class AuthMiddleware:
         return store.check(token)  # type: ignore[no-any-return]
 
     async def _refuse(self, scope: Scope, send: Send, runtime: Any, failures: AuthFailureAudit, check: KeyCheck,
-                      code: str, status: int, type_: str, message: str) -> None:
+                      status: int, type_: str, code: str, message: str) -> None:
         client = (scope.get("client") or ("unknown", 0))[0]
         write, summary = failures.admit(client)
         event = failure_event(code, check.key_id, client, scope.get("method", ""), scope.get("path", ""),

@@ -1,8 +1,9 @@
 """Request dependencies: the runtime, and who is calling.
 
 The key is checked by ``auth.AuthMiddleware`` before the body is read; these dependencies read
-what it put in the request's state. A route reached without it (the middleware missing) fails
-closed with 401.
+what it put in the request's state. On an app without the middleware they check the key
+themselves with the same rules (in FastAPI's worker threads: these are plain functions), so a
+route never runs for a caller the middleware would have refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from appliance.apikeys import KeyCheck
+from appliance.gateway.auth import AUTH_CHECKED, accepted, bearer, refusal, required_scopes
 from appliance.principal import AdminPrincipal, Principal
 from appliance.runtime import Runtime
 from appliance.service import RequestRejected
@@ -24,19 +27,36 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
+def _check_here(request: Request) -> None:
+    """The middleware's check, for an app it is not installed on (no auditing, no cache)."""
+    needed = required_scopes(request.url.path)
+    if needed is None or getattr(request.state, AUTH_CHECKED, False):  # the middleware's verdict stands
+        return
+    token = bearer(request.scope)
+    runtime: Runtime = request.app.state.runtime
+    check = KeyCheck("missing_api_key") if token is None else runtime.tenants.check(token)
+    refused = refusal(check, needed)
+    if refused is not None:
+        status, type_, code, message = refused
+        raise RequestRejected(status, message, type_, code)
+    for name, value in accepted(check).items():
+        setattr(request.state, name, value)
+
+
 def get_principal(request: Request) -> Principal:
+    _check_here(request)
     principal = getattr(request.state, "principal", None)
     if not isinstance(principal, Principal):
-        raise RequestRejected(401, "missing API key: expected the header 'Authorization: Bearer <tenant key>'",
-                              "invalid_request_error", "missing_api_key")
+        raise RequestRejected(403, "this route needs a tenant key", "permission_denied", "insufficient_scope")
     return principal
 
 
 def require_admin(request: Request) -> AdminPrincipal:
+    _check_here(request)
     admin = getattr(request.state, "admin", None)
     if not isinstance(admin, AdminPrincipal):
-        raise RequestRejected(401, "admin key required: expected the header 'Authorization: Bearer <admin key>'",
-                              "invalid_request_error", "missing_api_key")
+        raise RequestRejected(403, "this route needs a key with scope 'admin'", "permission_denied",
+                              "insufficient_scope")
     return admin
 
 

@@ -144,7 +144,7 @@ def test_audit_records_exist_verify_and_hold_no_secrets(served: Served) -> None:
     data = completed.data if isinstance(completed.data, dict) else json.loads(completed.data)
     assert data["completion_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
     assert data["node"] and data["output_hash"].startswith("hmac-sha256:")
-    secret = key.rsplit("_", 1)[1]
+    secret = key.split("_", 2)[2]
     for path in (served.root / "data").iterdir():
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"key material found in {path}"

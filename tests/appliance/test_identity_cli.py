@@ -75,7 +75,7 @@ def test_keys_issue_list_rotate_revoke(root: Path) -> None:
     key = out.strip()
     listed = json.loads(run(root, "keys", "list", "--json")[1])
     assert len(listed) == 1 and listed[0]["scopes"] == ["inference", "audit:read"] and listed[0]["expires_at"]
-    assert key.rsplit("_", 1)[1] not in json.dumps(listed)
+    assert key.split("_", 2)[2] not in json.dumps(listed)
     key_id = listed[0]["key_id"]
     code, out, _ = run(root, "keys", "rotate", key_id, "--grace", "1h", "--json")
     rotated = json.loads(out)

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from appliance.gateway.auth_audit import AuthFailureAudit
+from appliance.gateway.edge import EdgeLimits
 from appliance.runtime import Runtime
 from appliance.server import build_server
 from policies import default_policy_dir
@@ -86,7 +87,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     runtime = Runtime.open(root)
     admin_key = (root / "secrets" / "admin.key").read_text().strip()
     port = free_port()
-    server = build_server(runtime, "127.0.0.1", port)
+    # The edge's refusal budget (429 after 60 refusals a minute per client) would answer this
+    # module's deliberate 401 floods before authentication does; it has its own tests.
+    server = build_server(runtime, "127.0.0.1", port, EdgeLimits(refusals_per_minute=100_000))
     # the shipped bounds with a short window, so that a summary comes within the test
     server.config.app.state.auth_failures = AuthFailureAudit(per_client=10, total=200, window_s=WINDOW_S)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -124,7 +127,7 @@ def test_shared_token_was_migrated_and_named_admin_actions_are_audited(gateway: 
     admin_key_id = gateway.admin_key.split("_")[1]
     assert all(r.data["by_key_id"] == admin_key_id for r in records)
     everything = json.dumps([r.data for r in gateway.runtime.audit.query("_admin")])
-    assert key.rsplit("_", 1)[1] not in everything and gateway.admin_key.rsplit("_", 1)[1] not in everything
+    assert key.split("_", 2)[2] not in everything and gateway.admin_key.split("_", 2)[2] not in everything
 
 
 def test_granted_tenant_chats_through_openai_and_ungranted_one_is_refused(gateway: Gateway) -> None:
@@ -241,11 +244,13 @@ def test_failed_authentications_are_audited_but_bounded_per_client(gateway: Gate
     assert all(r["client"] == "127.0.0.1" and r["reason"] == "invalid_api_key" for r in written)
     assert all(str(r["actor"]).startswith("key:") and r["key_id"] for r in written)
     deadline = time.monotonic() + 10
-    while not (summaries := [r.data for r in gateway.runtime.audit.query("_admin")
-                             if r.event_type == "admin.auth_failed_summary"]):
-        assert time.monotonic() < deadline, "no summary of the suppressed failures"
+    while True:  # written in the background; an earlier window's summary may already be there
+        summaries = [r.data for r in gateway.runtime.audit.query("_admin")
+                     if r.event_type == "admin.auth_failed_summary"]
+        if sum(int(s["by_client"].get("127.0.0.1", 0)) for s in summaries) >= 40 - len(written):
+            break
+        assert time.monotonic() < deadline, f"the suppressed failures were not summarised: {summaries}"
         time.sleep(0.1)
-    assert sum(int(s["by_client"]["127.0.0.1"]) for s in summaries) >= 40 - len(written)
     assert "z" * 43 not in json.dumps(written) + json.dumps(summaries)
 
 

@@ -7,14 +7,20 @@ import datetime as dt
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
 
 from appliance.admins import ADMIN_KEY_FILE, LEGACY_TOKEN_FILE, bootstrap_admins
 from appliance.apikeys import KeyCache, parse_expiry
 from appliance.audit import AuditLog
 from appliance.db import open_database
 from appliance.errors import TenancyError
+from appliance.gateway.deps import AdminDep, PrincipalDep
+from appliance.service import RequestRejected
 from appliance.tenancy import TenantStore
 
 # The tables exactly as the first release created them (appliance/tenancy.py at 57f27af).
@@ -109,7 +115,7 @@ def test_admin_keys_are_admin_scoped_and_listed_without_secrets(store: TenantSto
     assert check.ok and check.admin == "alice" and check.tenant is None and check.scopes == ("admin",)
     listed = store.list_keys()
     assert [(k.owner_kind, k.owner) for k in listed] == [("admin", "alice")]
-    assert issued.secret.rsplit("_", 1)[1] not in repr(listed)
+    assert issued.secret.split("_", 2)[2] not in repr(listed)
     store.admins.set_disabled("alice", True)
     assert store.check(issued.secret).code == "admin_disabled"
     with pytest.raises(TenancyError, match="already exists"):
@@ -165,7 +171,7 @@ def test_shared_admin_token_is_migrated_to_a_named_admin(tmp_path: Path) -> None
     assert store.check(key).admin == "admin"
     assert store.check("old-shared-token").code == "invalid_api_key"
     events = [r for r in audit.query("_admin") if r.event_type == "admin.admin_token_migrated"]
-    assert len(events) == 1 and key.rsplit("_", 1)[1] not in str(events[0].data)
+    assert len(events) == 1 and key.split("_", 2)[2] not in str(events[0].data)
     assert bootstrap_admins(store.admins, audit, secrets) == "admins exist"  # the second start does nothing
 
 
@@ -199,3 +205,40 @@ def test_failed_authentication_records_are_bounded_and_the_rest_summarised() -> 
     assert bounded.due() is None and bounded.admit("10.0.0.1") == (True, None)  # a fresh window
     with pytest.raises(ValueError, match="per_client <= total"):
         AuthFailureAudit(per_client=10, total=5)
+
+
+def test_dependencies_check_the_key_themselves_on_an_app_without_the_middleware(store: TenantStore) -> None:
+    """A route must never run for a caller the middleware would refuse, even if an app is built
+    without it (the same rules, in the dependency)."""
+    app = FastAPI()
+    app.state.runtime = SimpleNamespace(tenants=store)
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(_req: object, exc: RequestRejected) -> JSONResponse:
+        return JSONResponse({"code": exc.code}, exc.status)
+
+    @app.get("/v1/whoami")
+    def whoami(principal: PrincipalDep) -> dict[str, str]:
+        return {"tenant": principal.tenant}
+
+    @app.get("/admin/v1/whoami")
+    def admin_whoami(admin: AdminDep) -> dict[str, str]:
+        return {"admin": admin.name}
+
+    store.create_tenant("acme")
+    tenant_key = store.issue_key("acme").secret
+    auditor_key = store.issue_key("acme", scopes=["audit:read"]).secret
+    admin_key = store.admins.create_admin("alice", "test").secret
+    client = TestClient(app)
+
+    def get(path: str, key: str | None) -> tuple[int, dict[str, str]]:
+        resp = client.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        return resp.status_code, resp.json()
+
+    assert get("/v1/whoami", tenant_key) == (200, {"tenant": "acme"})
+    assert get("/v1/whoami", None) == (401, {"code": "missing_api_key"})
+    assert get("/v1/whoami", "sov_0123456789abcdef_" + "q" * 43) == (401, {"code": "invalid_api_key"})
+    assert get("/v1/whoami", auditor_key) == (403, {"code": "insufficient_scope"})
+    assert get("/v1/whoami", admin_key) == (403, {"code": "insufficient_scope"})
+    assert get("/admin/v1/whoami", tenant_key) == (403, {"code": "insufficient_scope"})
+    assert get("/admin/v1/whoami", admin_key) == (200, {"admin": "alice"})
