@@ -11,6 +11,7 @@ no header, body field or model name can send a request to another site.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -37,13 +38,15 @@ POLICY = {
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to cook, in ten chapters."}]
 HEALTH_INTERVAL_S = 0.5
+READ_TIMEOUT_S = 15.0
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[FleetLab]:
     lab = FleetLab(tmp_path_factory.mktemp("fleet"), model_dir)
     lab.build({"a1": SITE_A, "a2": SITE_A, "b1": SITE_B}, POLICY,
-              {"health_interval_s": HEALTH_INTERVAL_S, "health_backoff_max_s": 2.0, "connect_timeout_s": 3.0})
+              {"health_interval_s": HEALTH_INTERVAL_S, "health_backoff_max_s": 2.0, "connect_timeout_s": 3.0,
+               "read_timeout_s": READ_TIMEOUT_S})
     try:
         for name in lab.nodes:
             lab.start_node(name, wait=False)
@@ -187,6 +190,34 @@ def test_node_killed_mid_stream_gives_a_clean_error_and_a_failed_record(lab: Fle
     record = next(d for k, rid, d in lab.records("pinned") if rid == request_id and k == "failed")
     assert record["node"] == victim and record["node_labels"]["site"] == "a"  # type: ignore[index]
     lab.start_node(str(victim))
+
+
+def test_a_node_that_stalls_mid_stream_times_out_between_tokens(lab: FleetLab, pinned: str) -> None:
+    for name in ("a1", "a2"):
+        lab.wait_node(name)
+    client = lab.client(pinned, timeout=120)
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=400, temperature=0, stream=True)
+    chunks = iter(stream)
+    request_id = next(chunks).id
+    victim = str(next(d["node"] for k, rid, d in lab.records("pinned") if rid == request_id and k == "accepted"))
+    proc = lab.nodes[victim].proc
+    assert proc is not None
+    os.killpg(proc.pid, signal.SIGSTOP)  # alive but silent: no connection error, only silence
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.APIError, match="failed"):
+            for _ in chunks:
+                pass
+        waited = time.monotonic() - started
+        assert READ_TIMEOUT_S - 1 <= waited < READ_TIMEOUT_S + 30, waited
+        _wait_until(lambda: any(k == "failed" and rid == request_id for k, rid, _ in lab.records("pinned")), 10,
+                    "failed record")
+        record = next(d for k, rid, d in lab.records("pinned") if rid == request_id and k == "failed")
+        assert record["node"] == victim and "Timeout" in str(record["error"])
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    _wait_until(lambda: victim in {_served_by(lab, "pinned", _ask(client)) for _ in range(4)}, 30,
+                f"{victim} serving again")
 
 
 def test_drain_under_load_loses_nothing(lab: FleetLab, pinned: str) -> None:
