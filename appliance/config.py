@@ -103,6 +103,8 @@ class ApplianceConfig:
     engine: EngineSettings = field(default_factory=EngineSettings)
     engine_node: EngineNodeSettings = field(default_factory=EngineNodeSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    edge: Any = None  # appliance.gateway.edge.EdgeLimits from gateway.limits (defaults when absent)
+    audit_min_free_bytes: int = 1 << 30  # below this free space in data/ requests are refused (503)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -183,7 +185,29 @@ def load_config(root: Path) -> ApplianceConfig:
         engine=EngineSettings(**engine),
         engine_node=_engine_node(doc.get("engine_node") or {}, path),
         fleet=_fleet(doc.get("fleet") or {}, path),
+        edge=_edge(gateway.get("limits"), path),
+        audit_min_free_bytes=_min_free(doc.get("audit") or {}, path),
     )
+
+
+def _edge(doc: Any, path: Path) -> Any:
+    from appliance.gateway.edge import EdgeLimits  # here, not at import: the gateway imports this module
+
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"{path}: gateway.limits must be a mapping of limit names to numbers, found {doc!r}")
+    try:
+        return EdgeLimits.from_mapping(doc)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: gateway.limits: {exc}") from None
+
+
+def _min_free(doc: Any, path: Path) -> int:
+    if not isinstance(doc, dict) or set(doc) - {"min_free_bytes"}:
+        raise ConfigError(f"{path}: audit must be a mapping of min_free_bytes; found {doc!r}")
+    value = doc.get("min_free_bytes", 1 << 30)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: audit.min_free_bytes must be an integer >= 0, found {value!r}")
+    return value
 
 
 def _str_list(value: Any, where: str, path: Path) -> tuple[str, ...]:

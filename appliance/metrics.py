@@ -45,6 +45,10 @@ class GatewayMetrics:
             "appliance_node_state", "1 for the state each engine node is in (active, draining, drained, down).",
             ["node", "state"], registry=self.registry,
         )
+        self.audit_free_bytes = Gauge(
+            "appliance_audit_free_bytes", "Free bytes on the filesystem of the audit store (data/).",
+            registry=self.registry,
+        )
 
     def set_node_state(self, node: str, state: str) -> None:
         for name in NODE_STATES:

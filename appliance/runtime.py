@@ -24,6 +24,7 @@ from appliance.admins import bootstrap_admins
 from appliance.audit import AuditLog
 from appliance.config import ApplianceConfig, load_config
 from appliance.db import open_database
+from appliance.diskguard import DiskGuard
 from appliance.errors import ConfigError
 from appliance.fleet import EngineClient, Fleet
 from appliance.journal_import import import_journal
@@ -88,9 +89,10 @@ class Runtime:
 
         fleet = Fleet(nodes, config.fleet, _client_factory(config, engine), audit_fleet, metrics)
         usage = UsageStore(db)
+        disk = DiskGuard(config.data_dir, config.audit_min_free_bytes, on_reading=metrics.audit_free_bytes.set)
         service = ChatService(
             fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
-            usage=usage,
+            usage=usage, disk=disk,
         )
         return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet)
 

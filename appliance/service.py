@@ -36,6 +36,7 @@ import httpx
 
 from appliance.admission import AdmissionController
 from appliance.audit import AuditError, AuditLog
+from appliance.diskguard import DiskGuard
 from appliance.errors import ApplianceError
 from appliance.fleet import Fleet
 from appliance.metrics import GatewayMetrics
@@ -120,10 +121,11 @@ class Outcome:
 class ChatService:
     def __init__(
         self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
-        metrics: GatewayMetrics, usage: UsageStore | None = None, default_max_tokens: int = 512,
-        tokenizer_threads: int = 4,
+        metrics: GatewayMetrics, usage: UsageStore | None = None, disk: DiskGuard | None = None,
+        default_max_tokens: int = 512, tokenizer_threads: int = 4,
     ) -> None:
         self.usage = usage
+        self.disk = disk
         self.fleet = fleet
         self.router = router
         self.policies = policies
@@ -174,6 +176,10 @@ class ChatService:
         request_id = f"{spec.prefix}-{uuid.uuid4().hex}"
         tenant = principal.tenant
         policy = self.policies.tenant_policy(tenant)
+        low = self.disk.problem() if self.disk is not None else None
+        if low is not None:  # not recorded per request: that is what there is no room for
+            self.metrics.requests.labels(tenant, "rejected").inc()
+            raise RequestRejected(503, low, "server_error", "audit_storage_low", retry_after_s=60)
         entered = self.limiter.enter(tenant, policy.rate_limit_rpm, policy.max_concurrent_requests)
         if not entered.allowed:
             await self._reject(principal, request_id, RequestRejected(
