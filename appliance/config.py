@@ -104,7 +104,7 @@ class ApplianceConfig:
     engine_node: EngineNodeSettings = field(default_factory=EngineNodeSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     edge: Any = None  # appliance.gateway.edge.EdgeLimits from gateway.limits (defaults when absent)
-    audit_min_free_bytes: int = 1 << 30  # below this free space in data/ requests are refused (503)
+    audit_min_free_bytes: int = 256 << 20  # below this free space in data/ requests are refused (503)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -204,7 +204,7 @@ def _edge(doc: Any, path: Path) -> Any:
 def _min_free(doc: Any, path: Path) -> int:
     if not isinstance(doc, dict) or set(doc) - {"min_free_bytes"}:
         raise ConfigError(f"{path}: audit must be a mapping of min_free_bytes; found {doc!r}")
-    value = doc.get("min_free_bytes", 1 << 30)
+    value = doc.get("min_free_bytes", 256 << 20)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{path}: audit.min_free_bytes must be an integer >= 0, found {value!r}")
     return value
