@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import functools
 import signal
 import socket
 import threading
@@ -54,6 +56,23 @@ class GracefulServer(uvicorn.Server):
     KeyboardInterrupt traceback); for an appliance a requested stop is a normal, clean exit.
     """
 
+    def __init__(self, config: uvicorn.Config, tls_handshake_timeout_s: float = 60.0) -> None:
+        super().__init__(config)
+        self.tls_handshake_timeout_s = tls_handshake_timeout_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup, with a deadline on each TLS handshake: uvicorn does not pass one to
+        ``loop.create_server``, so a client that never finishes its handshake would hold its socket
+        for asyncio's default 60 s (before the protocol, and its head deadline, ever see it)."""
+        loop = asyncio.get_running_loop()
+        create_server = loop.create_server
+        loop.create_server = functools.partial(  # type: ignore[method-assign]
+            create_server, ssl_handshake_timeout=self.tls_handshake_timeout_s)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server  # the loop's own method again
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -93,4 +112,4 @@ def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | No
         timeout_keep_alive=max(1, round(limits.keep_alive_timeout_s)),
         h11_max_incomplete_event_size=limits.max_head_bytes,
     )
-    return GracefulServer(config)
+    return GracefulServer(config, tls_handshake_timeout_s=limits.tls_handshake_timeout_s)

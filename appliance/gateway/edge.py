@@ -43,6 +43,7 @@ class EdgeLimits:
 
     max_body_bytes: int = 4 * MIB
     body_read_timeout_s: float = 30.0  # from the complete request head to the last body byte
+    tls_handshake_timeout_s: float = 10.0  # from TCP connection to a complete TLS handshake
     header_read_timeout_s: float = 10.0  # from connection (or the end of the last response) to a complete head
     keep_alive_timeout_s: float = 5.0
     max_connections: int = 1024

@@ -9,6 +9,7 @@ with a 2 s head deadline and a 3 s body deadline.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import statistics
 import threading
@@ -27,7 +28,8 @@ MARGIN_S = 5.0  # TLS handshakes of 100 connections on a 2-core machine, schedul
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[EdgeServer]:
-    limits = {"header_read_timeout_s": HEAD_S, "body_read_timeout_s": BODY_S, "refusals_per_minute": 100_000}
+    limits = {"header_read_timeout_s": HEAD_S, "body_read_timeout_s": BODY_S, "tls_handshake_timeout_s": HEAD_S,
+              "refusals_per_minute": 100_000}
     with edge_server(tmp_path_factory.mktemp("edge-slow"), model_dir, limits) as s:
         yield s
 
@@ -138,3 +140,24 @@ def test_keep_alive_connection_gets_a_deadline_for_each_new_head(server: EdgeSer
                                                 first + b"GET /health HTTP/1.1\r\n", b"X-A: bbbbbbbb", give_up_s=30))
     assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answer, answer[:300]
     assert closed_after <= HEAD_S + MARGIN_S + 1
+
+
+def test_a_tls_handshake_that_never_finishes_is_cut_off(server: EdgeServer) -> None:
+    """Connections that open TCP and never (or only partly) send a ClientHello hold no socket
+    beyond the handshake deadline."""
+    socks = []
+    for i in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_S + MARGIN_S + 5,
+                                        source_address=(f"127.0.3.{220 + i % 10}", 0))
+        if i % 2:
+            sock.sendall(b"\x16\x03\x01\x02\x00")  # the start of a ClientHello record, then nothing
+        socks.append(sock)
+    started = time.monotonic()
+    for sock in socks:
+        try:
+            assert sock.recv(1024) == b""
+        except ConnectionResetError:
+            pass  # an abort is a close too
+        finally:
+            sock.close()
+    assert time.monotonic() - started <= HEAD_S + MARGIN_S
