@@ -174,6 +174,25 @@ def create_admin(body: AdminCreate, runtime: RuntimeDep, admin: AdminDep) -> dic
     return {"admin": body.name, "key_id": issued.key_id, "key": issued.secret}
 
 
+class AdminKeyCreate(BaseModel):
+    model_config = _STRICT
+    label: str = Field(default="", max_length=128)
+    expires: str | None = Field(default=None, max_length=64, description="'90d', '12h' or an ISO 8601 time")
+
+
+@router.post("/admins/{name}/keys", status_code=201)
+def create_admin_key(name: str, body: AdminKeyCreate, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    try:
+        issued = runtime.tenants.admins.issue_key(name, body.label, expires_at=parse_expiry(body.expires),
+                                                  created_by=admin.actor)
+    except TenancyError as exc:
+        raise _refused(exc) from exc
+    _audit(runtime, admin, "key_issued", {"owner": name, "owner_kind": "admin", "key_id": issued.key_id,
+                                          "label": body.label, "expires_at": issued.expires_at})
+    return {"admin": name, "key_id": issued.key_id, "key": issued.secret, "scopes": ["admin"],
+            "expires_at": issued.expires_at}
+
+
 @router.post("/admins/{name}/disable")
 def disable_admin(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
     if name == admin.name:

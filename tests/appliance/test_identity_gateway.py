@@ -20,6 +20,8 @@ import httpx
 import openai
 import pytest
 import yaml
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
 
 from appliance.gateway.auth_audit import AuthFailureAudit
 from appliance.gateway.edge import EdgeLimits
@@ -30,7 +32,7 @@ from tests.appliance.support import free_port, tls_ctx
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 WINDOW_S = 6.0
 
 
@@ -91,7 +93,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     # module's deliberate 401 floods before authentication does; it has its own tests.
     server = build_server(runtime, "127.0.0.1", port, EdgeLimits(refusals_per_minute=100_000))
     # the shipped bounds with a short window, so that a summary comes within the test
-    server.config.app.state.auth_failures = AuthFailureAudit(per_client=10, total=200, window_s=WINDOW_S)
+    app = server.config.app
+    assert isinstance(app, FastAPI)
+    app.state.auth_failures = AuthFailureAudit(per_client=10, total=200, window_s=WINDOW_S)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url, ca = f"https://localhost:{port}", root / "tls" / "ca.pem"
@@ -227,6 +231,26 @@ def test_rotation_through_the_admin_api_keeps_the_old_key_for_its_grace(gateway:
         assert bad.status_code == 400 and "duration" in bad.json()["error"]["message"]
     gateway.openai(key).models.list()  # still inside the grace period
     gateway.openai(rotated.json()["key"]).models.list()
+
+
+def test_admins_made_through_the_api_act_under_their_own_name(gateway: Gateway) -> None:
+    with gateway.http(gateway.admin_key) as admin:
+        made = admin.post("/admin/v1/admins", json={"name": "bob"})
+        assert made.status_code == 201, made.text
+        assert admin.post("/admin/v1/admins", json={"name": "bob"}).status_code == 409
+        assert admin.post("/admin/v1/admins/admin/disable").status_code == 400  # not itself
+    with gateway.http(made.json()["key"]) as bob:
+        extra = bob.post("/admin/v1/admins/bob/keys", json={"label": "laptop", "expires": "1d"})
+        assert extra.status_code == 201 and extra.json()["expires_at"]
+        assert bob.post("/admin/v1/tenants", json={"name": "bobs", "models": []}).status_code == 201
+    created = [r for r in gateway.runtime.audit.query("_admin") if r.event_type == "admin.tenant_created"
+               and r.data.get("tenant") == "bobs"]
+    assert [r.actor for r in created] == ["admin:bob"]
+    with gateway.http(gateway.admin_key) as admin:
+        assert admin.post("/admin/v1/admins/bob/disable").status_code == 200
+    with gateway.http(extra.json()["key"]) as bob:
+        refused = bob.get("/admin/v1/tenants")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_disabled"
 
 
 def test_failed_authentications_are_audited_but_bounded_per_client(gateway: Gateway) -> None:
