@@ -54,6 +54,15 @@ AFFINITY_TOKENS = 64  # prompts sharing their first 64 tokens go to the same nod
 ECHO_LIMIT = 64  # characters of a client string echoed in an error or an audit record
 
 
+@dataclass(frozen=True)
+class _NoBudget:
+    max_tokens_per_day: int = 0
+    max_tokens_per_month: int = 0
+
+
+NO_BUDGET = _NoBudget()
+
+
 class RequestRejected(ApplianceError):
     """A request refused before generation; carries the HTTP status and OpenAI error fields."""
 
@@ -254,7 +263,8 @@ class ChatService:
                 await self._reject(principal, request_id, RequestRejected(
                     429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), model)
             release_rate = rate.ticket
-            if self.usage is not None:
+            if self.usage is not None and (policy.max_tokens_per_day or policy.max_tokens_per_month):
+                # a budget to hold: reserved now; without one, the usage is counted with the record
                 decision = await asyncio.to_thread(self.usage.reserve, tenant, len(prompt_ids) + max_tokens, policy)
                 if not decision.allowed:
                     await self._reject(principal, request_id, RequestRejected(
@@ -434,6 +444,8 @@ class ChatService:
         def append() -> None:
             if prep.budget is not None and self.usage is not None:
                 self.usage.settle(tenant, prep.budget, used)
+            elif self.usage is not None:  # no budget to hold: counted once, here (for /v1/usage)
+                self.usage.reserve(tenant, used, NO_BUDGET)
             self.audit.append(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
                               request_id=prep.request_id, data=data)
 

@@ -94,8 +94,7 @@ def test_day_budget_is_enforced_and_reported(lab: FleetLab) -> None:
     assert "per UTC day" in refused.message and refused.response.headers.get("retry-after")
     usage = httpx.get(f"{lab.url}/v1/usage", verify=tls_ctx(lab.gateway_root / "tls" / "ca.pem"),
                       headers={"Authorization": f"Bearer {key}"}).json()
-    text = str(usage)
-    assert "400" in text  # the limit is reported
+    assert usage["day"]["limit"] == 400 and usage["day"]["remaining"] == 400 - usage["day"]["tokens"]
     served = [d for kind, _, d in lab.records("metered") if kind == "completed"]
     used = sum(int(d["prompt_tokens"]) + int(d["completion_tokens"]) for d in served)  # type: ignore[call-overload]
     assert 0 < used <= 400
@@ -141,6 +140,13 @@ def test_legacy_completions_streaming_and_not(lab: FleetLab) -> None:
     # a stream read to its end is recorded completed (not aborted when the server closes it)
     kinds = [k for k, rid, _ in lab.records("legacy") if rid == chunks[0].id]
     assert kinds == ["accepted", "completed"]
+    # a tenant without budgets is still counted, once per request, for /v1/usage
+    usage = httpx.get(f"{lab.url}/v1/usage", verify=tls_ctx(lab.gateway_root / "tls" / "ca.pem"),
+                      headers={"Authorization": f"Bearer {client.api_key}"}).json()
+    served = [d for kind, _, d in lab.records("legacy") if kind == "completed"]
+    tokens = sum(int(d["prompt_tokens"]) + int(d["completion_tokens"]) for d in served)  # type: ignore[call-overload]
+    assert usage["day"]["requests"] == len(served) == 2 and usage["day"]["tokens"] == tokens
+    assert usage["day"]["limit"] is None and usage["month"]["tokens"] == tokens
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True)
     with pytest.raises(openai.BadRequestError):
