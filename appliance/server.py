@@ -105,7 +105,7 @@ def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | No
     config = uvicorn.Config(
         create_app(runtime, limits=limits), host=host, port=port, ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10,
-        http=deadline_protocol(limits.header_read_timeout_s, limits.max_connections),
+        http=deadline_protocol(limits.header_read_timeout_s, limits.max_connections, limits.max_head_bytes),
         # The protocol refuses connections past max_connections first; uvicorn's own cap (a plain-text
         # 503) is a backstop one above it, for tasks that outlive their connection.
         limit_concurrency=limits.max_connections + 1,

@@ -6,8 +6,9 @@ time resets that timer with each byte and holds the connection (and a slot of
 from the moment the connection is ready (after the TLS handshake) or the previous response ended:
 a head still incomplete then is answered 408 and the connection closed (a connection on which no
 byte of a new request arrived is closed silently, as keep-alive expiry is). Connections beyond
-``max_connections`` are closed as soon as they are made. uvicorn's own plain-text 400 for an
-unparsable request is the OpenAI error envelope here too.
+``max_connections`` are closed as soon as they are made, and a head over ``max_head_bytes`` is
+refused. uvicorn's own plain-text 400 for an unparsable request is the OpenAI error envelope here
+too.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 class DeadlineH11Protocol(H11Protocol):
     header_read_timeout_s: float = 10.0
     max_connections: int = 1024
+    max_head_bytes: int = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes of the current, incomplete request head
+        self._head_buf = bytearray()  # the same bytes, until the end of the head is found
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -54,6 +57,8 @@ class DeadlineH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:
             self._head_bytes += len(data)
+            if self._head_too_large(data):
+                return
         super().data_received(data)
         if self._head_timer is not None and self.conn.their_state is not h11.IDLE:
             self._cancel_head_timer()  # the head is complete; the edge middleware bounds the body
@@ -68,9 +73,28 @@ class DeadlineH11Protocol(H11Protocol):
         self.transport.write(_raw_response(400, "Bad Request", f"malformed HTTP request: {msg}", "invalid_http"))
         self.transport.close()
 
+    def _head_too_large(self, data: bytes) -> bool:
+        """Whether the request head being received is over ``max_head_bytes`` (then answered and
+        closed). h11 checks its own limit only while a head is incomplete, and TLS hands over up to
+        256 KiB at once, so a whole oversized head would pass it in one read."""
+        self._head_buf += data
+        end = self._head_buf.find(b"\r\n\r\n")
+        size = len(self._head_buf) if end == -1 else end
+        if size > self.max_head_bytes:
+            self._cancel_head_timer()
+            self.transport.write(_raw_response(
+                400, "Bad Request", f"request head too large: the limit is {self.max_head_bytes} bytes",
+                "header_too_large"))
+            self.transport.close()
+            return True
+        if end != -1:
+            self._head_buf = bytearray()
+        return False
+
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_bytes = 0
+        self._head_buf = bytearray()
         self._head_timer = self.loop.call_later(self.header_read_timeout_s, self._head_timeout)
 
     def _cancel_head_timer(self) -> None:
@@ -89,8 +113,10 @@ class DeadlineH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def deadline_protocol(header_read_timeout_s: float, max_connections: int) -> type[DeadlineH11Protocol]:
+def deadline_protocol(header_read_timeout_s: float, max_connections: int,
+                      max_head_bytes: int = 64 * 1024) -> type[DeadlineH11Protocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
     return type("ConfiguredDeadlineH11Protocol", (DeadlineH11Protocol,), {
         "header_read_timeout_s": float(header_read_timeout_s), "max_connections": int(max_connections),
+        "max_head_bytes": int(max_head_bytes),
     })
