@@ -144,8 +144,8 @@ def add_missing_columns(engine: sa.Engine, table: str, columns: dict[str, str]) 
             with engine.begin() as conn:
                 conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
             added.append(name)
-        except sa.exc.OperationalError as exc:
-            if "duplicate column" not in str(exc).lower():
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:  # SQLite, PostgreSQL
+            if not any(text in str(exc).lower() for text in ("duplicate column", "already exists")):
                 raise
     return added
 
