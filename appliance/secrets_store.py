@@ -1,4 +1,4 @@
-"""Small secret files of the appliance (admin token, cache-salt key): created once, mode 0600."""
+"""Small secret files of the appliance (the cache-salt key, the first admin's key): created once, mode 0600."""
 
 from __future__ import annotations
 

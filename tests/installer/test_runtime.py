@@ -72,10 +72,10 @@ def serving_pid(root: Path) -> int:
 def chat(root: Path, port: int) -> str:
     ctx = ssl.create_default_context(cafile=str(root / "tls" / "ca.pem"))
     url = f"https://localhost:{port}"
-    token = (root / "secrets" / "admin.token").read_text().strip()
+    token = (root / "secrets" / "admin.key").read_text().strip()
     with httpx.Client(base_url=url, verify=ctx, timeout=120) as admin:
         headers = {"Authorization": f"Bearer {token}"}
-        admin.post("/admin/v1/tenants", json={"name": "runtime"}, headers=headers).raise_for_status()
+        admin.post("/admin/v1/tenants", json={"name": "runtime", "models": ["SmolLM2-135M-Instruct"]}, headers=headers).raise_for_status()
         key = admin.post("/admin/v1/tenants/runtime/keys", json={}, headers=headers).json()["key"]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
                            http_client=httpx.Client(verify=ctx, timeout=120))

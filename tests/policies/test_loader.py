@@ -41,7 +41,7 @@ def test_default_policy_set() -> None:
     assert ps.sla_classes["interactive"].priority < ps.sla_classes["standard"].priority
     assert ps.sla_classes["standard"].priority < ps.sla_classes["batch"].priority
     assert ps.default_tenant.name == "default"
-    assert ps.default_tenant.allowed_models == ["*"]
+    assert ps.default_tenant.allowed_models == []  # deny by default: models are granted per tenant
     assert ps.default_tenant.residency.regions == ["*"]
     assert ps.tenants == {}
     assert ps.retention.audit_days >= 1
@@ -59,7 +59,7 @@ def test_tenants_inherit_from_default_and_resolve_named_residency(policy_dir: Pa
     assert acme.rate_limit_rpm == ps.default_tenant.rate_limit_rpm  # inherited
     bank = ps.tenant_policy("bank")
     assert bank.residency.sites == ["zurich-1"]
-    assert bank.allowed_models == ["*"]
+    assert bank.allowed_models == []  # inherited from the template, which grants nothing
     assert bank.rate_limit_rpm == 10
 
 
