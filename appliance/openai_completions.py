@@ -1,6 +1,7 @@
 """The legacy OpenAI ``/v1/completions`` request: a plain prompt, no chat template.
 
-Validated as strictly as chat requests (appliance/openai_schema.py): no type coercion, unknown
+Validated as strictly as chat requests (appliance/openai_schema.py), under the same configured
+caps (``request_limits``: the prompt counts as the total characters): no type coercion, unknown
 fields ignored as OpenAI does, one prompt (a string, or a list holding exactly one string), ``n``
 and ``best_of`` of 1, and no ``echo``/``suffix``/``logprobs`` (refused rather than silently
 dropped).
@@ -12,20 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from appliance.openai_schema import StreamOptions
-
-MAX_PROMPT_CHARS = 1_000_000
-MAX_SHORT_CHARS = 256  # model name, each stop sequence
-
-
-def check_text(value: str, field: str) -> str:
-    """Refuse a string that cannot be UTF-8 text (a lone surrogate from a ``\\udXXX`` escape)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{field} holds a lone UTF-16 surrogate at character {exc.start}; "
-                         "expected valid Unicode text") from None
-    return value
+from appliance.openai_schema import StreamOptions, check_text, request_limits
 
 
 class CompletionRequest(BaseModel):
@@ -52,7 +40,7 @@ class CompletionRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        limit = MAX_SHORT_CHARS
+        limit = request_limits.get().max_model_chars
         if len(value) > limit:
             raise ValueError(f"model is at most {limit} characters, found {len(value)}")
         return check_text(value, "model")
@@ -63,7 +51,7 @@ class CompletionRequest(BaseModel):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError(f"exactly one prompt per request is supported, found {len(value)}")
         text = value if isinstance(value, str) else value[0]
-        limit = MAX_PROMPT_CHARS
+        limit = request_limits.get().max_total_chars
         if len(text) > limit:
             raise ValueError(f"prompt is at most {limit} characters, found {len(text)}")
         if not text:
@@ -77,7 +65,7 @@ class CompletionRequest(BaseModel):
         stops = [] if value is None else [value] if isinstance(value, str) else value
         if len(stops) > 4:
             raise ValueError(f"at most 4 stop sequences are allowed, found {len(stops)}")
-        limit = MAX_SHORT_CHARS
+        limit = request_limits.get().max_stop_chars
         for stop in stops:
             if len(stop) > limit:
                 raise ValueError(f"each stop sequence is at most {limit} characters, found {len(stop)}")

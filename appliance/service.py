@@ -22,6 +22,7 @@ latency, the node and its labels, and keyed hashes of prompt and output (never t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import time
@@ -61,6 +62,8 @@ class _NoBudget:
 
 
 NO_BUDGET = _NoBudget()
+# the HTTP request's x-request-id while it is being admitted (for the records of its refusals)
+_HTTP_ID: contextvars.ContextVar[str] = contextvars.ContextVar("http_request_id", default="")
 
 
 class RequestRejected(ApplianceError):
@@ -95,6 +98,7 @@ class InferenceSpec:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prefix: str = "chatcmpl"
+    http_request_id: str = ""  # the gateway's x-request-id of the HTTP request, kept in its records
 
 
 @dataclass
@@ -174,7 +178,7 @@ class ChatService:
         try:
             await self._audit("rejected", principal, request_id, {
                 "model": short(model), "status": exc.status, "code": exc.code, "reason": short(exc.message, 500),
-                **(extra or {})})
+                "x_request_id": _HTTP_ID.get(), **(extra or {})})
         except AuditError as audit_exc:
             raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
                                   "audit_unavailable") from audit_exc
@@ -183,6 +187,7 @@ class ChatService:
     # ---- admission ----------------------------------------------------------------------
     async def prepare(self, principal: Principal, spec: InferenceSpec) -> Prepared:
         request_id = f"{spec.prefix}-{uuid.uuid4().hex}"
+        _HTTP_ID.set(spec.http_request_id)
         tenant = principal.tenant
         policy = self.policies.tenant_policy(tenant)
         low = self.disk.problem() if self.disk is not None else None
@@ -287,7 +292,7 @@ class ChatService:
                 "model": model, "node": route.node, "node_labels": dict(route.handle.node.labels),
                 "region": route.handle.node.labels.get("region", ""), "routing": route.decision(),
                 "sla_class": sla.name, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
-                "stream": spec.stream, "prompt_hash": prep.prompt_hash,
+                "stream": spec.stream, "prompt_hash": prep.prompt_hash, "x_request_id": spec.http_request_id,
             })
         except BaseException as exc:
             self.admission.release(*release)

@@ -8,6 +8,8 @@ service's ``RequestRejected``. Uncaught exceptions are answered by the edge midd
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,8 @@ from appliance.service import RequestRejected
 
 ECHO_CHARS = 64
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+log = logging.getLogger(__name__)
 
 
 def truncate_echo(value: object, limit: int = ECHO_CHARS) -> str:
@@ -84,6 +88,24 @@ def _status_error(exc: HTTPException, request: Request) -> tuple[str, str, str]:
     return truncate_echo(str(exc.detail), 200), "invalid_request_error", f"http_{exc.status_code}"
 
 
+async def _audit_invalid(req: Request, message: str, param: str | None) -> None:
+    """A malformed request from an authenticated tenant is a security event: recorded as
+    ``rejected`` (400 ``invalid_request``) in the tenant's stream, the message truncated. Floods are
+    bounded before this point by the refusal budget (every 4xx is charged; past the budget the edge
+    answers 429 without reading the body, so nothing is written)."""
+    principal = getattr(req.state, "principal", None)
+    runtime = getattr(req.app.state, "runtime", None)
+    if principal is None or runtime is None:
+        return
+    data = {"status": 400, "code": "invalid_request", "reason": truncate_echo(message, 300), "param": param,
+            "path": req.url.path, "x_request_id": getattr(req.state, "request_id", "")}
+    try:
+        await asyncio.to_thread(runtime.audit.append, "rejected", stream=principal.tenant,
+                                actor=f"key:{principal.key_id}", tenant=principal.tenant, data=data)
+    except Exception:  # the answer is a 400 either way; a failing audit log refuses the next request
+        log.warning("could not record a malformed request of tenant %s", principal.tenant)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestRejected)
     async def _rejected(_req: Request, exc: RequestRejected) -> JSONResponse:
@@ -93,8 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(req: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc)
+        await _audit_invalid(req, message, param)
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), 400)
 
     @app.exception_handler(HTTPException)

@@ -133,7 +133,9 @@ async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep,
     prep = await runtime.service.prepare(principal, spec)
     outcome = Outcome()
     stream = runtime.service.run(prep, outcome)
-    headers = {"Cache-Control": "no-cache", "X-Request-Id": prep.request_id}
+    # x-request-id stays the gateway's id of this HTTP request (as OpenAI's does); the completion's
+    # own id is in the body, and the audit records carry both
+    headers = {"Cache-Control": "no-cache"}
     if spec.stream:
         try:
             first = await anext(stream)
@@ -149,8 +151,7 @@ async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep,
     else:
         choice["text"] = outcome.text
     return JSONResponse({"id": prep.request_id, "object": "chat.completion" if chat else "text_completion",
-                         "created": prep.created, "model": prep.model, "choices": [choice], "usage": _usage(outcome)},
-                        headers={"X-Request-Id": prep.request_id})
+                         "created": prep.created, "model": prep.model, "choices": [choice], "usage": _usage(outcome)})
 
 
 async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[tuple[str, str | None]]) -> None:
@@ -191,7 +192,8 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse | StreamingResponse:
     spec = InferenceSpec(model=body.model, max_tokens=body.requested_max_tokens(0) or None,
-                         sampling=_sampling(body), stream=body.stream, messages=body.template_messages())
+                         sampling=_sampling(body), stream=body.stream, messages=body.template_messages(),
+                         http_request_id=str(getattr(request.state, "request_id", "")))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(request, runtime, principal, spec, include_usage, chat=True)
 
@@ -201,6 +203,7 @@ async def completions(
     body: CompletionRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> JSONResponse | StreamingResponse:
     spec = InferenceSpec(model=body.model, max_tokens=body.max_tokens, sampling=_sampling(body), stream=body.stream,
-                         prompt=body.prompt_text(), prefix="cmpl")
+                         prompt=body.prompt_text(), prefix="cmpl",
+                         http_request_id=str(getattr(request.state, "request_id", "")))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(request, runtime, principal, spec, include_usage, chat=False)

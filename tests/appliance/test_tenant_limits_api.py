@@ -28,6 +28,7 @@ POLICY = {
         "twice": {"allowed_models": ["*"], "rate_limit_rpm": 2},
         "leaver": {"allowed_models": ["*"]},
         "legacy": {"allowed_models": ["*"]},
+        "sloppy": {"allowed_models": ["*"]},
     },
 }
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -151,3 +152,24 @@ def test_legacy_completions_streaming_and_not(lab: FleetLab) -> None:
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=4)
+
+
+def test_malformed_requests_and_refusals_are_recorded_with_the_http_request_id(lab: FleetLab) -> None:
+    key = lab.tenant_key("sloppy")
+    ctx = tls_ctx(lab.gateway_root / "tls" / "ca.pem")
+    bad = httpx.post(f"{lab.url}/v1/chat/completions", verify=ctx, headers={"Authorization": f"Bearer {key}"},
+                     json={"model": MODEL, "messages": [], "max_tokens": "10"})
+    assert bad.status_code == 400
+    unknown = httpx.post(f"{lab.url}/v1/chat/completions", verify=ctx, headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "x" * 5000, "messages": QUESTION})
+    assert unknown.status_code in (400, 404)
+    served = httpx.post(f"{lab.url}/v1/chat/completions", verify=ctx, headers={"Authorization": f"Bearer {key}"},
+                        json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, "temperature": 0})
+    assert served.status_code == 200
+    records = lab.records("sloppy")
+    rejected = [d for kind, _, d in records if kind == "rejected"]
+    assert rejected[0]["code"] == "invalid_request" and rejected[0]["x_request_id"] == bad.headers["x-request-id"]
+    assert rejected[1]["x_request_id"] == unknown.headers["x-request-id"]
+    assert all(len(str(d.get("model", ""))) <= 65 and len(str(d["reason"])) <= 501 for d in rejected)
+    accepted = [d for kind, rid, d in records if kind == "accepted" and rid == served.json()["id"]]
+    assert accepted[0]["x_request_id"] == served.headers["x-request-id"]
