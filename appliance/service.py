@@ -204,19 +204,16 @@ class ChatService:
             self.limiter.leave(tenant)
             raise
 
-    def _model_allowed(self, principal: Principal, model: str) -> bool:
-        from fnmatch import fnmatchcase
-
-        grants = getattr(principal, "models", ())
-        return self.policies.tenant_policy(principal.tenant).allows_model(model) or any(
-            fnmatchcase(model, pattern) for pattern in grants)
+    def model_allowed(self, principal: Principal, model: str) -> bool:
+        """The tenant's policy or its grants allow ``model`` (globs, as OpenAI-style model names)."""
+        return self.policies.tenant_policy(principal.tenant).allows_model(model) or principal.granted(model)
 
     async def _admit(self, principal: Principal, spec: InferenceSpec, request_id: str) -> Prepared:
         tenant = principal.tenant
         policy = self.policies.tenant_policy(tenant)
         sla = self.policies.sla_classes[policy.sla_class]
         model = spec.model
-        if not self._model_allowed(principal, model):
+        if not self.model_allowed(principal, model):
             await self._reject(principal, request_id, RequestRejected(
                 403, f"model {short(model)!r} is not allowed for tenant {tenant!r}", "permission_denied",
                 "model_not_allowed", param="model"), model)

@@ -48,7 +48,7 @@ def list_models(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     names: set[str] = set()
     for handle in runtime.fleet.handles():
         if policy.residency.matches(handle.node.labels):
-            names.update(m for m in handle.node.models if runtime.service._model_allowed(principal, m))
+            names.update(m for m in handle.node.models if runtime.service.model_allowed(principal, m))
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "sovereign-appliance"} for name in sorted(names)]
     return {"object": "list", "data": data}
 
