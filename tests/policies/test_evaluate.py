@@ -33,8 +33,11 @@ tenants:
     max_tokens_per_request: 256
     max_tokens_per_minute: 10000
   lab:
+    allowed_models: ["*"]
     residency: {regions: [us-east], sites: ["*"], classifications: ["*"]}
     sla_class: batch
+  open:
+    allowed_models: ["*"]
   frozen:
     allowed_models: []
 """
@@ -60,11 +63,13 @@ def test_allowed_request_lists_compliant_nodes(policies: PolicySet) -> None:
 
 def test_unknown_tenant_gets_default_template(policies: PolicySet) -> None:
     d = policies.evaluate(ctx("stranger", model="anything"))
-    assert d.allowed
+    # the shipped template grants no model: a tenant gets models by grant (deny by default)
+    assert not d.allowed and d.code == "model_not_allowed"
     assert d.policy == "default"
     assert d.sla_class.name == "standard"
-    # "*" residency accepts every node, including one without labels
-    assert d.eligible_nodes == ["zrh-1", "fra-1", "unlabelled"]
+    # the template's "*" residency accepts every node, including one without labels
+    d = policies.evaluate(ctx("open", model="anything"))
+    assert d.allowed and d.eligible_nodes == ["zrh-1", "fra-1", "unlabelled"]
 
 
 def test_model_not_allowed(policies: PolicySet) -> None:
