@@ -59,7 +59,14 @@ from installer.service import (
     start_seconds,
 )
 from installer.staging import installer_lock, run_dir
-from installer.versions import installed_versions, is_newer, read_release_config, release_digest
+from installer.transfer import needs_archive, release_archive
+from installer.versions import (
+    installed_versions,
+    is_newer,
+    read_release_config,
+    record_fleet_release,
+    release_digest,
+)
 from policies import PolicyError, default_policy_dir, load_policy_set
 
 # Bundle targets installed into the release (wheels/ too: the runtime is built from the release's
@@ -335,11 +342,13 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         journal("refused", str(exc))
         raise
     previous = layout.current_version()
+    archive = release_archive(stage, files, work / "release-files.tar") if needs_archive(inv) else None
     extra_vars = {
         "sovereign_version": report.version,
         "sovereign_bundle_digest": report.digest,
         "sovereign_release_staging_dir": str(stage),
         "sovereign_release_files": files,
+        "sovereign_release_archive": str(archive) if archive else "",
         "sovereign_release_model_name": model_name,
         "sovereign_release_gateway_host": inv.gateway.host,
         "sovereign_release_gateway_port": inv.gateway.port,
@@ -366,6 +375,8 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
     except BundleError as exc:
         journal("failed", f"installed but the trusted state was not committed: {exc}")
         raise VerificationFailed(f"{layout.trust}: expected to commit the trusted state, found {exc}") from exc
+    if not inv.installs_into(layout.root):  # the nodes' roots are elsewhere: note what they run here
+        record_fleet_release(layout, report.version, report.digest, model_name, inv.names)
     switched = previous != report.version
     service_s = start_seconds(result)
     copy_s = result.seconds_in(*COPY_TASKS)

@@ -299,6 +299,12 @@ class Inventory(BaseModel):
         """The install root on ``node``: its own ``root`` field, else the installer's --root."""
         return node.root.rstrip("/") if node.root else os.fspath(root)
 
+    def installs_into(self, root: Path | str) -> bool:
+        """Whether a node of this inventory installs into ``root`` on the installer's own machine
+        (a local node at that root); otherwise that root holds only the installer's state."""
+        here = os.path.abspath(root)
+        return any(n.connection == "local" and os.path.abspath(self.node_root(n, root)) == here for n in self.nodes)
+
     def fleet_nodes(self, model_name: str) -> list[dict[str, Any]]:
         """The engine nodes as appliance.yaml's fleet.nodes lists them (empty: not a fleet)."""
         if not self.is_fleet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,23 @@ class RootLayout:
         """A content-addressed runtime (see installer/runtime.py)."""
         return self.runtimes / runtime_id
 
+    @property
+    def fleet_record(self) -> Path:
+        """On the installer's machine when no node installs into this root (every node is remote
+        or has its own root): the release the nodes run (see installer/versions.py)."""
+        return self.state / "fleet.json"
+
     def current_version(self) -> str | None:
-        """The version `current` points at, or None when there is no current symlink."""
-        if not self.current.is_symlink():
+        """The version `current` points at; without a current symlink, the one the fleet record
+        names; None when there is neither."""
+        if self.current.is_symlink():
+            return Path(os.readlink(self.current)).name
+        try:
+            record = json.loads(self.fleet_record.read_text())
+        except (OSError, ValueError):
             return None
-        return Path(os.readlink(self.current)).name
+        current = record.get("current") if isinstance(record, dict) else None
+        return str(current) if current else None
 
 
 def nearest_existing(path: Path) -> Path:

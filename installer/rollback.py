@@ -21,14 +21,22 @@ from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
 from installer.service import playbook_error, service_notes, service_timeout, service_vars, start_seconds
 from installer.staging import installer_lock, run_dir
-from installer.versions import installed_versions, read_release_config, version_key
+from installer.versions import (
+    fleet_releases,
+    installed_versions,
+    read_release_config,
+    record_fleet_release,
+    version_key,
+)
 
 
 def rollback_target(layout: RootLayout, current: str) -> str:
-    """The release current pointed at before the last switch, else the newest older one."""
-    installed = installed_versions(layout)
+    """The release current pointed at before the last switch, else the newest older one (for a
+    fleet whose nodes have their own roots: as the installer's fleet record says)."""
+    installed = installed_versions(layout) or sorted(fleet_releases(layout), key=version_key)
     try:
-        previous = json.loads(layout.switch_record.read_text()).get("previous", "")
+        record = layout.switch_record if layout.switch_record.is_file() else layout.fleet_record
+        previous = json.loads(record.read_text()).get("previous", "")
     except (OSError, ValueError, AttributeError):
         previous = ""
     if previous and previous != current and previous in installed:
@@ -59,7 +67,8 @@ def rollback(
     target = to or rollback_target(layout, current)
     if "/" in target or target in ("", ".", ".."):
         raise InputError(f"--to: expected a release version, found {target!r}")
-    config = read_release_config(layout.release(target))
+    remote = not inv.installs_into(layout.root)  # the nodes' roots are elsewhere: the fleet record knows
+    config = read_release_config(layout.release(target)) or (fleet_releases(layout).get(target) if remote else None)
     if config is None:
         raise NotInstalledError(f"release {target}: expected {layout.release(target)}/appliance.yaml, found none; "
                                 f"installed: {installed_versions(layout) or 'none'}")
@@ -82,6 +91,8 @@ def rollback(
             error = playbook_error(result)
             journal("failed", str(error))
             raise error
+        if remote:
+            record_fleet_release(layout, target, digest, str(config.get("model", "")), inv.names)
         running = "; appliance running and healthy" if start else ""
         journal("ok", f"switched current from {current} to {target}{running}")
     return InstallResult(action="rollback", version=target, bundle_digest=digest, root=layout.root,

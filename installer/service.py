@@ -37,7 +37,8 @@ ROLLED_BACK_TASK = "Report that the release failed and the node was rolled back"
 START_TASKS = ("Start the appliance under the supervisor and wait for its health check",
                "Start the appliance unit", "Wait for the appliance unit's health check")
 COPY_TASKS = ("Copy the release files from the verified bundle",
-              "Place the release files from the verified bundle and check their signed sha256")
+              "Place the release files from the verified bundle and check their signed sha256",
+              "Place the copied release files and check their signed sha256")
 
 
 def service_vars(inv: Inventory, *, start: bool, restart: bool = False) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class Fleet:
     controller_root: Path
     inventory: Path
     bundle: Path
+    trusted_root: Path
     install: dict[str, Any]
     install_s: float
     timings: dict[str, float] = field(default_factory=dict)
@@ -121,6 +122,26 @@ class Fleet:
             raise AssertionError(f"appliancectl {args} on {name}: rc {proc.returncode}, "
                                  f"{proc.stdout}{proc.stderr}") from None
 
+    def appliance(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `appliance` CLI of the release in service on the node (its runtime), over SSH,
+        with --root of that node appended."""
+        root = self.root(name)
+        runtime = json.loads((root / "current" / "release.json").read_text())["runtime"]
+        exe = root / "runtimes" / runtime / "bin" / "appliance"
+        return self.hosts.ssh(self.hosts.by_name(name), str(exe), *args, "--root", str(root), timeout=timeout,
+                              check=False)
+
+    def records(self, tenant: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """(event type, request id, data) of the tenant's audit records in the gateway's database."""
+        from appliance.audit import AuditLog
+
+        root = self.root(self.gateway)
+        log = AuditLog(f"sqlite:///{root / 'data' / 'appliance.db'}", root / "secrets" / "audit-signing.key")
+        try:
+            return [(r.event_type, r.request_id, dict(r.data)) for r in log.query(tenant, None, None)]
+        finally:
+            log.close()
+
     def status(self, name: str) -> dict[str, Any]:
         return self.ctl(name, "status", "--root", str(self.root(name)))
 
@@ -142,6 +163,15 @@ def fleet_bundle(work: Path, keys: Path, model_dir: Path, wheelhouse: Path, vers
                         metadata_version=int(time.time()))
 
 
+def install(fleet: Fleet, bundle: Path, action: str = "install") -> dict[str, Any]:
+    """Run `sovereign-installer install|upgrade` of ``bundle`` on the fleet; its JSON result."""
+    proc = run_installer(action, "--bundle", str(bundle), "--trusted-root", str(fleet.trusted_root),
+                         "--root", str(fleet.controller_root), "--inventory", str(fleet.inventory), "--allow-cpu",
+                         "--json")
+    assert proc.returncode == 0, f"{action} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return dict(json.loads(proc.stdout))
+
+
 def run_installer(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "installer.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
@@ -153,16 +183,16 @@ def installed_fleet(tmp: Path, keys: Path, model_dir: Path, wheelhouse: Path,
     """SSH hosts for ``specs``, the fleet installed on them in one CLI run (asserted to succeed);
     every process on the hosts is stopped and the hosts removed on exit."""
     with ssh_hosts(tmp / "ssh", [s.name for s in specs]) as hosts:
+        started = time.monotonic()
         bundle = fleet_bundle(tmp, keys, model_dir, wheelhouse)
+        bundle_s = time.monotonic() - started
         inventory = tmp / "inventory.yaml"
         inventory.write_text(yaml.safe_dump(fleet_inventory(hosts, specs), sort_keys=False))
-        controller = tmp / "controller"
+        fleet = Fleet(hosts=hosts, specs=specs, controller_root=tmp / "controller", inventory=inventory,
+                      bundle=bundle, trusted_root=keys / "root.json", install={}, install_s=0.0)
         started = time.monotonic()
-        proc = run_installer("install", "--bundle", str(bundle), "--trusted-root", str(keys / "root.json"),
-                             "--root", str(controller), "--inventory", str(inventory), "--allow-cpu", "--json")
-        install_s = time.monotonic() - started
-        assert proc.returncode == 0, (f"install failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n"
-                                      f"{proc.stderr[-6000:]}")
-        result = json.loads(proc.stdout)
-        yield Fleet(hosts=hosts, specs=specs, controller_root=controller, inventory=inventory, bundle=bundle,
-                    install=result, install_s=install_s)
+        fleet.install = install(fleet, bundle)
+        fleet.install_s = time.monotonic() - started
+        fleet.timings = {"bundle_build_s": round(bundle_s, 1), "install_s": round(fleet.install_s, 1)}
+        print(f"fleet of {len(specs)} nodes: {fleet.timings}")
+        yield fleet

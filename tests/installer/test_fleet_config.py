@@ -143,3 +143,58 @@ def test_inventory_without_an_engine_or_gateway_or_with_a_shared_root_is_refused
     with pytest.raises(InventoryError, match="expected each node its own install root, found b and a both at "
                                              "/srv/x on h"):
         load_inventory(path)
+
+
+def test_release_archive_for_ssh_nodes_carries_exactly_the_release_files(tmp_path: Path) -> None:
+    import tarfile
+
+    from installer.transfer import needs_archive, release_archive
+
+    stage = tmp_path / "stage"
+    (stage / "model").mkdir(parents=True)
+    (stage / "model" / "w.bin").write_bytes(b"\0" * 1000)
+    (stage / "manifest.json").write_text("{}")
+    (stage / "not-a-release-file").write_text("x")
+    files = [{"src": "manifest.json", "dest": "manifest.json", "sha256": "0"},
+             {"src": "model/w.bin", "dest": "model/w.bin", "sha256": "0"}]
+    with tarfile.open(release_archive(stage, files, tmp_path / "r.tar")) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["manifest.json", "model/w.bin"]
+        assert all(m.isreg() and m.mode == 0o444 and m.uid == 0 for m in members)
+        assert tar.extractfile("model/w.bin").read() == b"\0" * 1000  # type: ignore[union-attr]
+    (stage / "model" / "link").symlink_to("w.bin")
+    with pytest.raises(ValueError, match="expected a regular file of the verified bundle"):
+        release_archive(stage, [{"src": "model/link"}], tmp_path / "bad.tar")
+    assert needs_archive(fleet()) and not needs_archive(load_inventory(None))
+
+
+def test_the_node_unpacks_only_the_release_files_from_the_archive(tmp_path: Path) -> None:
+    import importlib.util
+    import io
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location(
+        "sovereign_release_files", RELEASE_ROLE / "library" / "sovereign_release_files.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def archive(name: str, *members: tarfile.TarInfo) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w") as tar:
+            for info in members:
+                tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
+        return path
+
+    good = tarfile.TarInfo("model/w.bin")
+    good.size = 3
+    assert module.unpack(str(archive("ok.tar", good)), str(tmp_path / "ok"), {"model/w.bin"}) == 1
+    assert (tmp_path / "ok" / "model" / "w.bin").read_bytes() == b"xxx"
+    link = tarfile.TarInfo("model/w.bin")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    escape = tarfile.TarInfo("../outside")
+    escape.size = 1
+    for name, member in (("link.tar", link), ("escape.tar", escape)):
+        with pytest.raises(ValueError, match="expected only the release's regular files"):
+            module.unpack(str(archive(name, member)), str(tmp_path / name), {"model/w.bin"})
+    assert not (tmp_path / "outside").exists()

@@ -13,7 +13,7 @@ from installer.ansible_runner import PLAYBOOK_DIR
 ROLES = ["sovereign_common", "sovereign_release", "sovereign_switch", "sovereign_service", "sovereign_rollout",
          "sovereign_runtime"]
 TASK_KEYWORDS = {"name", "loop", "loop_control", "register", "when", "notify", "changed_when", "failed_when",
-                 "tags", "become", "vars", "args", "ignore_errors", "no_log"}
+                 "tags", "become", "vars", "args", "ignore_errors", "no_log", "delegate_to"}
 
 
 def _tasks(path: Path) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ state=placed: for every file, a destination that already has the signed sha256 i
 (idempotent); otherwise the file is hard-linked from the verified staging directory when both are
 on one filesystem (no bytes move) or copied with sendfile, written under a temporary name,
 fsynced, chmodded, renamed into place, and then hashed again. state=verified only hashes.
+With ``archive`` (an SSH node: the release travelled as one tar), the archive is first unpacked
+into src_dir, accepting only regular files named in ``files`` (no links, no other paths).
 Hashing runs on several threads (hashlib releases the GIL). Standard library only.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import os
 import shutil
 import stat
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +35,7 @@ options:
   dir_mode: {type: str, default: "0755", description: Mode of directories created.}
   state: {type: str, choices: [placed, verified], default: placed}
   link: {type: bool, default: true, description: Hard-link from src_dir when on the same filesystem.}
+  archive: {type: path, description: "A tar of the files (their src paths) to unpack into src_dir first."}
 """
 
 CHUNK = 4 << 20
@@ -96,6 +100,24 @@ def place(src: str, dest: str, mode: int, link: bool) -> str:
     return how
 
 
+def unpack(archive: str, dest: str, wanted: set[str]) -> int:
+    """Unpack the release's files from ``archive`` into ``dest``; anything else is refused."""
+    count = 0
+    with tarfile.open(archive, "r:") as tar:
+        for member in tar:
+            if member.name not in wanted or not member.isreg():
+                raise ValueError(f"{archive}: expected only the release's regular files, found {member.name!r}")
+            target = os.path.join(dest, member.name)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            source = tar.extractfile(member)
+            if source is None:
+                raise ValueError(f"{archive}: {member.name}: unreadable member")
+            with source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, CHUNK)
+            count += 1
+    return count
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -106,6 +128,7 @@ def main() -> None:
             "dir_mode": {"type": "str", "default": "0755"},
             "state": {"type": "str", "choices": ["placed", "verified"], "default": "placed"},
             "link": {"type": "bool", "default": True},
+            "archive": {"type": "path"},
         },
         supports_check_mode=False,
     )
@@ -119,9 +142,18 @@ def main() -> None:
         module.fail_json(msg=f"mode/dir_mode: expected octal strings such as '0444', found {p['mode']!r}, "
                              f"{p['dir_mode']!r}")
     for item in files:
-        dest = str(item.get("dest", ""))
+        dest, src = str(item.get("dest", "")), str(item.get("src", ""))
         if not dest or dest.startswith("/") or ".." in dest.split("/") or not item.get("sha256"):
             module.fail_json(msg=f"files: expected relative dest paths without '..' and a sha256, found {item!r}")
+        if src.startswith("/") or ".." in src.split("/"):
+            module.fail_json(msg=f"files: expected relative src paths without '..', found {item!r}")
+    if p["archive"]:
+        if state != "placed":
+            module.fail_json(msg="archive: expected only with state=placed")
+        try:
+            unpack(p["archive"], p["src_dir"], {str(f.get("src", "")) for f in files})
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            module.fail_json(msg=f"archive: expected a tar of the release files, found {exc}")
 
     started = time.monotonic()
     results: dict[str, str] = {}

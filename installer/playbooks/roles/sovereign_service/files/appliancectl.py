@@ -22,9 +22,10 @@ success, 1 on failure.
           Whether the recorded process is alive, and what it serves.
   health  --root R --host H --port P [--expect-version V] [--timeout S]
           Waits for /health (used after a systemd start).
-  nodes   --root R --exe APPLIANCE --action drain|undrain --node NAME [--wait S]
+  nodes   --root R --exe APPLIANCE --action drain|undrain --node NAME [--wait S] [--host H --port P]
           On a gateway node: `EXE nodes drain NAME --root R --wait S --json` (or undrain), with
-          EXE chosen as for start; skipped (ok, "skipped": true) when the gateway is not running.
+          EXE chosen as for start; skipped (ok, "skipped": true) when the gateway is not running
+          (no live pidfile and no healthy https://H:P/health).
 
 Every command but nodes takes --kind: "gateway" (default; `appliance serve`, R/run/appliance.pid,
 R/logs/appliance.log, /health over HTTPS trusting R/tls/ca.pem) or "engine" (the engine node
@@ -378,7 +379,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     paths = Paths(args.root, "gateway")
-    if running_pid(paths) is None:
+    # under the supervisor its pidfile says; under systemd (no pidfile) the gateway's /health does
+    health = probe(paths, args.host, args.port) if running_pid(paths) is None else {"status": "ok"}
+    if not (isinstance(health, dict) and health.get("status") == "ok"):
         return emit(True, changed=False, skipped=True, node=args.node, action=args.action,
                     message=f"{args.action} of {args.node} skipped: the gateway is not running on this node")
     exe, runtime = release_exe(paths, args.exe)
@@ -430,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--action", choices=("drain", "undrain"), required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--wait", type=float, default=300.0)
+    p.add_argument("--host", default="127.0.0.1")  # the gateway's listen address, for its health probe
+    p.add_argument("--port", type=int, default=8443)
     args = parser.parse_args(argv)
     handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health,
                "exec": cmd_exec, "nodes": cmd_nodes}[args.command]
