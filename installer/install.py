@@ -353,8 +353,8 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         "sovereign_release_gateway_host": inv.gateway.host,
         "sovereign_release_gateway_port": inv.gateway.port,
         # a fleet: engine nodes run `appliance node serve`, gateways route to these over mutual TLS
-        "sovereign_fleet": inv.is_fleet,
-        "sovereign_fleet_nodes": inv.fleet_nodes(model_name),
+        "sovereign_release_fleet": inv.is_fleet,
+        "sovereign_release_fleet_nodes": inv.fleet_nodes(model_name),
         **runtime_vars(runtime),
         **service_vars(inv, start=start),
         **node_security_vars,

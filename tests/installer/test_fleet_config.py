@@ -43,7 +43,7 @@ def render(inv: Inventory, node: str, model: str = "SmolLM2-135M-Instruct") -> d
         **hostvars, "inventory_hostname": node, "sovereign_version": "0.1.0",
         "sovereign_bundle_digest": "sha256:" + "0" * 64, "sovereign_release_model_name": model,
         "sovereign_release_gateway_host": inv.gateway.host, "sovereign_release_gateway_port": inv.gateway.port,
-        "sovereign_fleet": inv.is_fleet, "sovereign_fleet_nodes": inv.fleet_nodes(model),
+        "sovereign_release_fleet": inv.is_fleet, "sovereign_release_fleet_nodes": inv.fleet_nodes(model),
         "sovereign_release_engine_node_host": "0.0.0.0",
     }
     variables["sovereign_release_dir"] = f"{variables['sovereign_root']}/releases/0.1.0"
