@@ -21,7 +21,7 @@ from rich.table import Table
 
 from installer.ansible_entry import FROZEN_SUBCOMMAND
 from installer.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, InputError, InstallerError
-from installer.first_admin import issue_first_admin_key
+from installer.first_admin import appliance_ran, issue_first_admin_key
 from installer.frozen import prepare_process
 from installer.install import InstallResult, install_bundle
 from installer.inventory import Inventory, load_inventory
@@ -162,13 +162,14 @@ def _install(upgrade: bool, bundle: Path, trusted_root: Path, root: Path, invent
                 err_console.print(_preflight_table(report))
                 err_console.print("[red]preflight failed[/red]: fix the failed checks (or --skip-preflight)")
             raise typer.Exit(EXIT_REFUSED)
+    ran_before = appliance_ran(root)  # asked now: an install that starts the appliance creates its database
     try:
         result = install_bundle(bundle, trusted_root, root, inv, console=console, upgrade=upgrade, start=start)
     except InstallerError as exc:
         raise _fail(exc, as_json, _error_extra(exc)) from exc
     except KeyboardInterrupt as exc:
         raise _interrupted("upgrade" if upgrade else "install", exc, as_json) from exc
-    _print_result(result, as_json, issue_first_admin_key(result.root))
+    _print_result(result, as_json, issue_first_admin_key(result.root, ran_before=ran_before))
 
 
 def _interrupted(action: str, exc: KeyboardInterrupt, as_json: bool) -> typer.Exit:

@@ -20,11 +20,20 @@ KEY_FILE = Path("secrets") / "admin.key"
 DATABASE = Path("data") / "appliance.db"
 
 
-def issue_first_admin_key(root: Path) -> str | None:
+def appliance_ran(root: Path) -> bool:
+    """Whether an appliance has opened its database under ``root`` (ask before an install that
+    starts the appliance: after it, the database exists either way)."""
+    return (root / DATABASE).exists()
+
+
+def issue_first_admin_key(root: Path, *, ran_before: bool | None = None) -> str | None:
     """Write a new first-admin key to ROOT/secrets/admin.key and return it, or None when this root
-    already has one or an appliance database."""
+    already has one or its appliance had run before (``ran_before``, asked before the install;
+    by default whether the database exists now)."""
     path = root / KEY_FILE
-    if path.exists() or (root / DATABASE).exists():
+    if ran_before is None:
+        ran_before = appliance_ran(root)
+    if path.exists() or ran_before:
         return None
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = f"sov_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"

@@ -110,7 +110,8 @@ class Journey:
         token = (self.root / "secrets" / "admin.key").read_text().strip()
         with self.client() as admin:
             headers = {"Authorization": f"Bearer {token}"}
-            admin.post("/admin/v1/tenants", json={"name": "journey", "models": ["SmolLM2-135M-Instruct"]}, headers=headers).raise_for_status()
+            tenant = {"name": "journey", "models": ["SmolLM2-135M-Instruct"]}
+            admin.post("/admin/v1/tenants", json=tenant, headers=headers).raise_for_status()
             key = admin.post("/admin/v1/tenants/journey/keys", json={}, headers=headers).json()["key"]
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, http_client=self.client())
         reply = client.chat.completions.create(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from installer.first_admin import issue_first_admin_key
+from installer.first_admin import appliance_ran, issue_first_admin_key
 
 
 def test_first_install_makes_one_private_key_and_later_runs_make_none(tmp_path: Path) -> None:
@@ -22,6 +22,13 @@ def test_no_key_for_a_root_whose_appliance_already_ran(tmp_path: Path) -> None:
     (tmp_path / "data" / "appliance.db").write_bytes(b"")
     assert issue_first_admin_key(tmp_path) is None
     assert not (tmp_path / "secrets" / "admin.key").exists()
+
+
+def test_a_first_install_that_started_the_appliance_still_gets_its_key(tmp_path: Path) -> None:
+    ran_before = appliance_ran(tmp_path)  # asked before the install, as the CLI does
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "appliance.db").write_bytes(b"")  # the install started the appliance
+    assert not ran_before and issue_first_admin_key(tmp_path, ran_before=ran_before) is not None
 
 
 def test_the_appliance_enrols_the_key_as_admin_admin(tmp_path: Path) -> None:

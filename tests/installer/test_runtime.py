@@ -75,7 +75,8 @@ def chat(root: Path, port: int) -> str:
     token = (root / "secrets" / "admin.key").read_text().strip()
     with httpx.Client(base_url=url, verify=ctx, timeout=120) as admin:
         headers = {"Authorization": f"Bearer {token}"}
-        admin.post("/admin/v1/tenants", json={"name": "runtime", "models": ["SmolLM2-135M-Instruct"]}, headers=headers).raise_for_status()
+        tenant = {"name": "runtime", "models": ["SmolLM2-135M-Instruct"]}
+        admin.post("/admin/v1/tenants", json=tenant, headers=headers).raise_for_status()
         key = admin.post("/admin/v1/tenants/runtime/keys", json={}, headers=headers).json()["key"]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0,
                            http_client=httpx.Client(verify=ctx, timeout=120))
@@ -101,7 +102,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, keys: Path, trusted_root: P
     work = tmp_path_factory.mktemp("runtime")
     bundles = {v: bundle(work, keys, v, model_dir, wheelhouse, n) for n, v in enumerate(("0.1.0", "0.2.0"), 1)}
     root, port = work / "root", free_port()
+    from installer.first_admin import issue_first_admin_key
+
     first = install_bundle(bundles["0.1.0"], trusted_root, root, inventory(port), start=True)
+    # as the CLI does after a first install (the appliance it started has no admin yet): the key, once
+    assert issue_first_admin_key(root, ran_before=False)
     served = Served(root, port, bundles, trusted_root, first)
     try:
         yield served
