@@ -233,7 +233,8 @@ class Fleet:
         handle.node = Node(node.name, node.url, node.labels, node.models, node.state, health, node.source,
                            node.last_health_at, error)
         if changed:
-            log.warning("node %s is %s%s", handle.name, health, f": {error}" if error else "")
+            (log.warning if health == "down" else log.info)("node %s is %s%s", handle.name, health,
+                                                            f": {error}" if error else "")
             await asyncio.to_thread(self._audit, f"node_{health}", {
                 "node": handle.name, "labels": dict(node.labels), "error": error})
 
