@@ -246,6 +246,12 @@ class ChatService:
         except RouteRefused as refused:
             await self._refuse_route(principal, request_id, refused, model)
             raise AssertionError("unreachable") from None
+        limit = int(route.handle.stats.get("max_model_len") or 0)
+        if limit and len(prompt_ids) >= limit:  # the node would refuse it: say so before anything is queued
+            await self._reject(principal, request_id, RequestRejected(
+                400, f"the prompt is too long: {len(prompt_ids)} tokens; the model {short(model)!r} takes at most "
+                f"{limit - 1} prompt tokens", "invalid_request_error", "prompt_too_long",
+                param="messages" if spec.messages is not None else "prompt"), model)
         admit = self.admission.try_admit(route.node, tenant, sla.priority, len(prompt_ids), sla.ttft_target_ms,
                                          policy.max_queued_tokens)
         if not admit.admitted:

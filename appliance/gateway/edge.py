@@ -150,8 +150,12 @@ class EdgeMiddleware:
                     headers.append((b"x-request-id", request_id.encode()))
                     message = {**message, "headers": headers}
                 status = message["status"]
-                if 400 <= status < 500:  # a 401's key id is only claimed: charge the address alone
-                    self.refusals.charge(client, None if status == 401 else state.get("key_id"))
+                if 400 <= status < 500:
+                    # An authenticated request's refusal costs its key alone: tenants behind one
+                    # address (a NAT, a proxy) never spend each other's budget. A 401's key id is
+                    # only claimed, and the unauthenticated are known by their address alone.
+                    key_id = None if status == 401 else state.get("key_id")
+                    self.refusals.charge(None if key_id else client, key_id)
             await send(message)
 
         self.in_flight += 1

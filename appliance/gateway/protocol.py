@@ -32,6 +32,9 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
     return head.encode() + body
 
 
+SHUTDOWN_GRACE_S = 1.0
+
+
 class DeadlineH11Protocol(H11Protocol):
     header_read_timeout_s: float = 10.0
     max_connections: int = 1024
@@ -51,6 +54,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._cancel_head_timer()
         super().connection_lost(exc)
 
@@ -67,6 +71,20 @@ class DeadlineH11Protocol(H11Protocol):
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._arm_head_timer()  # the next request on this connection gets its own deadline
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: an idle connection is closed at once, as uvicorn does, but over TLS
+        that close waits for the client's close_notify, which an idle keep-alive client never sends
+        (asyncio waits up to 30 s, past the server's graceful-shutdown timeout). It is cut after a
+        second instead, so Ctrl-C stops the appliance promptly and cleanly."""
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle:
+            self.loop.call_later(SHUTDOWN_GRACE_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not getattr(self, "_lost", False):
+            self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         self._cancel_head_timer()

@@ -9,8 +9,9 @@ while a flood of 404s, 401s or 400s does within one request. Both tables are bou
 API for the rest of the gateway (``app.state.refusals``):
 - ``blocked(client, key_id) -> int | None``: seconds to wait, when either source is over budget.
 - ``charge(client, key_id) -> bool``: count one refusal; True when the source is now over budget.
-The edge middleware charges every 4xx response itself (key id from ``request.state.key_id`` when
-authentication set it), so other code only needs ``blocked`` where it wants to stop early.
+The edge middleware charges every 4xx response itself: to the key id when authentication set it
+(``request.state.key_id``), else to the client address, so tenants sharing an address never spend
+each other's budget; other code only needs ``blocked`` where it wants to stop early.
 """
 
 from __future__ import annotations

@@ -209,6 +209,7 @@ class EngineCore:
             "waiting": len(self.scheduler.waiting),
             "kv_cache_usage": bm.usage(),
             "num_blocks": bm.num_blocks,
+            "max_model_len": self.max_model_len,
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "prefix_cache_queries": bm.prefix_cache_queries,

@@ -29,6 +29,7 @@ POLICY = {
         "leaver": {"allowed_models": ["*"]},
         "legacy": {"allowed_models": ["*"]},
         "sloppy": {"allowed_models": ["*"]},
+        "bulky": {"allowed_models": ["*"], "rate_limit_rpm": 1000, "max_tokens_per_minute": 100000000},
     },
 }
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -173,3 +174,45 @@ def test_malformed_requests_and_refusals_are_recorded_with_the_http_request_id(l
     assert all(len(str(d.get("model", ""))) <= 65 and len(str(d["reason"])) <= 501 for d in rejected)
     accepted = [d for kind, rid, d in records if kind == "accepted" and rid == served.json()["id"]]
     assert accepted[0]["x_request_id"] == served.headers["x-request-id"]
+
+
+def _health_p99_ms(url: str, ctx: object, n: int) -> float:
+    times = []
+    with httpx.Client(verify=ctx, timeout=30) as http:  # type: ignore[arg-type]
+        for _ in range(n):
+            start = time.perf_counter()
+            assert http.get(f"{url}/health").status_code == 200
+            times.append((time.perf_counter() - start) * 1000)
+            time.sleep(0.02)
+    return sorted(times)[int(0.99 * (len(times) - 1))]
+
+
+def test_huge_prompts_are_tokenized_off_the_event_loop(lab: FleetLab) -> None:
+    """The review's attack: four near-limit prompts at once (about 3.6 MB of text each, under the body
+    and character caps) used to freeze /health for seconds while they were tokenized on the event
+    loop. Now /health stays within a few times its idle latency, and each gets a clear 400."""
+    ctx = tls_ctx(lab.gateway_root / "tls" / "ca.pem")
+    idle = _health_p99_ms(lab.url, ctx, 50)
+    key = lab.tenant_key("bulky")
+    text = "lorem ipsum dolor sit amet, " * 35_000  # 980,000 characters: ~200k tokens, far past the context
+    answers: list[httpx.Response] = []
+
+    def attack() -> None:
+        answers.append(httpx.post(f"{lab.url}/v1/chat/completions", verify=ctx, timeout=300,
+                                  headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": MODEL, "max_tokens": 4,
+                                        "messages": [{"role": "user", "content": text}]}))
+
+    threads = [threading.Thread(target=attack) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the bodies are in; tokenizing has begun
+    busy = _health_p99_ms(lab.url, ctx, 50)
+    for t in threads:
+        t.join(300)
+    assert len(answers) == 4
+    for resp in answers:
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["code"] == "prompt_too_long", resp.text
+    assert busy < max(10 * idle, 250), (idle, busy)
+
