@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -230,8 +231,7 @@ class Fleet:
     async def _set_health(self, handle: NodeHandle, health: str, error: str) -> None:
         changed = await asyncio.to_thread(self.registry.set_health, handle.name, health, error)
         node = handle.node
-        handle.node = Node(node.name, node.url, node.labels, node.models, node.state, health, node.source,
-                           node.last_health_at, error)
+        handle.node = dataclasses.replace(node, health=health, last_error=error)
         if changed:
             (log.warning if health == "down" else log.info)("node %s is %s%s", handle.name, health,
                                                             f": {error}" if error else "")

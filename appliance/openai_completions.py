@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from appliance.openai_schema import StreamOptions, check_text, request_limits
+from appliance.openai_schema import SamplingValues, StreamOptions, check_text, clamped_sampling, request_limits
 
 
 class CompletionRequest(BaseModel):
@@ -82,7 +82,5 @@ class CompletionRequest(BaseModel):
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def sampling(self) -> SamplingValues:
+        return clamped_sampling(self)

@@ -188,28 +188,37 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or default
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stop_list(self.stop)
 
     def sampling(self) -> SamplingValues:
-        """The sampling values to serve: OpenAI's defaults filled in, then clamped to what the
-        sampler honours (a temperature below ``MIN_TEMPERATURE`` is greedy, a ``top_p`` below
-        ``MIN_TOP_P`` is ``MIN_TOP_P``, a seed outside [0, 2**63) is taken modulo 2**63)."""
-        temperature = 1.0 if self.temperature is None else float(self.temperature)
-        if temperature < MIN_TEMPERATURE:
-            temperature = 0.0
-        top_p = 1.0 if self.top_p is None else max(float(self.top_p), MIN_TOP_P)
-        return SamplingValues(
-            temperature=temperature, top_p=top_p,
-            seed=None if self.seed is None else self.seed % SEED_RANGE,
-            stop=self.stop_list(),
-            presence_penalty=float(self.presence_penalty or 0.0),
-            frequency_penalty=float(self.frequency_penalty or 0.0),
-        )
+        return clamped_sampling(self)
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def clamped_sampling(req: Any) -> SamplingValues:
+    """The sampling values to serve for a chat or a completions request (both carry the same
+    fields): OpenAI's defaults filled in, then clamped to what the sampler honours (a temperature
+    below ``MIN_TEMPERATURE`` is greedy, a ``top_p`` below ``MIN_TOP_P`` is ``MIN_TOP_P``, a seed
+    outside [0, 2**63) is taken modulo 2**63)."""
+    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    top_p = 1.0 if req.top_p is None else max(float(req.top_p), MIN_TOP_P)
+    return SamplingValues(
+        temperature=temperature, top_p=top_p,
+        seed=None if req.seed is None else req.seed % SEED_RANGE,
+        stop=stop_list(req.stop),
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+    )
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

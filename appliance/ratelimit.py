@@ -128,7 +128,3 @@ class RateLimiter:
                 ts, _ = win.tokens.pop(ticket)
                 with contextlib.suppress(ValueError):
                     win.requests.remove(ts)
-
-    def check_and_record(self, tenant: str, rpm: int, tpm: int, tokens: int) -> RateDecision:
-        """``reserve`` with both limits: for callers that only meter a request (tests of the window)."""
-        return self.reserve(tenant, tpm, tokens, rpm)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
 from appliance.openai_completions import CompletionRequest
-from appliance.openai_schema import MIN_TEMPERATURE, MIN_TOP_P, SEED_RANGE, ChatCompletionRequest
+from appliance.openai_schema import ChatCompletionRequest
 from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
 from engine import RequestError
 from engine.errors import EngineDeadError
@@ -29,16 +30,10 @@ router = APIRouter(prefix="/v1")
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-    """OpenAI's defaults filled in, clamped to what the sampler honours (ChatCompletionRequest.sampling)."""
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
-    return {
-        "temperature": 0.0 if temperature < MIN_TEMPERATURE else temperature,
-        "top_p": 1.0 if req.top_p is None else max(float(req.top_p), MIN_TOP_P),
-        "seed": None if req.seed is None else req.seed % SEED_RANGE,
-        "stop": req.stop_list() or None,
-        "presence_penalty": float(req.presence_penalty or 0.0),
-        "frequency_penalty": float(req.frequency_penalty or 0.0),
-    }
+    """SamplingParams fields (besides max_tokens): defaults filled in, clamped (openai_schema.clamped_sampling)."""
+    values = dataclasses.asdict(req.sampling())
+    values["stop"] = values["stop"] or None
+    return values
 
 
 @router.get("/models")

@@ -19,21 +19,21 @@ class FakeClock:
 def test_requests_per_minute_limit_and_retry_after() -> None:
     clock = FakeClock()
     limiter = RateLimiter(clock)
-    assert limiter.check_and_record("t", rpm=2, tpm=0, tokens=10).allowed
+    assert limiter.reserve("t", tpm=0, tokens=10, rpm=2).allowed
     clock.now += 10
-    assert limiter.check_and_record("t", rpm=2, tpm=0, tokens=10).allowed
-    denied = limiter.check_and_record("t", rpm=2, tpm=0, tokens=10)
+    assert limiter.reserve("t", tpm=0, tokens=10, rpm=2).allowed
+    denied = limiter.reserve("t", tpm=0, tokens=10, rpm=2)
     assert not denied.allowed and "2 requests per minute" in denied.reason
     assert denied.retry_after_s == 50
     clock.now += 51
-    assert limiter.check_and_record("t", rpm=2, tpm=0, tokens=10).allowed
+    assert limiter.reserve("t", tpm=0, tokens=10, rpm=2).allowed
 
 
 def test_tenants_have_separate_budgets() -> None:
     limiter = RateLimiter(FakeClock())
-    assert limiter.check_and_record("a", rpm=1, tpm=0, tokens=1).allowed
-    assert not limiter.check_and_record("a", rpm=1, tpm=0, tokens=1).allowed
-    assert limiter.check_and_record("b", rpm=1, tpm=0, tokens=1).allowed
+    assert limiter.reserve("a", tpm=0, tokens=1, rpm=1).allowed
+    assert not limiter.reserve("a", tpm=0, tokens=1, rpm=1).allowed
+    assert limiter.reserve("b", tpm=0, tokens=1, rpm=1).allowed
 
 
 def test_token_budget_counts_settled_usage() -> None:
