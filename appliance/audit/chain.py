@@ -6,13 +6,16 @@ Checks, in this order, for each record of a stream (the first that fails is repo
 2. ``seq``        -- seqs are gapless: exactly the previous seq + 1 (``first_seq`` at the start);
 3. ``prev_hash``  -- links to the previous record's hash (the anchor at the start: the genesis
                      hash for seq 1);
-4. ``hash``       -- the stored hash equals sha256 of the record's canonical body;
+4. ``hash``       -- the stored hash equals sha256 of the record's canonical body (a record
+                     whose body retention pruned keeps its hash, links and leaf: skipped);
 5. ``ts order``   -- timestamps never go backwards within a stream;
 6. ``well-formed``-- every field is one an append could have written;
-7. ``checkpoint`` -- where a signed checkpoint names this seq, its hash is this record's hash.
+7. ``checkpoint`` -- where a signed checkpoint names a tree size equal to this seq, its root is
+                     the Merkle root of the stream's records up to here (RFC 9162, leaves =
+                     record hashes; walked with an O(log n) right edge).
 
 Then, for the stream as a whole: every checkpoint's signature verifies with the audit public
-key, and (in the database) no checkpoint names a seq past the last record -- a truncated tail.
+key, and (in the database) no checkpoint names a size past the last record -- a truncated tail.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.audit.checkpoint import Checkpoint
 from appliance.audit.errors import AuditIntegrityError
+from appliance.audit.merkle import Frontier, record_leaf
 from appliance.audit.record import AuditRecord, well_formed_problem
 
 
@@ -54,8 +58,16 @@ class ChainWalker:
     def __init__(
         self, stream: str, *, anchor_prev_hash: str, first_seq: int = 1,
         checkpoints: Iterable[Checkpoint] = (), public_key: Ed25519PublicKey | None,
+        frontier: Frontier | None = None,
     ) -> None:
+        """``frontier``: the tree's right edge before ``first_seq`` (empty when it is 1)."""
         self.stream = stream
+        if frontier is None and first_seq != 1:
+            raise ValueError(f"a walk from seq {first_seq} needs the tree's edge before it")
+        self.frontier = frontier if frontier is not None else Frontier()
+        if self.frontier.size != first_seq - 1:
+            raise ValueError(f"tree edge: expected {first_seq - 1} leaves before seq {first_seq}, "
+                             f"found {self.frontier.size}")
         self.records = 0
         self.head: AuditRecord | None = None
         self._expected_seq = first_seq
@@ -87,16 +99,16 @@ class ChainWalker:
     def next_seq(self) -> int:
         return self._expected_seq
 
-    def feed(self, record: AuditRecord) -> None:
+    def feed(self, record: AuditRecord, *, pruned: bool = False) -> None:
         self.records += 1
         if self._chain_failure is None:  # after a break, later links say nothing new
-            self._chain_failure = self._check(record)
+            self._chain_failure = self._check(record, pruned)
             self._expected_seq = record.seq + 1
             self._prev_hash = record.hash
             self._prev_ts = record.ts
         self.head = record
 
-    def _check(self, rec: AuditRecord) -> ChainFailure | None:
+    def _check(self, rec: AuditRecord, pruned: bool = False) -> ChainFailure | None:
         def fail(check: str, expected: str, found: str) -> ChainFailure:
             return ChainFailure(self.stream, rec.seq if check != "seq" else self._expected_seq,
                                 check, expected, found)
@@ -107,17 +119,24 @@ class ChainWalker:
             return fail("seq", f"seq {self._expected_seq}", f"seq {rec.seq}")
         if rec.prev_hash != self._prev_hash:
             return fail("prev_hash", self._prev_hash, rec.prev_hash)
-        computed = rec.compute_hash()
-        if computed != rec.hash:
-            return fail("hash", computed, rec.hash)
+        if not pruned:
+            computed = rec.compute_hash()
+            if computed != rec.hash:
+                return fail("hash", computed, rec.hash)
+        elif rec.data:
+            return fail("well-formed", "an empty body on a pruned record", "a body")
         if rec.ts < self._prev_ts:
             return fail("ts order", f"ts >= {self._prev_ts}", rec.ts)
         problem = well_formed_problem(rec)
         if problem is not None:
             return fail("well-formed", "fields an append could write", problem)
-        for cp in self._by_seq.pop(rec.seq, []):
-            if cp.hash != rec.hash:
-                return fail("checkpoint", f"hash {cp.hash} (signed {cp.ts})", f"hash {rec.hash}")
+        self.frontier.append(record_leaf(rec.hash))
+        cps = self._by_seq.pop(rec.seq, [])
+        if cps:
+            root = self.frontier.root().hex()
+            for cp in cps:
+                if cp.root != root:
+                    return fail("checkpoint", f"root {cp.root} (signed {cp.ts})", f"root {root}")
         return None
 
     def finish(self, *, require_checkpoints_covered: bool) -> ChainFailure | None:
@@ -127,7 +146,8 @@ class ChainWalker:
                 if self.head is None or seq > self.head.seq:
                     head = "no records" if self.head is None else f"last record seq {self.head.seq}"
                     self._note_checkpoint(ChainFailure(
-                        self.stream, seq, "truncation", f"a record at seq {seq} (signed checkpoint)", head))
+                        self.stream, seq, "truncation", f"a record at seq {seq} (signed checkpoint of "
+                        f"{seq} records)", head))
                     break
         failures = [f for f in (self._chain_failure, self._checkpoint_failure) if f is not None]
         return min(failures, key=lambda f: f.seq or 0) if failures else None

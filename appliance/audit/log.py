@@ -1,36 +1,36 @@
-"""``AuditLog``: append records to per-stream hash chains, verify them, sign checkpoints.
+"""``AuditLog``: append records to per-stream hash chains and Merkle trees, verify, sign checkpoints.
 
-Every append is one write transaction (``BEGIN IMMEDIATE`` on SQLite) that reads the stream's
-head and inserts the next record; it is committed -- on disk -- before ``append`` returns, and
-any failure raises ``AuditError`` with nothing recorded, so callers can fail closed. Appends
-are serialised by a lock within the process and by the database across processes; on
-PostgreSQL a racing writer hits the unique ``(stream, seq)`` constraint and retries.
+Appends go through one group-commit writer (``writer.GroupWriter``): ``append`` blocks the
+calling thread and ``append_async`` the awaiting coroutine -- never the event loop -- until the
+record is committed, on disk, together with every other record queued meanwhile. Any failure
+raises ``AuditError`` with nothing recorded, so callers can fail closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
-from appliance.audit.canonical import canonical_json, genesis_hash, normalize_ts, utc_now_ts
-from appliance.audit.checkpoint import Checkpoint
-from appliance.audit.checkpointing import checkpoint_stream, load_checkpoints, stream_names
+from appliance.audit.canonical import canonical_json, normalize_ts
+from appliance.audit.checkpoint import GLOBAL_TREE, Checkpoint
+from appliance.audit.checkpointing import load_checkpoints, stream_names
 from appliance.audit.db_verify import verify_database
-from appliance.audit.errors import AuditError, AuditIntegrityError, AuditInvalidEventError
+from appliance.audit.errors import AuditError, AuditInvalidEventError
 from appliance.audit.keys import AuditKeys
-from appliance.audit.record import AuditRecord, compute_record_hash, validate_append, validate_stream
+from appliance.audit.record import AuditRecord, validate_append, validate_stream
 from appliance.audit.reports import ChainReport
-from appliance.audit.schema import WRITE_OPTION, audit_events, make_engine
+from appliance.audit.schema import audit_events, make_engine
 from appliance.audit.secrets_guard import check_no_secrets
+from appliance.audit.writer import CheckpointRequest, GroupWriter, Pending
 
 log = logging.getLogger("appliance.audit")
 
@@ -38,20 +38,25 @@ log = logging.getLogger("appliance.audit")
 class AuditLog:
     """The audit log in the database at ``url``, signing with the key at ``signing_key_path``.
 
-    ``checkpoint_every``: sign a stream's head automatically each time its seq reaches a
-    multiple of this (``None`` for explicit ``checkpoint()`` calls only). Records after a
-    stream's last checkpoint are protected by the chain alone: call ``checkpoint()`` on a timer.
+    ``checkpoint_every``: sign every tree that grew as soon as one passes a multiple of this
+    many records, and ``checkpoint_interval_s`` after the first unsigned record in any case, so
+    a crash leaves at most about that long unsigned; ``checkpoint_every=None`` turns automatic
+    checkpoints off (explicit ``checkpoint()`` calls only). ``on_checkpoints`` is called, on the
+    writer thread, with every batch of new checkpoints (publication off the box).
     ``create``: create the key file, database file and tables when absent (``False`` for tools
     that must only read an existing log, such as ``appliance audit verify``).
     """
 
     def __init__(
-        self, url: str, signing_key_path: Path, *, checkpoint_every: int | None = 100,
-        max_data_bytes: int = 64 * 1024, busy_timeout_s: float = 30.0, max_retries: int = 5,
-        create: bool = True,
+        self, url: str, signing_key_path: Path, *, checkpoint_every: int | None = 1000,
+        checkpoint_interval_s: float = 1.0, max_data_bytes: int = 64 * 1024, busy_timeout_s: float = 30.0,
+        max_retries: int = 5, create: bool = True, max_batch: int = 512,
+        on_checkpoints: Callable[[list[Checkpoint]], None] | None = None,
     ) -> None:
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 or None, found {checkpoint_every}")
+        if checkpoint_interval_s <= 0:
+            raise ValueError(f"checkpoint_interval_s must be > 0, found {checkpoint_interval_s}")
         if max_data_bytes < 2 or max_retries < 1 or busy_timeout_s <= 0:
             raise ValueError(
                 "max_data_bytes >= 2, max_retries >= 1, busy_timeout_s > 0 expected, found "
@@ -66,7 +71,10 @@ class AuditLog:
         except (SQLAlchemyError, FileNotFoundError) as exc:
             reason = exc if isinstance(exc, FileNotFoundError) else type(exc).__name__
             raise AuditError(f"audit database unavailable: {reason}") from exc
-        self._lock = threading.Lock()
+        self.writer = GroupWriter(
+            self.engine, self.keys, every=checkpoint_every,
+            interval_s=None if checkpoint_every is None else checkpoint_interval_s,
+            max_batch=max_batch, max_retries=max_retries, on_checkpoints=on_checkpoints)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -75,6 +83,18 @@ class AuditLog:
         request_id: str | None = None, data: dict[str, Any],
     ) -> AuditRecord:
         """Commit one record durably and return it; ``AuditError`` means nothing was recorded."""
+        return self._submit(event_type, stream, actor, tenant, request_id, data).future.result()
+
+    async def append_async(
+        self, event_type: str, *, stream: str, actor: str, tenant: str | None = None,
+        request_id: str | None = None, data: dict[str, Any],
+    ) -> AuditRecord:
+        """``append`` for coroutines: waits for the shared commit without blocking the event loop."""
+        pending = self._submit(event_type, stream, actor, tenant, request_id, data)
+        return await asyncio.wrap_future(pending.future)
+
+    def _submit(self, event_type: str, stream: str, actor: str, tenant: str | None, request_id: str | None,
+                data: dict[str, Any]) -> Pending:
         try:
             tenant = validate_append(event_type, stream, actor, tenant, request_id)
             if not isinstance(data, dict):
@@ -92,72 +112,21 @@ class AuditLog:
                 f"audit data too large: expected at most {self.max_data_bytes} bytes, found {size}")
         fields = {"event_type": event_type, "actor": actor, "tenant": tenant, "request_id": request_id,
                   "data": json.loads(data_text)}
-        with self._lock:
-            record = self._append_with_retries(stream, fields, data_text)
-        if self.checkpoint_every is not None and record.seq % self.checkpoint_every == 0:
-            try:
-                self.checkpoint(stream)
-            except AuditError as exc:  # the record stands; the failure shows in verify()
-                log.error("audit auto-checkpoint of stream %r refused: %s", stream, exc)
-        return record
-
-    def _append_with_retries(self, stream: str, fields: dict[str, Any], data_text: str) -> AuditRecord:
-        for _attempt in range(self.max_retries):
-            try:
-                with self.engine.connect() as conn:
-                    conn.execution_options(**{WRITE_OPTION: True})
-                    with conn.begin():
-                        return self._insert_next(conn, stream, fields, data_text)
-            except IntegrityError:
-                continue  # another writer took this seq first; read the new head and retry
-            except SQLAlchemyError as exc:
-                # The driver's own message only: SQLAlchemy's text would quote the parameters.
-                reason = str(getattr(exc, "orig", None) or type(exc).__name__)[:200]
-                raise AuditError(f"audit append to stream {stream!r} failed, nothing recorded: {reason}") from exc
-        raise AuditError(f"audit append to stream {stream!r} failed after {self.max_retries} seq conflicts")
-
-    def _insert_next(self, conn: Connection, stream: str, fields: dict[str, Any], data_text: str) -> AuditRecord:
-        ev = audit_events.c
-        head = conn.execute(
-            select(ev.seq, ev.hash, ev.ts).where(ev.stream == stream).order_by(ev.seq.desc()).limit(1)
-        ).first()
-        now = utc_now_ts()
-        # Timestamps never go backwards in a stream (a clock step back is absorbed), so a time
-        # range always selects a contiguous run of seqs.
-        ts = now if head is None or now >= head.ts else head.ts
-        body = {"stream": stream, "seq": 1 if head is None else head.seq + 1, "ts": ts, **fields,
-                "prev_hash": genesis_hash(stream) if head is None else head.hash}
-        record = AuditRecord(**body, hash=compute_record_hash(body))
-        conn.execute(insert(audit_events).values(**{**record.to_dict(), "data": data_text}))
-        return record
+        pending = Pending(stream, fields, data_text)
+        self.writer.submit(pending)
+        return pending
 
     def checkpoint(self, stream: str | None = None) -> list[Checkpoint]:
-        """Sign the head of ``stream`` (every stream when ``None``) and store the checkpoints.
+        """Sign the head of ``stream`` and of ``_all`` (every tree that is not signed at its head
+        when ``None``) and return the new checkpoints.
 
-        The chain since each stream's previous checkpoint is verified first: a head is never
-        signed over a broken chain. Streams that verify are signed even if another fails; the
-        first failure is then raised as ``AuditIntegrityError``.
+        What is signed is re-checked first, from each tree's newest checkpoint: a head is never
+        signed over a record that no longer hashes to what was written. Trees that check are
+        signed even if another fails; the first failure is then raised as ``AuditIntegrityError``.
         """
-        signed: list[Checkpoint] = []
-        failures: list[AuditIntegrityError] = []
-        try:
-            with self._lock, self.engine.connect() as conn:
-                conn.execution_options(**{WRITE_OPTION: True})
-                with conn.begin():
-                    names = [validate_stream(stream)] if stream is not None else stream_names(conn)
-                    for name in names:
-                        try:
-                            cp = checkpoint_stream(conn, self.keys, name)
-                        except AuditIntegrityError as exc:
-                            failures.append(exc)
-                            continue
-                        if cp is not None:
-                            signed.append(cp)
-        except SQLAlchemyError as exc:
-            raise AuditError(f"audit checkpoint failed, nothing signed: {type(exc).__name__}") from exc
-        if failures:
-            raise failures[0]
-        return signed
+        request = CheckpointRequest(None if stream is None else validate_stream(stream))
+        self.writer.submit(request)
+        return request.future.result()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -190,18 +159,19 @@ class AuditLog:
             raise AuditError(f"audit query of stream {stream!r} failed: {type(exc).__name__}") from exc
 
     def checkpoints(self, stream: str) -> list[Checkpoint]:
-        """Stored checkpoints of ``stream``, oldest first (signatures not checked here)."""
+        """Stored checkpoints of tree ``stream`` (or ``_all``), oldest first (signatures not checked here)."""
         with self.engine.connect() as conn, conn.begin():
-            return load_checkpoints(conn, validate_stream(stream))
+            return load_checkpoints(conn, stream if stream == GLOBAL_TREE else validate_stream(stream))
 
     def streams(self) -> list[str]:
         with self.engine.connect() as conn, conn.begin():
             return stream_names(conn, include_checkpointed=True)
 
-    def verify(self, stream: str | None = None) -> ChainReport:
-        """Walk every chain (or one) from genesis against the signed checkpoints. A value: it
-        never raises for tampering (``report.raise_for_failure()`` does)."""
-        return verify_database(self.engine, self.keys.public_key, stream)
+    def verify(self, stream: str | None = None, *, unsigned_grace_s: float | None = None) -> ChainReport:
+        """Walk every chain and tree (or one stream's) from genesis against the signed checkpoints.
+        A value: it never raises for tampering (``report.raise_for_failure()`` does).
+        ``unsigned_grace_s``: records older than this that no checkpoint covers fail (``None``: off)."""
+        return verify_database(self.engine, self.keys.public_key, stream, unsigned_grace_s=unsigned_grace_s)
 
     def public_key_pem(self) -> bytes:
         return self.keys.public_key_pem()
@@ -209,6 +179,8 @@ class AuditLog:
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Commit what is queued, sign what grew (when checkpoints are automatic), release the database."""
+        self.writer.close()
         self.engine.dispose()
 
     def __enter__(self) -> AuditLog:

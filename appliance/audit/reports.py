@@ -47,11 +47,12 @@ class ChainReport:
 
     @property
     def streams_checked(self) -> int:
-        return len(self.streams)
+        return sum(1 for s in self.streams if s.stream != "_all")
 
     @property
     def records_checked(self) -> int:
-        return sum(s.records for s in self.streams)
+        """Records walked (each once, although it is a leaf of its stream's tree and of ``_all``)."""
+        return sum(s.records for s in self.streams if s.stream != "_all")
 
     @property
     def first_failure(self) -> ChainFailure | None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
@@ -50,10 +52,59 @@ audit_events = Table(
     Column("data", Text, nullable=False),  # canonical JSON text
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # Position in the appliance-wide Merkle tree ("_all"); NULL only in a log written before
+    # the trees existed, until the writer adopts those records at its first append.
+    Column("gidx", BigInteger, nullable=True),
+    # When retention removed the record's body (``data`` then holds ``{}``): the hash, the chain
+    # links and the tree leaf stay, so the log still verifies.
+    Column("pruned_at", String(32), nullable=True),
     UniqueConstraint("stream", "seq", name="uq_audit_events_stream_seq"),
     Index("ix_audit_events_stream_ts", "stream", "ts"),
+    Index("uq_audit_events_gidx", "gidx", unique=True),
 )
 
+# Complete aligned subtrees of every tree, from level 1 up (leaves are the events themselves):
+# (tree, level, idx) is the hash of leaves [idx * 2**level, (idx + 1) * 2**level). Every root and
+# proof is folded from these (see merkle.py).
+audit_tree_nodes = Table(
+    "audit_tree_nodes",
+    metadata,
+    Column("tree", String(128), primary_key=True),
+    Column("level", Integer, primary_key=True, autoincrement=False),
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", LargeBinary(32), nullable=False),
+)
+
+# Signed checkpoints: one C2SP signed note per (tree, size), ``note`` holding its exact text.
+audit_tree_checkpoints = Table(
+    "audit_tree_checkpoints",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("tree", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("ts", String(32), nullable=False),  # when it was signed (not itself signed)
+    Column("key_id", String(64), nullable=False),
+    Column("note", Text, nullable=False),
+    Index("ix_audit_tree_checkpoints_tree_size", "tree", "size"),
+)
+
+# Witness cosignatures (C2SP tlog-cosignature lines) on a stored checkpoint.
+audit_cosignatures = Table(
+    "audit_cosignatures",
+    metadata,
+    Column("id", _id_type, primary_key=True, autoincrement=True),
+    Column("tree", String(128), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("witness", String(256), nullable=False),
+    Column("line", Text, nullable=False),
+    Column("ts", String(32), nullable=False),
+    Index("ix_audit_cosignatures_tree_size", "tree", "size"),
+)
+
+# Version 1 checkpoints (signed JSON heads of the hash chains), kept and still checked in a log
+# upgraded from version 1; nothing writes them any more.
 audit_checkpoints = Table(
     "audit_checkpoints",
     metadata,
@@ -90,7 +141,20 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0, create: bool = True) 
         engine = create_engine(url, pool_pre_ping=True)
     if create:
         metadata.create_all(engine)
+        _upgrade_v1(engine)
     return engine
+
+
+def _upgrade_v1(engine: Engine) -> None:
+    """Add the version 2 columns to an ``audit_events`` table created by version 1."""
+    columns = {c["name"] for c in inspect(engine).get_columns("audit_events")}
+    with engine.begin() as conn:
+        for name in ("gidx", "pruned_at"):
+            if name not in columns:
+                kind = "BIGINT" if name == "gidx" else "VARCHAR(32)"
+                conn.exec_driver_sql(f"ALTER TABLE audit_events ADD COLUMN {name} {kind}")
+        if "gidx" not in columns:
+            conn.exec_driver_sql("CREATE UNIQUE INDEX IF NOT EXISTS uq_audit_events_gidx ON audit_events (gidx)")
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
