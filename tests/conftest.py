@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,26 @@ def _test_machine_keeps_its_network() -> Iterator[None]:
         subprocess.run(["nft", "delete", "table", "inet", "sovereign_egress"], capture_output=True, timeout=30)
         pytest.fail("a test enforced the egress firewall (table inet sovereign_egress) on the test machine itself: "
                     "test inventories must say firewall: {mode: render}; the table was removed")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """Admin URL of a real PostgreSQL server (tests/pg.py): ``$SOVEREIGN_TEST_POSTGRES_URL`` (``.ci/run``
+    sets it), else a throwaway cluster started for this session; skips when neither is possible."""
+    from tests.pg import PostgresUnavailable, postgres_server
+
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_server())
+        except PostgresUnavailable as exc:
+            pytest.skip(f"no PostgreSQL server for this test: {exc}")
+        yield url
+
+
+@pytest.fixture
+def postgres_db_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, empty database on that server for one test (``postgresql+psycopg://...``), dropped after."""
+    from tests.pg import fresh_database
+
+    with fresh_database(postgres_url) as url:
+        yield url

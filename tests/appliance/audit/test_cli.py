@@ -15,11 +15,11 @@ from .conftest import fill, raw_sql
 runner = CliRunner()
 
 
-def test_verify_export_and_verify_export_commands(audit_log: AuditLog, db_path: Path, key_path: Path,
+def test_verify_export_and_verify_export_commands(audit_log: AuditLog, audit_url: str, key_path: Path,
                                                    tmp_path: Path) -> None:
     fill(audit_log, "acme", 3)
     fill(audit_log, "globex", 2)
-    db = f"sqlite:///{db_path}"
+    db = audit_url
     result = runner.invoke(app, ["verify", "--db", db, "--key", str(key_path)])
     assert result.exit_code == 0, result.output
     assert "acme" in result.output and "globex" in result.output
@@ -38,19 +38,20 @@ def test_verify_export_and_verify_export_commands(audit_log: AuditLog, db_path: 
     report = json.loads(result.output)
     assert report["ok"] and report["count"] == 3 and len(report["checks"]) == 11
 
-    raw_sql(db_path, "DELETE FROM audit_events WHERE stream = 'globex' AND seq = 1")
+    raw_sql(audit_url, "DELETE FROM audit_events WHERE stream = 'globex' AND seq = 1")
     result = runner.invoke(app, ["verify", "--db", db, "--public-key", str(pem), "--json"])
     assert result.exit_code == 1
     failure = json.loads(result.output)["first_failure"]
     assert (failure["stream"], failure["seq"], failure["check"]) == ("globex", 1, "seq")
 
 
-def test_verify_export_exits_1_on_tampering(audit_log: AuditLog, key_path: Path, tmp_path: Path) -> None:
+def test_verify_export_exits_1_on_tampering(audit_log: AuditLog, audit_url: str, key_path: Path,
+                                            tmp_path: Path) -> None:
     fill(audit_log, "acme", 2)
     out = tmp_path / "acme.tar"
     pem = tmp_path / "audit.pem"
     pem.write_bytes(audit_log.public_key_pem())
-    assert runner.invoke(app, ["export", "--db", str(audit_log.engine.url), "--key", str(key_path),
+    assert runner.invoke(app, ["export", "--db", audit_url, "--key", str(key_path),
                                "--tenant", "acme", "--out", str(out)]).exit_code == 0
     data = bytearray(out.read_bytes())
     data[data.index(b'"seq":2')+6] = ord("3")  # edit a record inside the tar

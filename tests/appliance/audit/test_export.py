@@ -207,13 +207,12 @@ def test_empty_period_exports_and_verifies(audit_log: AuditLog, tmp_path: Path) 
     assert report.ok and report.count == 0
 
 
-def test_export_refuses_a_broken_chain_and_existing_files(audit_log: AuditLog, db_path: Path,
-                                                         tmp_path: Path) -> None:
+def test_export_refuses_a_broken_chain_and_existing_files(audit_log: AuditLog, tmp_path: Path) -> None:
     fill(audit_log, "acme", 3)
     export_stream(audit_log, "acme", None, None, tmp_path / "a.tar")
     with pytest.raises(AuditError, match="existing"):
         export_stream(audit_log, "acme", None, None, tmp_path / "a.tar")
-    raw_sql(db_path, "UPDATE audit_events SET actor = 'x' WHERE seq = 2")
+    raw_sql(audit_log, "UPDATE audit_events SET actor = 'x' WHERE seq = 2")
     with pytest.raises(AuditIntegrityError) as info:
         export_stream(audit_log, "acme", None, None, tmp_path / "b.tar")
     assert info.value.seq == 2 and not (tmp_path / "b.tar").exists()
