@@ -72,7 +72,8 @@ class Checkpoint:
         if body.origin != origin:
             return f"origin {origin}, found origin {body.origin}"
         if (body.size, body.root.hex()) != (self.size, self.root):
-            return f"size {self.size} and root {self.root[:16]}... as stored, found {body.size} and {body.root.hex()[:16]}..."
+            return (f"size {self.size} and root {self.root[:16]}... as stored, "
+                    f"found {body.size} and {body.root.hex()[:16]}...")
         if not note.signed_by(log_verifier(public_key)):
             return "a valid Ed25519 note signature by the audit key, found none"
         return None

@@ -147,7 +147,7 @@ class SignedNote:
 
     def with_signature(self, sig: NoteSignature) -> SignedNote:
         kept = tuple(s for s in self.signatures if (s.name, s.key_id) != (sig.name, sig.key_id))
-        return SignedNote(self.body, kept + (sig,))
+        return SignedNote(self.body, (*kept, sig))
 
     @classmethod
     def parse(cls, text: str) -> SignedNote:
@@ -166,7 +166,8 @@ class SignedNote:
             except binascii.Error:
                 raise NoteError(f"signature line of {parts[1]!r}: expected base64, found {parts[2][:40]!r}") from None
             if len(blob) < 5:
-                raise NoteError(f"signature line of {parts[1]!r}: expected key id and signature, found {len(blob)} bytes")
+                raise NoteError(f"signature line of {parts[1]!r}: expected key id and signature, "
+                                f"found {len(blob)} bytes")
             signatures.append(NoteSignature(parts[1], blob))
         if not signatures:
             raise NoteError("signed note: expected at least one signature line, found none")

@@ -313,7 +313,8 @@ class GroupWriter:
             prev = record.hash
             frontier.append(record_leaf(record.hash))
         if frontier.size != state.size or frontier.root() != state.frontier.root():
-            return AuditIntegrityError(None, name, f"{state.size} records with root {state.frontier.root().hex()[:16]}...",
+            held = state.frontier.root().hex()[:16]
+            return AuditIntegrityError(None, name, f"{state.size} records with root {held}...",
                                        f"{frontier.size} records with root {frontier.root().hex()[:16]}...",
                                        check="tree")
         return None

@@ -41,7 +41,7 @@ def path(m: int, d: list[bytes]) -> list[bytes]:  # 2.1.3.1
     if len(d) == 1:
         return []
     k = _k(len(d))
-    return path(m, d[:k]) + [mth(d[k:])] if m < k else path(m - k, d[k:]) + [mth(d[:k])]
+    return [*path(m, d[:k]), mth(d[k:])] if m < k else [*path(m - k, d[k:]), mth(d[:k])]
 
 
 def subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:  # 2.1.4.1
@@ -49,8 +49,8 @@ def subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:  # 2.1.4.1
         return [] if b else [mth(d)]
     k = _k(len(d))
     if m <= k:
-        return subproof(m, d[:k], b) + [mth(d[k:])]
-    return subproof(m - k, d[k:], False) + [mth(d[:k])]
+        return [*subproof(m, d[:k], b), mth(d[k:])]
+    return [*subproof(m - k, d[k:], False), mth(d[:k])]
 
 
 DATA = [f"record {i}".encode() for i in range(70)]
@@ -101,7 +101,7 @@ def test_consistency_proofs_match_and_verify() -> None:
             assert proof == (subproof(old, DATA[:new], True) if old < new else [])
             assert verify_consistency(old, new, mth(DATA[:old]), new_root, proof)
             # a different old tree of the same size is not consistent with the new one
-            forged_old = mth([b"forged"] + DATA[1:old])
+            forged_old = mth([b"forged", *DATA[1:old]])
             assert not verify_consistency(old, new, forged_old, new_root, proof)
             if proof:
                 assert not verify_consistency(old, new, mth(DATA[:old]), new_root, proof[:-1])
