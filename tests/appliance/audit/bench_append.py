@@ -23,6 +23,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from appliance.audit import AuditLog
@@ -93,24 +94,31 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=64)
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--dir", type=Path, default=None, help="where the databases go (default: a temp dir)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the log on a throwaway PostgreSQL (tests/pg.py) instead of SQLite")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, ExitStack() as stack:
         root = Path(tmp)
         per_event = bare(root / "bare1.db", min(args.events, 3000), per_event=True)
         one_tx = bare(root / "bare2.db", args.events, per_event=False)
-        log = AuditLog(f"sqlite:///{root / 'audit.db'}", root / "audit.key")
+        url = f"sqlite:///{root / 'audit.db'}"
+        if args.postgres:
+            from tests.pg import fresh_database, postgres_server
+
+            url = stack.enter_context(fresh_database(stack.enter_context(postgres_server())))
+        log = AuditLog(url, root / "audit.key")
         try:
             threaded = threads(log, args.writers, args.events)
             batches_t, events_t = log.writer.batches, log.writer.events
             awaited = tasks(log, args.writers, args.events)
         finally:
             log.close()
-        verify_log = AuditLog(f"sqlite:///{root / 'audit.db'}", root / "audit.key", create=False)
+        verify_log = AuditLog(url, root / "audit.key", create=False)
         start = time.perf_counter()
         report = verify_log.verify()
         verify_s = time.perf_counter() - start
         verify_log.close()
-        print(f"writers={args.writers} events={args.events}")
+        print(f"writers={args.writers} events={args.events} log on {url.split(':')[0]}")
         print(f"sqlite3 per-event commit : {per_event:9.0f} events/s")
         print(f"sqlite3 one transaction  : {one_tx:9.0f} events/s (durable only at the end)")
         print(f"AuditLog.append, threads : {threaded:9.0f} events/s "
