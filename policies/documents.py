@@ -10,7 +10,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Annotated
 
-from pydantic import ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic.dataclasses import dataclass
 
 WILDCARD = "*"
@@ -113,8 +113,37 @@ class TenantPolicy:
         return any(fnmatchcase(model, pattern) for pattern in self.allowed_models)
 
 
+AuditDays = Annotated[StrictInt, Field(ge=1, le=36500)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TenantRetention:
+    """One tenant's exceptions to the retention section; a field left out (``None``) inherits."""
+
+    audit_days: AuditDays | None = None
+    store_content: StrictBool | None = None
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class RetentionPolicy:
-    """How long records are kept, in days."""
+    """How long audit records keep their bodies, and whether request content is stored.
 
-    audit_days: Annotated[StrictInt, Field(ge=1, le=36500)]
+    ``audit_days``: a tenant record older than this many days has its body pruned (its hash,
+    chain link and tree leaf stay). ``store_content``: keep the prompt and output of each
+    completed request in its record, sealed with the tenant's data key (off by default).
+    ``tenants``: per-tenant overrides of either, e.g. ``{"acme": {"audit_days": 30}}``.
+    """
+
+    audit_days: AuditDays
+    store_content: StrictBool = False
+    tenants: dict[Name, TenantRetention] = Field(default_factory=dict)
+
+    def audit_days_for(self, tenant: str) -> int:
+        override = self.tenants.get(tenant)
+        return override.audit_days if override is not None and override.audit_days is not None else self.audit_days
+
+    def stores_content(self, tenant: str) -> bool:
+        override = self.tenants.get(tenant)
+        if override is not None and override.store_content is not None:
+            return override.store_content
+        return self.store_content

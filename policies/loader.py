@@ -7,7 +7,8 @@ read in name order. Each file is a mapping whose keys are sections:
 - ``residency``: name -> {regions, sites, classifications}  (named rules tenants refer to)
 - ``default_tenant``: the template for tenants not listed (required, exactly once)
 - ``tenants``: name -> tenant policy; fields left out are inherited from ``default_tenant``
-- ``retention``: {audit_days} (required, exactly once)
+- ``retention``: {audit_days, store_content, tenants} (required, exactly once; ``tenants`` maps a
+  tenant name to its own ``audit_days`` and/or ``store_content``)
 
 A tenant's ``residency`` is either the name of a rule under ``residency`` or an inline mapping.
 Mapping sections may be spread over files; one name defined twice is an error, as is any
