@@ -114,4 +114,12 @@ def test_sigkill_under_load_loses_no_acknowledged_append(audit_url: str, key_pat
             assert set(acked) <= stored, "an acknowledged append is missing after SIGKILL"
             log.checkpoint()  # what a restart does first: sign the unsigned tail
             assert log.verify(unsigned_grace_s=0).ok
+    # An insider deletes the newest records of a stream after the crash: the checkpoints the
+    # writer signed every 0.2 s (and the restart's) name records that are gone.
+    with AuditLog(audit_url, key_path, checkpoint_every=None) as log:
+        head = log.query("t1")[-1].seq
+        raw_sql(log, "DELETE FROM audit_events WHERE stream = 't1' AND seq > ?", (head - 3,))
+        failures = {s.stream: s.failure for s in log.verify().streams if s.failure is not None}
+        assert failures["t1"] is not None and failures["t1"].check == "truncation"
+        assert GLOBAL_TREE in failures
 
