@@ -8,6 +8,11 @@ registry is synced from it (source ``inventory``) and every node is reached over
 the installer-issued gateway client certificate (ROOT/tls/engine/client.pem). Either way requests
 go through the same router. The engine and the fleet are started and stopped with the gateway's
 lifespan.
+
+Each run has an id (``run_id``, uuid4 hex) carried by ``admin.appliance_started`` / ``stopped`` and
+by every ``accepted`` record, and a run marker in the data directory (``runmarker.py``). The first
+thing a run writes to the audit log is the reconciliation of a previous run that did not stop
+cleanly (``reconcile.py``); the journal import, the admin bootstrap and the node sync come after.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from appliance.fleet import EngineClient, Fleet
 from appliance.journal_import import import_journal
 from appliance.metrics import GatewayMetrics
 from appliance.nodes import INPROCESS, Node, NodeRegistry
+from appliance.policy_audit import record_policy_load
+from appliance.reconcile import begin_run
 from appliance.router import Router
+from appliance.runmarker import RunMarker, marker_path, remove_marker
 from appliance.secrets_store import ensure_secret
 from appliance.service import ChatService
 from appliance.tenancy import TenantStore
@@ -53,6 +61,11 @@ class Runtime:
     usage: UsageStore
     nodes: NodeRegistry
     fleet: Fleet
+    run: RunMarker  # this run's id, pid and start, as written to DATA_DIR/appliance.run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
 
     @classmethod
     def open(cls, root: Path, *, engine_overrides: dict[str, object] | None = None) -> Runtime:
@@ -63,6 +76,21 @@ class Runtime:
         audit = AuditLog(config.db_url, config.audit_key_path)
         tenants = TenantStore(db)
         policies = load_policy_set(config.policies_dir)
+        run = RunMarker.new()
+        # the first records of this run: the reconciliation of a previous one that did not stop cleanly
+        begin_run(audit, lambda: [t.name for t in tenants.list_tenants(include_deleted=True)],
+                  marker_path(config.data_dir), run)
+        try:
+            return cls._build(config, db, audit, tenants, policies, run, engine_overrides)
+        except BaseException:
+            # nothing was served: the next start is no unclean shutdown of this one
+            remove_marker(marker_path(config.data_dir), run)
+            raise
+
+    @classmethod
+    def _build(cls, config: ApplianceConfig, db: sa.Engine, audit: AuditLog, tenants: TenantStore,
+               policies: PolicySet, run: RunMarker, engine_overrides: dict[str, object] | None) -> Runtime:
+        record_policy_load(audit, policies, config.data_dir, run.run_id, "appliance")
         imported = import_journal(config.journal_path, config.data_dir / "journal-import.json", audit)
         if imported:
             log.info("imported %d installer journal entries into the audit log", imported)
@@ -92,9 +120,9 @@ class Runtime:
         disk = DiskGuard(config.data_dir, config.audit_min_free_bytes, on_reading=metrics.audit_free_bytes.set)
         service = ChatService(
             fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
-            usage=usage, disk=disk,
+            usage=usage, disk=disk, run_id=run.run_id,
         )
-        return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet)
+        return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet, run)
 
     async def start(self) -> None:
         if self.engine is not None:
@@ -102,7 +130,8 @@ class Runtime:
         await self.fleet.start()
         self.audit.append("admin.appliance_started", stream="_admin", actor="appliance",
                           data={"version": self.config.version, "bundle_digest": self.config.bundle_digest,
-                                "node": self.config.node.name, "model": self.config.model_name})
+                                "node": self.config.node.name, "model": self.config.model_name,
+                                "run_id": self.run_id, "pid": self.run.pid, "policy_digest": self.policies.digest})
 
     async def stop(self) -> None:
         await self.service.drain()
@@ -111,8 +140,10 @@ class Runtime:
             await self.engine.shutdown()
         self.service.close()
         self.audit.append("admin.appliance_stopped", stream="_admin", actor="appliance",
-                          data={"version": self.config.version})
+                          data={"version": self.config.version, "run_id": self.run_id})
         self.audit.checkpoint()
+        # after the final records: the next start sees a clean stop
+        remove_marker(marker_path(self.config.data_dir), self.run)
         # Close every pooled connection: SQLite then merges its write-ahead log into the database
         # file and removes it, so a backup of data/appliance.db alone holds every record. The
         # pools reopen connections on demand if this runtime is started again.

@@ -98,12 +98,15 @@ def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | No
     protocol), a connection cap, a concurrency cap, a keep-alive timeout and a cap on the size of
     a request head; the app adds the body and request limits."""
     from appliance.gateway import create_app
+    from appliance.gateway.refusal_audit import install as install_refusal_audit
 
     limits = limits or configured_limits(runtime)
     check_port_free(host, port)
     tls = tls_for(runtime, host)
+    app = create_app(runtime, limits=limits)
+    install_refusal_audit(app)  # outermost, so that the edge's own refusals are recorded too
     config = uvicorn.Config(
-        create_app(runtime, limits=limits), host=host, port=port, ssl_certfile=str(tls.cert),
+        app, host=host, port=port, ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10,
         http=deadline_protocol(limits.header_read_timeout_s, limits.max_connections, limits.max_head_bytes),
         # The protocol refuses connections past max_connections first; uvicorn's own cap (a plain-text

@@ -10,13 +10,16 @@ The order is fixed and cheap checks come first, so a refused request costs littl
 4. the router picks a compliant, healthy node (503 when none is up); admission control checks the
    class's TTFT target on that node counting others' queues only up to a fair share; the tenant's
    token rate is reserved;
-5. an ``accepted`` record (node, labels, routing decision) is durable before generation starts.
+5. an ``accepted`` record (node, labels, routing decision, this run's id) is durable before
+   generation starts.
 
 ``run`` then streams from the node. A node that cannot be reached before the first token is
 reported down and the request is routed once more, to another compliant node (audited as
 ``retried``); a node that fails mid-stream ends the request ``failed``, naming it. Every admitted
 request ends with a ``completed``, ``failed`` or ``aborted`` record carrying token counts,
 latency, the node and its labels, and keyed hashes of prompt and output (never their text).
+Every record of a request, refusals included, carries the client's address and user agent
+(``client_info``); a refusal raised here has been recorded (``RequestRejected.recorded``).
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ class _NoBudget:
 
 
 NO_BUDGET = _NoBudget()
-# the HTTP request's x-request-id while it is being admitted (for the records of its refusals)
+# the HTTP request's x-request-id and client while it is being admitted (for the records of its refusals)
 _HTTP_ID: contextvars.ContextVar[str] = contextvars.ContextVar("http_request_id", default="")
+_CLIENT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("http_client", default=None)
 
 
 class RequestRejected(ApplianceError):
@@ -80,6 +84,7 @@ class RequestRejected(ApplianceError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.param = param
+        self.recorded = False  # True once a ``rejected`` record says why (set by ChatService)
 
 
 def short(text: str, limit: int = ECHO_LIMIT) -> str:
@@ -99,6 +104,7 @@ class InferenceSpec:
     prompt: str | None = None
     prefix: str = "chatcmpl"
     http_request_id: str = ""  # the gateway's x-request-id of the HTTP request, kept in its records
+    client: dict[str, str] = field(default_factory=dict)  # client_ip and user_agent (client_info.client_fields)
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Prepared:
     ahead_tokens: int
     prompt_hash: str
     stream: bool
+    client: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     retried_from: list[str] = field(default_factory=list)
     _released: bool = False
@@ -135,8 +142,9 @@ class ChatService:
     def __init__(
         self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
         metrics: GatewayMetrics, usage: UsageStore | None = None, disk: DiskGuard | None = None,
-        default_max_tokens: int = 512, tokenizer_threads: int = 4,
+        default_max_tokens: int = 512, tokenizer_threads: int = 4, run_id: str | None = None,
     ) -> None:
+        self.run_id = run_id or uuid.uuid4().hex  # carried by every ``accepted`` record
         self.usage = usage
         self.disk = disk
         self.fleet = fleet
@@ -166,10 +174,12 @@ class ChatService:
         records, and a guessed prompt cannot be confirmed without the appliance's key."""
         return "hmac-sha256:" + hmac.new(self.cache_salt(tenant).encode(), data, hashlib.sha256).hexdigest()
 
-    async def _audit(self, event_type: str, principal: Principal, request_id: str, data: dict[str, Any]) -> None:
+    async def _audit(self, event_type: str, principal: Principal, request_id: str, data: dict[str, Any],
+                     client: dict[str, str] | None = None) -> None:
+        who = (_CLIENT.get() or {}) if client is None else client
         await asyncio.to_thread(
             self.audit.append, event_type, stream=principal.tenant, actor=f"key:{principal.key_id}",
-            tenant=principal.tenant, request_id=request_id, data=data,
+            tenant=principal.tenant, request_id=request_id, data={**data, **who},
         )
 
     async def _reject(self, principal: Principal, request_id: str, exc: RequestRejected, model: str,
@@ -182,12 +192,14 @@ class ChatService:
         except AuditError as audit_exc:
             raise RequestRejected(503, "audit log unavailable; request refused", "server_error",
                                   "audit_unavailable") from audit_exc
+        exc.recorded = True
         raise exc
 
     # ---- admission ----------------------------------------------------------------------
     async def prepare(self, principal: Principal, spec: InferenceSpec) -> Prepared:
         request_id = f"{spec.prefix}-{uuid.uuid4().hex}"
         _HTTP_ID.set(spec.http_request_id)
+        _CLIENT.set(dict(spec.client))
         tenant = principal.tenant
         policy = self.policies.tenant_policy(tenant)
         low = self.disk.problem() if self.disk is not None else None
@@ -232,7 +244,11 @@ class ChatService:
                 503, f"no node serving {short(model)!r} is up yet; retry later", "server_error",
                 "no_compliant_node_available", retry_after_s=self.router.retry_after_s), model)
             raise AssertionError("unreachable")  # for type checkers: _reject always raises
-        prompt_ids = await self._tokenize(tenant, tokenizer, spec)
+        try:
+            prompt_ids = await self._tokenize(tenant, tokenizer, spec)
+        except RequestRejected as exc:
+            await self._reject(principal, request_id, exc, model)
+            raise AssertionError("unreachable") from None
         if not prompt_ids:
             await self._reject(principal, request_id, RequestRejected(
                 400, "the prompt is empty: expected at least one token", "invalid_request_error", "empty_prompt",
@@ -288,7 +304,7 @@ class ChatService:
                 request_id=request_id, principal=principal, model=model, prompt_ids=prompt_ids, params=params,
                 sla_class=sla.name, priority=sla.priority, deadline=time.time() + sla.deadline_ms / 1000.0,
                 route=route, ticket=rate.ticket, budget=budget, ahead_tokens=admit.ahead_tokens,
-                stream=spec.stream,
+                stream=spec.stream, client=dict(spec.client),
                 prompt_hash=self.keyed_hash(tenant, b"".join(i.to_bytes(4, "little") for i in prompt_ids)),
             )
             await self._audit("accepted", principal, request_id, {
@@ -296,7 +312,8 @@ class ChatService:
                 "region": route.handle.node.labels.get("region", ""), "routing": route.decision(),
                 "sla_class": sla.name, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
                 "stream": spec.stream, "prompt_hash": prep.prompt_hash, "x_request_id": spec.http_request_id,
-            })
+                "run_id": self.run_id,
+            }, prep.client)
         except BaseException as exc:
             self.admission.release(*release)
             if release_rate:
@@ -360,7 +377,7 @@ class ChatService:
                 self.admission.try_admit(prep.route.node, tenant, prep.priority, len(prep.prompt_ids), 10**9)
                 await self._audit("retried", prep.principal, prep.request_id, {
                     "failed_node": node, "error": f"{type(exc).__name__}"[:100], "node": prep.route.node,
-                    "routing": prep.route.decision()})
+                    "routing": prep.route.decision()}, prep.client)
 
     async def run(self, prep: Prepared, outcome: Outcome) -> AsyncIterator[tuple[str, str | None]]:
         """Yield ``(text delta, finish_reason)`` pairs; audits the end however it comes. The first
@@ -441,6 +458,7 @@ class ChatService:
             "completion_tokens": outcome.completion_tokens, "finish_reason": outcome.finish_reason,
             "ttft_ms": None if first_at is None else round((first_at - start) * 1000, 3),
             "latency_ms": round(elapsed * 1000, 3), "output_hash": self.keyed_hash(tenant, outcome.text.encode()),
+            **prep.client,
         }
         if prep.retried_from:
             data["retried_from"] = list(prep.retried_from)

@@ -6,7 +6,8 @@
 - Refusals are answered here, in the OpenAI envelope, without reading the body: 401
   ``missing_api_key`` / ``invalid_api_key`` / ``expired_api_key`` (with ``WWW-Authenticate:
   Bearer``), 403 ``tenant_disabled`` / ``admin_disabled`` / ``insufficient_scope`` (naming the scope
-  the route needs). Each is audited, bounded per client address (``auth_audit``).
+  the route needs). Each is audited with the client's address and user agent, bounded per client
+  address (``auth_audit``), and the request is marked recorded (``refusal_audit.mark_recorded``).
 - An accepted key is put in the request's state: ``principal`` (tenant, a ``Principal``) or
   ``admin`` (an ``AdminPrincipal``), and ``key_id``; ``deps.py`` reads them from there.
 - ``last_used_at`` is written at most once a minute per key, in a worker thread.
@@ -31,7 +32,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.admins import ADMIN_KEY_FILE, bootstrap_admins
 from appliance.apikeys import KeyCache, KeyCheck, LastUsed, split_key
+from appliance.client_info import client_fields
 from appliance.gateway.auth_audit import AuthFailureAudit, failure_event
+from appliance.gateway.refusal_audit import mark_recorded
 from appliance.openai_schema import error_body
 from appliance.principal import AdminPrincipal, Principal
 
@@ -168,10 +171,12 @@ class AuthMiddleware:
 
     async def _refuse(self, scope: Scope, send: Send, runtime: Any, failures: AuthFailureAudit, check: KeyCheck,
                       status: int, type_: str, code: str, message: str) -> None:
-        client = (scope.get("client") or ("unknown", 0))[0]
+        who = client_fields(scope)
+        client = who["client_ip"]
         write, summary = failures.admit(client)
         event = failure_event(code, check.key_id, client, scope.get("method", ""), scope.get("path", ""),
-                              tenant=check.tenant, admin=check.admin) if write else None
+                              tenant=check.tenant, admin=check.admin, user_agent=who["user_agent"]) if write else None
+        mark_recorded(scope)  # written, or counted in the window's summary
         if event is not None or summary is not None:
             await asyncio.to_thread(AuthFailureAudit.write, runtime.audit, event, summary)
         body = json.dumps(error_body(message, type_, code, None)).encode()

@@ -1,12 +1,14 @@
 """Failed authentications as audit events, bounded so that a flood of bad keys cannot fill the disk.
 
 Each failure is one ``admin.auth_failed`` record on the ``_admin`` stream (reason code, the key id
-when the presented key was well-formed, client address, method and path; never the key's secret)
+when the presented key was well-formed, client address and user agent, method and path; never the
+key's secret)
 while its client address has written fewer than ``per_client`` records in the current minute and
 all clients fewer than ``total``. Failures beyond that are only counted; when the minute is over
 (checked on the next request of any kind) one ``admin.auth_failed_summary`` record holds the
 number suppressed, per client address for the ``TOP_CLIENTS`` busiest. At most
-``total + 1`` records per minute whatever arrives.
+``total + 1`` records per minute whatever arrives. The same bounds serve other records of
+unauthenticated clients (``refusal_audit``), with their own event types (``write_bounded``).
 """
 
 from __future__ import annotations
@@ -78,21 +80,35 @@ class AuthFailureAudit:
     def write(audit: AuditLog, event: dict[str, Any] | None, summary: dict[str, Any] | None) -> None:
         """Append the records (call in a worker thread). An audit failure is logged, never raised:
         the caller answers 401/403 either way."""
-        try:
-            if summary is not None:
-                audit.append("admin.auth_failed_summary", stream="_admin", actor="gateway", data=summary)
-            if event is not None:
-                key_id = event.get("key_id")
-                audit.append("admin.auth_failed", stream="_admin", actor=f"key:{key_id}" if key_id else "anonymous",
-                             tenant=event.get("tenant"), data={k: v for k, v in event.items() if k != "tenant"})
-        except AuditError as exc:
-            log.error("could not audit a failed authentication: %s", exc)
+        write_bounded(audit, "admin.auth_failed", "admin.auth_failed_summary", event, summary)
+
+
+def write_bounded(audit: AuditLog, event_type: str, summary_type: str, event: dict[str, Any] | None,
+                  summary: dict[str, Any] | None) -> None:
+    """Append a window's summary and/or one event to ``_admin`` (call in a worker thread). The
+    event's ``key_id`` names the actor (``anonymous`` without one); its ``tenant`` becomes the
+    record's tenant. An audit failure is logged, never raised: the client is answered either way."""
+    try:
+        if summary is not None:
+            audit.append(summary_type, stream="_admin", actor="gateway", data=summary)
+        if event is not None:
+            key_id = event.get("key_id")
+            audit.append(event_type, stream="_admin", actor=f"key:{key_id}" if key_id else "anonymous",
+                         tenant=event.get("tenant"), data={k: v for k, v in event.items() if k != "tenant"})
+    except AuditError as exc:
+        log.error("could not audit %s: %s", event_type, exc)
+
+
+def short_path(path: str) -> str:
+    return path if len(path) <= MAX_PATH else path[:MAX_PATH] + "…"
 
 
 def failure_event(reason: str, key_id: str | None, client: str, method: str, path: str,
-                  tenant: str | None = None, admin: str | None = None) -> dict[str, Any]:
-    event: dict[str, Any] = {"reason": reason, "key_id": key_id, "client": client, "method": method[:16],
-                             "path": path if len(path) <= MAX_PATH else path[:MAX_PATH] + "…"}
+                  tenant: str | None = None, admin: str | None = None, user_agent: str = "") -> dict[str, Any]:
+    # "client" is the field's first name, kept for readers of older records; "client_ip" is the
+    # name every request record uses
+    event: dict[str, Any] = {"reason": reason, "key_id": key_id, "client": client, "client_ip": client,
+                             "user_agent": user_agent, "method": method[:16], "path": short_path(path)}
     if tenant is not None:
         event["tenant"] = tenant
     if admin is not None:

@@ -4,7 +4,8 @@
 A request is admitted and its first token obtained before any response starts, so every refusal,
 a prompt the node rejects, or no reachable node, is an HTTP error with the OpenAI envelope; once
 streaming, a failure is an ``error`` event with a ``code``. A non-streaming request whose client
-disconnects is aborted on its node and audited ``aborted``.
+disconnects is aborted on its node and audited ``aborted``. Every record of a request carries the
+client's address and user agent (``client_info.client_fields``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from appliance.client_info import client_fields
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
+from appliance.gateway.refusal_audit import mark_recorded
 from appliance.openai_completions import CompletionRequest
 from appliance.openai_schema import ChatCompletionRequest
 from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
@@ -125,7 +128,13 @@ async def _sse(stream: AsyncIterator[tuple[str, str | None]], first: tuple[str, 
 
 async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep, spec: InferenceSpec,
                  include_usage: bool, chat: bool) -> JSONResponse | StreamingResponse:
-    prep = await runtime.service.prepare(principal, spec)
+    try:
+        prep = await runtime.service.prepare(principal, spec)
+    except RequestRejected as exc:
+        if exc.recorded:
+            mark_recorded(request.state)
+        raise
+    mark_recorded(request.state)  # admitted: whatever happens now ends in its completed/failed/aborted record
     outcome = Outcome()
     stream = runtime.service.run(prep, outcome)
     # x-request-id stays the gateway's id of this HTTP request (as OpenAI's does); the completion's
@@ -188,7 +197,8 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     spec = InferenceSpec(model=body.model, max_tokens=body.requested_max_tokens(0) or None,
                          sampling=_sampling(body), stream=body.stream, messages=body.template_messages(),
-                         http_request_id=str(getattr(request.state, "request_id", "")))
+                         http_request_id=str(getattr(request.state, "request_id", "")),
+                         client=client_fields(request.scope))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(request, runtime, principal, spec, include_usage, chat=True)
 
@@ -199,6 +209,7 @@ async def completions(
 ) -> JSONResponse | StreamingResponse:
     spec = InferenceSpec(model=body.model, max_tokens=body.max_tokens, sampling=_sampling(body), stream=body.stream,
                          prompt=body.prompt_text(), prefix="cmpl",
-                         http_request_id=str(getattr(request.state, "request_id", "")))
+                         http_request_id=str(getattr(request.state, "request_id", "")),
+                         client=client_fields(request.scope))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _serve(request, runtime, principal, spec, include_usage, chat=False)
