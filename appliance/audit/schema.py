@@ -27,12 +27,15 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 # Execution option a connection carries when it will append; see ``make_engine``.
 WRITE_OPTION = "audit_write"
+# pg_advisory_lock key held while an opener creates or upgrades the tables (PostgreSQL).
+SCHEMA_LOCK_KEY = 0x50A7_A0D0
 
 metadata = MetaData()
 
@@ -138,11 +141,30 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0, create: bool = True) 
             engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
         _configure_sqlite(engine, busy_timeout_s)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        # lock_timeout: like SQLite's busy timeout, a writer stuck behind another's lock fails
+        # (closed, nothing recorded) after busy_timeout_s instead of waiting forever.
+        engine = create_engine(url, pool_pre_ping=True,
+                               connect_args={"options": f"-c lock_timeout={int(busy_timeout_s * 1000)}"})
+        if create:
+            _create_postgresql(engine)
+            return engine
     if create:
         metadata.create_all(engine)
         _upgrade_v1(engine)
     return engine
+
+
+def _create_postgresql(engine: Engine) -> None:
+    """Create and upgrade the tables one opener at a time: gateways starting together on a new
+    database would otherwise race to CREATE TABLE (a duplicate type row, IntegrityError)."""
+    with engine.connect() as lock_conn:
+        lock_conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+        try:
+            metadata.create_all(engine)
+            _upgrade_v1(engine)
+        finally:
+            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+            lock_conn.commit()
 
 
 def _upgrade_v1(engine: Engine) -> None:
