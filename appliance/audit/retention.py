@@ -26,6 +26,7 @@ prune (they carry its ``pruned_at``), then plans afresh.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -175,7 +176,7 @@ class Pruner:
         run_id = "prune-" + uuid.uuid4().hex[:12]
         pruned_at = format_ts(self._now())
         facts = {"run_id": run_id, "first_seq": int(first), "last_seq": int(last), "cutoff": cutoff,
-                 "audit_days": days, "policy_digest": digest}
+                 "audit_days": days, "policy_digest": digest, "pruned_at": pruned_at}
         with self.engine.begin() as conn:
             conn.execute(audit_prune_runs.insert().values(
                 id=run_id, tenant=tenant, first_seq=first, last_seq=last, cutoff=cutoff, policy_digest=digest,
@@ -186,7 +187,7 @@ class Pruner:
         while end < int(last) and time.monotonic() < deadline:
             start, end = end + 1, min(end + self.batch_size, int(last))
             count += self._prune_batch(tenant, start, end, cutoff, pruned_at)
-        done = {**facts, "last_seq": end, "count": count, "pruned_at": pruned_at}
+        done = {**facts, "last_seq": end, "count": count}
         self._finish(run_id, tenant, done)
         return TenantPrune(tenant, days, cutoff, count, int(first), end, held, run_id,
                            complete=end == int(last) and planned == total)
@@ -234,3 +235,29 @@ def _pruned_by(conn: Connection, run: Any) -> tuple[int, int | None]:
     row = conn.execute(select(func.count(), func.max(ev.seq)).where(
         ev.stream == run.tenant, ev.seq >= run.first_seq, ev.seq <= run.last_seq, ev.pruned_at == run.pruned_at)).one()
     return int(row[0] or 0), None if row[1] is None else int(row[1])
+
+
+def unaccounted_prunes(log: AuditLog, *, limit: int = 10) -> list[str]:
+    """Pruned records that no signed ``admin.audit_prune_started`` accounts for (same tenant,
+    seq inside its range, same ``pruned_at``): a body erased behind the log's back. The chain
+    walk cannot see this (a pruned record's hash is not recomputed); this check can."""
+    ev = audit_events.c
+    ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    problems: list[str] = []
+    with log.engine.connect() as conn:
+        intents = conn.execute(select(ev.tenant, ev.data).where(
+            ev.stream == ADMIN_STREAM, ev.event_type == "admin.audit_prune_started")).all()
+        for intent in intents:
+            data = json.loads(intent.data)
+            key = (str(intent.tenant), str(data.get("pruned_at")))
+            ranges.setdefault(key, []).append((int(data["first_seq"]), int(data["last_seq"])))
+        pruned = conn.execute(select(ev.stream, ev.seq, ev.pruned_at).where(ev.pruned_at.is_not(None))
+                              .order_by(ev.stream, ev.seq))
+        for row in pruned.yield_per(5000):
+            spans = ranges.get((row.stream, row.pruned_at), [])
+            if not any(a <= row.seq <= b for a, b in spans):
+                problems.append(f"{row.stream} seq {row.seq}: expected a signed admin.audit_prune_started "
+                                f"covering it (pruned_at {row.pruned_at}), found none")
+                if len(problems) >= limit:
+                    break
+    return problems
