@@ -90,6 +90,21 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class AuditAnchorSettings:
+    """``audit:`` keys for anchors off the box (appliance/audit/anchoring.py); all off when absent."""
+
+    publish_dir: Path | None = None  # every signed checkpoint is written here as a C2SP note file
+    witness_url: str | None = None  # http(s)://host:port of a tlog-witness (loopback or LAN)
+    witness_key: str | None = None  # the witness's verifier key, name+id+base64
+    witness_interval_s: float = 10.0  # at most one submission per tree this often
+    witness_timeout_s: float = 10.0
+    witness_streams: bool = False  # also each tenant stream's tree, not only the appliance-wide _all
+    witness_ca: Path | None = None  # CA of the witness's TLS certificate (https)
+    witness_client_cert: Path | None = None  # client certificate and key for mutual TLS
+    witness_client_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     root: Path
     version: str
@@ -105,6 +120,7 @@ class ApplianceConfig:
     fleet: FleetSettings = field(default_factory=FleetSettings)
     edge: Any = None  # appliance.gateway.edge.EdgeLimits from gateway.limits (defaults when absent)
     audit_min_free_bytes: int = 256 << 20  # below this free space in data/ requests are refused (503)
+    audit_anchors: AuditAnchorSettings = field(default_factory=AuditAnchorSettings)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -187,6 +203,7 @@ def load_config(root: Path) -> ApplianceConfig:
         fleet=_fleet(doc.get("fleet") or {}, path),
         edge=_edge(gateway.get("limits"), path),
         audit_min_free_bytes=_min_free(doc.get("audit") or {}, path),
+        audit_anchors=_audit_anchors(doc.get("audit") or {}, path),
     )
 
 
@@ -201,13 +218,49 @@ def _edge(doc: Any, path: Path) -> Any:
         raise ConfigError(f"{path}: gateway.limits: {exc}") from None
 
 
+_AUDIT_PATHS = ("publish_dir", "witness_ca", "witness_client_cert", "witness_client_key")
+_AUDIT_KEYS = {"min_free_bytes", "witness_url", "witness_key", "witness_interval_s", "witness_timeout_s",
+               "witness_streams", *_AUDIT_PATHS}
+
+
 def _min_free(doc: Any, path: Path) -> int:
-    if not isinstance(doc, dict) or set(doc) - {"min_free_bytes"}:
-        raise ConfigError(f"{path}: audit must be a mapping of min_free_bytes; found {doc!r}")
+    if not isinstance(doc, dict) or set(doc) - _AUDIT_KEYS:
+        raise ConfigError(f"{path}: audit must be a mapping of {', '.join(sorted(_AUDIT_KEYS))}; found {doc!r}")
     value = doc.get("min_free_bytes", 256 << 20)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{path}: audit.min_free_bytes must be an integer >= 0, found {value!r}")
     return value
+
+
+def _audit_anchors(doc: dict[str, Any], path: Path) -> AuditAnchorSettings:
+    values: dict[str, Any] = {}
+    for name in _AUDIT_PATHS:
+        given = doc.get(name)
+        if given is not None and not (isinstance(given, str) and given.startswith("/")):
+            raise ConfigError(f"{path}: audit.{name} must be an absolute path, found {given!r}")
+        values[name] = None if given is None else Path(given)
+    for name in ("witness_interval_s", "witness_timeout_s"):
+        seconds = doc.get(name, 10.0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 86400:
+            raise ConfigError(f"{path}: audit.{name} must be a number of seconds in (0, 86400], found {seconds!r}")
+        values[name] = float(seconds)
+    streams = doc.get("witness_streams", False)
+    if not isinstance(streams, bool):
+        raise ConfigError(f"{path}: audit.witness_streams must be true or false, found {streams!r}")
+    url, key = doc.get("witness_url"), doc.get("witness_key")
+    for name, value in (("witness_url", url), ("witness_key", key)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{path}: audit.{name} must be a non-empty string, found {value!r}")
+    if (url is None) != (key is None):
+        raise ConfigError(f"{path}: audit.witness_url and audit.witness_key go together (a cosignature is only "
+                          f"worth keeping once checked with the witness's key); found only "
+                          f"{'witness_url' if key is None else 'witness_key'}")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: audit.witness_url must be http://host:port or https://host:port, found {url!r}")
+    if (values["witness_client_cert"] is None) != (values["witness_client_key"] is None):
+        raise ConfigError(f"{path}: audit.witness_client_cert and audit.witness_client_key go together, found one")
+    return AuditAnchorSettings(witness_url=url, witness_key=None if key is None else key.strip(),
+                               witness_streams=streams, **values)
 
 
 def _str_list(value: Any, where: str, path: Path) -> tuple[str, ...]:
