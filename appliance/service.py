@@ -177,8 +177,8 @@ class ChatService:
     async def _audit(self, event_type: str, principal: Principal, request_id: str, data: dict[str, Any],
                      client: dict[str, str] | None = None) -> None:
         who = (_CLIENT.get() or {}) if client is None else client
-        await asyncio.to_thread(
-            self.audit.append, event_type, stream=principal.tenant, actor=f"key:{principal.key_id}",
+        await self.audit.append_async(
+            event_type, stream=principal.tenant, actor=f"key:{principal.key_id}",
             tenant=principal.tenant, request_id=request_id, data={**data, **who},
         )
 
@@ -467,18 +467,23 @@ class ChatService:
         used = (outcome.prompt_tokens or len(prep.prompt_ids)) + outcome.completion_tokens
         self.limiter.settle(prep.ticket, used)
 
-        def append() -> None:
+        def settle() -> None:
             if prep.budget is not None and self.usage is not None:
                 self.usage.settle(tenant, prep.budget, used)
             elif self.usage is not None:  # no budget to hold: counted once, here (for /v1/usage)
                 self.usage.reserve(tenant, used, NO_BUDGET)
-            self.audit.append(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
-                              request_id=prep.request_id, data=data)
 
-        # In a worker thread. A cancelled request (client gone) may be cancelled again at every await
-        # here (anyio's cancel scopes re-deliver), so its record is written by a task of its own that
-        # no cancellation reaches; every other record is durable before the client's final chunk.
-        write = self._background(asyncio.to_thread(append))
+        async def append() -> None:
+            if self.usage is not None:
+                await asyncio.to_thread(settle)
+            await self.audit.append_async(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
+                                          request_id=prep.request_id, data=data)
+
+        # The usage in a worker thread, the record through the log's group commit. A cancelled request
+        # (client gone) may be cancelled again at every await here (anyio's cancel scopes re-deliver), so
+        # its record is written by a task of its own that no cancellation reaches; every other record is
+        # durable before the client's final chunk.
+        write = self._background(append())
         if status != "aborted":
             await asyncio.shield(write)
 

@@ -8,14 +8,18 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 
 from appliance.apikeys import parse_duration, parse_expiry
+from appliance.client_info import client_fields
 from appliance.errors import TenancyError
 from appliance.gateway.deps import AdminDep, RuntimeDep
+from appliance.gateway.export_audit import export_recorded
+from appliance.gateway.self_service import when
 from appliance.principal import AdminPrincipal
 from appliance.service import RequestRejected
 
@@ -207,9 +211,27 @@ def disable_admin(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, 
 
 
 @router.get("/audit/verify")
-async def verify_audit(runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+async def verify_audit(request: Request, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
+    """Verify the whole log; the verification and its verdict are recorded (``admin.audit_verified``)."""
     report = await asyncio.to_thread(runtime.audit.verify)
+    await asyncio.to_thread(_audit, runtime, admin, "audit_verified", {
+        "ok": report.ok, "streams_checked": report.streams_checked, "records_checked": report.records_checked,
+        "failed_streams": [s.stream for s in report.streams if not s.ok][:50], "via": "admin api",
+        **client_fields(request.scope)})
     return {"ok": report.ok, "report": repr(report)}
+
+
+@router.get("/audit/export", response_model=None)
+async def export_audit(request: Request, runtime: RuntimeDep, admin: AdminDep, stream: str,
+                       since: str | None = None, until: str | None = None) -> FileResponse:
+    """One stream's records for a period (any tenant's, or ``_admin``), as the signed tar that
+    ``appliance audit export`` writes; recorded as ``admin.audit_exported`` under the admin's name."""
+    lower, upper = when("since", since), when("until", until)
+    made = await export_recorded(runtime, stream, lower, upper, actor=admin.actor,
+                                 tenant=None if stream == "_admin" else stream, via="admin api",
+                                 client={**client_fields(request.scope), "by_key_id": admin.key_id})
+    return FileResponse(made.path, media_type="application/x-tar", filename=made.path.name,
+                        background=BackgroundTask(made.cleanup))
 
 
 @router.get("/metrics")

@@ -121,11 +121,11 @@ class RefusalAuditMiddleware:
         principal, admin = state.get("principal"), state.get("admin")
         try:
             if isinstance(principal, Principal):
-                await asyncio.to_thread(runtime.audit.append, "rejected", stream=principal.tenant,
-                                        actor=f"key:{principal.key_id}", tenant=principal.tenant, data=data)
+                await runtime.audit.append_async("rejected", stream=principal.tenant, actor=f"key:{principal.key_id}",
+                                                 tenant=principal.tenant, data=data)
             elif isinstance(admin, AdminPrincipal):
-                await asyncio.to_thread(runtime.audit.append, "admin.request_refused", stream="_admin",
-                                        actor=admin.actor, data={**data, "key_id": admin.key_id})
+                await runtime.audit.append_async("admin.request_refused", stream="_admin", actor=admin.actor,
+                                                 data={**data, "key_id": admin.key_id})
             else:
                 write, summary = bounds.admit(who["client_ip"])
                 event = {**data, "claimed_key_id": claimed_key_id(scope)} if write else None

@@ -5,23 +5,23 @@ today and this month (UTC), its limits from policy and what is left. ``/v1/audit
 ``audit:read``): the tenant's own audit records for a period as the signed tar that
 ``appliance audit export`` writes (verify it offline with ``appliance audit verify-export``). The
 stream is the key's tenant, never a parameter, so no key can reach another tenant's records. The
-export itself is an audit event on the ``_admin`` stream.
+export itself is an audit event on the ``_admin`` stream (``admin.audit_exported``: who, stream,
+period, record count, format, client address and user agent; ``export_audit.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from appliance.audit import AuditError, AuditIntegrityError, export_stream
+from appliance.client_info import client_fields
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
+from appliance.gateway.export_audit import export_recorded
 from appliance.service import RequestRejected
 from appliance.usage import UsageStore
 
@@ -44,7 +44,8 @@ async def usage(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     return {"object": "usage", "tenant": principal.tenant, "day": day.to_dict(), "month": month.to_dict()}
 
 
-def _when(name: str, value: str | None) -> str | None:
+def when(name: str, value: str | None) -> str | None:
+    """A period bound given as a query parameter, in UTC; a 400 naming the parameter otherwise."""
     if value is None:
         return None
     try:
@@ -60,31 +61,10 @@ def _when(name: str, value: str | None) -> str | None:
 
 
 @router.get("/audit/export", response_model=None)
-async def audit_export(runtime: RuntimeDep, principal: PrincipalDep, since: str | None = None,
+async def audit_export(request: Request, runtime: RuntimeDep, principal: PrincipalDep, since: str | None = None,
                        until: str | None = None) -> FileResponse:
-    lower, upper = _when("since", since), _when("until", until)
-    workdir = Path(tempfile.mkdtemp(prefix="tenant-export-", dir=runtime.config.data_dir))
-    out = workdir / f"audit-{principal.tenant}.tar"
-
-    def cleanup() -> None:
-        out.unlink(missing_ok=True)
-        workdir.rmdir()
-
-    try:
-        await asyncio.to_thread(export_stream, runtime.audit, principal.tenant, lower, upper, out)
-        await asyncio.to_thread(
-            runtime.audit.append, "admin.audit_exported", stream="_admin", actor=f"key:{principal.key_id}",
-            tenant=principal.tenant, data={"stream": principal.tenant, "since": lower, "until": upper,
-                                           "via": "tenant api"})
-    except AuditIntegrityError as exc:
-        cleanup()
-        raise RequestRejected(500, "the audit log does not verify; an admin must look at it before anything is "
-                              "exported", "server_error", "audit_integrity") from exc
-    except AuditError as exc:
-        cleanup()
-        raise RequestRejected(400, f"audit export refused: {str(exc)[:200]}", "invalid_request_error",
-                              "invalid_request") from exc
-    except BaseException:
-        cleanup()
-        raise
-    return FileResponse(out, media_type="application/x-tar", filename=out.name, background=BackgroundTask(cleanup))
+    lower, upper = when("since", since), when("until", until)
+    made = await export_recorded(runtime, principal.tenant, lower, upper, actor=f"key:{principal.key_id}",
+                                 tenant=principal.tenant, via="tenant api", client=client_fields(request.scope))
+    return FileResponse(made.path, media_type="application/x-tar", filename=made.path.name,
+                        background=BackgroundTask(made.cleanup))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
@@ -26,17 +25,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from appliance.audit import AuditLog, AuditRecord
 from appliance.db import open_database
 from appliance.runmarker import read_marker
 from appliance.tenancy import TenantStore
-from policies import default_policy_dir
+from tests.appliance.runtime_root import MODEL, lay_out_root
 from tests.appliance.support import BIN, free_port, interrupt, tls_ctx, wait_healthy
 
 pytestmark = pytest.mark.slow
-MODEL = "SmolLM2-135M-Instruct"
 KILLS = 10  # the number
 STREAMS_PER_TENANT = 2
 TENANTS = ("acme", "beta")
@@ -51,20 +48,6 @@ class Seen:
     finished: set[str] = field(default_factory=set)
     started: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _lay_out_root(root: Path, model_dir: Path) -> Path:
-    release = root / "releases" / "1.0.0"
-    shutil.copytree(default_policy_dir(), release / "policies")
-    (release / "appliance.yaml").write_text(yaml.safe_dump({
-        "version": "1.0.0", "bundle_digest": "sha256:test",
-        "model": {"name": MODEL, "path": str(model_dir)}, "policies_dir": str(release / "policies"),
-        "node": {"name": "node-a", "labels": {"region": "eu-test", "site": "lab", "classification": "internal"}},
-        "gateway": {"host": "127.0.0.1", "port": 8443},
-        "engine": {"device": "cpu", "dtype": "float32", "max_num_seqs": 8},
-    }))
-    (root / "current").symlink_to(release)
-    return root
 
 
 def _keys(root: Path) -> dict[str, str]:
@@ -134,7 +117,7 @@ def _all_records(root: Path) -> list[AuditRecord]:
 def test_kill_minus_nine_under_load_ten_times(tmp_path: Path, model_dir: Path) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    root = _lay_out_root(tmp_path / "root", model_dir)
+    root = lay_out_root(tmp_path / "root", model_dir)
     keys = _keys(root)
     port = free_port()
     url, ca, log = f"https://localhost:{port}", root / "tls" / "ca.pem", tmp_path / "gateway.log"
