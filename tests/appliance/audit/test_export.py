@@ -1,7 +1,12 @@
-"""Export a tenant's records and verify them offline; every tamper case fails a named check."""
+"""Export a tenant's records and verify them offline; every tamper case fails a named check.
+
+Version 2 exports also carry the stream's signed checkpoint, the range proof (tree edge plus a
+consistency proof) and C2SP tlog-proof files: each of those, tampered with, fails its own check.
+"""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -12,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import AuditError, AuditIntegrityError, AuditKeys, AuditLog, export_stream, verify_export
+from appliance.audit.checkpoint import sign_checkpoint
+from appliance.audit.proofs import verify_proof
 from appliance.audit.record import compute_record_hash
 
 from .conftest import fill, raw_sql
 
-MEMBERS = ("records.jsonl", "manifest.json", "manifest.sig")
+FIRST_PROOF, LAST_PROOF = f"proofs/{1:020d}.tlog-proof", f"proofs/{6:020d}.tlog-proof"
 
 
 @pytest.fixture
@@ -34,8 +41,9 @@ def exported(audit_log: AuditLog, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _read(tar: Path) -> dict[str, bytes]:
+    """Every member, in tar order (dicts keep it, and _write writes it back the same way)."""
     with tarfile.open(tar) as t:
-        return {name: t.extractfile(name).read() for name in MEMBERS}  # type: ignore[union-attr]
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}  # type: ignore[union-attr]
 
 
 def _write(tar: Path, members: dict[str, bytes]) -> None:
@@ -67,10 +75,16 @@ def test_round_trip_verifies_offline(exported: tuple[Path, Path]) -> None:
     tar, pem = exported
     report = verify_export(tar, pem)
     assert report.ok, report.to_dict()
-    assert [c.number for c in report.checks] == list(range(1, 12))
+    assert [c.number for c in report.checks] == list(range(1, 15))
     assert (report.stream, report.count, report.first_seq, report.last_seq) == ("acme", 6, 1, 6)
-    manifest = json.loads(_read(tar)["manifest.json"])
-    assert manifest["checkpoint"]["seq"] == 6 and manifest["anchor_prev_hash"] is not None
+    members = _read(tar)
+    assert list(members) == ["records.jsonl", "checkpoint", FIRST_PROOF, LAST_PROOF, "manifest.json", "manifest.sig"]
+    manifest = json.loads(members["manifest.json"])
+    assert manifest["checkpoint"]["size"] == 6 and manifest["anchor_prev_hash"] is not None
+    assert manifest["checkpoint"]["note"] == members["checkpoint"].decode()
+    assert manifest["tree_edge"] == [] and manifest["consistency_proof"] == []  # the whole tree, at its head
+    assert manifest["proofs"] == {"mode": "ends", "count": 2}
+    assert {c.name for c in report.checks} >= {"checkpoint note", "range proof", "proof files", "format file"}
 
 
 def test_export_holds_only_the_tenants_own_records(exported: tuple[Path, Path]) -> None:
@@ -94,7 +108,8 @@ def test_edited_record(exported: tuple[Path, Path]) -> None:
         return records
     _edit_records(exported[0], edit)
     failed = _failed(*exported)
-    assert set(failed) == {"records digest", "record chain"}  # the signed head at seq 6 is untouched
+    # the leaves are the stored hashes, so the range proof and the end proofs still hold
+    assert set(failed) == {"records digest", "record chain"}
     assert failed["record chain"].seq == 3 and failed["record chain"].detail.startswith("seq 3: hash")  # type: ignore[attr-defined]
 
 
@@ -110,13 +125,14 @@ def test_edited_record_with_rehashed_chain_still_fails_the_digest(exported: tupl
     _edit_records(exported[0], edit)
     failed = _failed(*exported)
     assert "records digest" in failed and "record chain" not in failed
-    assert "checkpoint" in failed and "range and anchor" in failed  # the signed head no longer matches
+    # new hashes are new leaves: the signed tree no longer holds them
+    assert {"range and anchor", "range proof", "proof files"} <= set(failed)
 
 
 def test_deleted_record(exported: tuple[Path, Path]) -> None:
     _edit_records(exported[0], lambda rs: rs[:3] + rs[4:])
     failed = _failed(*exported)
-    assert {"records digest", "record count", "record chain"} <= set(failed)
+    assert {"records digest", "record count", "record chain", "range proof"} <= set(failed)
     chain = failed["record chain"]
     assert (chain.seq, chain.expected, chain.found) == (4, "seq 4", "seq 5")  # type: ignore[attr-defined]
 
@@ -141,7 +157,7 @@ def test_inserted_record(exported: tuple[Path, Path]) -> None:
 def test_truncated_tail(exported: tuple[Path, Path]) -> None:
     _edit_records(exported[0], lambda rs: rs[:4])
     failed = _failed(*exported)
-    assert {"records digest", "record count", "range and anchor", "checkpoint"} <= set(failed)
+    assert {"records digest", "record count", "range and anchor", "range proof", "proof files"} <= set(failed)
     assert "record chain" not in failed
 
 
@@ -174,6 +190,8 @@ def test_extra_or_missing_member_is_refused(exported: tuple[Path, Path]) -> None
     report = verify_export(*exported)
     assert report.first_failure is not None and report.first_failure.number == 1
     assert "missing" in report.first_failure.detail
+    _write(exported[0], {("proofs/7.tlog-proof" if k == LAST_PROOF else k): v for k, v in members.items()})
+    assert "proofs/7.tlog-proof" in verify_export(*exported).first_failure.detail  # type: ignore[union-attr]
 
 
 def test_garbage_file_and_bad_key_file_are_reported_not_raised(exported: tuple[Path, Path], tmp_path: Path) -> None:
@@ -195,7 +213,9 @@ def test_period_selects_a_contiguous_slice(audit_log: AuditLog, tmp_path: Path) 
     assert report.ok, report.to_dict()
     expected = [r.seq for r in records if records[1].ts <= r.ts < records[4].ts]
     assert (report.first_seq, report.last_seq) == (expected[0], expected[-1])
-    assert json.loads(_read(tar)["manifest.json"])["anchor_prev_hash"] == records[expected[0] - 2].hash
+    manifest = json.loads(_read(tar)["manifest.json"])
+    assert manifest["anchor_prev_hash"] == records[expected[0] - 2].hash
+    assert manifest["tree_edge"] and manifest["consistency_proof"]  # a slice is proven inside the bigger tree
 
 
 def test_empty_period_exports_and_verifies(audit_log: AuditLog, tmp_path: Path) -> None:
@@ -205,6 +225,7 @@ def test_empty_period_exports_and_verifies(audit_log: AuditLog, tmp_path: Path) 
     pem.write_bytes(audit_log.public_key_pem())
     report = verify_export(tar, pem)
     assert report.ok and report.count == 0
+    assert not [name for name in _read(tar) if name.startswith("proofs/")]
 
 
 def test_export_refuses_a_broken_chain_and_existing_files(audit_log: AuditLog, tmp_path: Path) -> None:
@@ -216,3 +237,99 @@ def test_export_refuses_a_broken_chain_and_existing_files(audit_log: AuditLog, t
     with pytest.raises(AuditIntegrityError) as info:
         export_stream(audit_log, "acme", None, None, tmp_path / "b.tar")
     assert info.value.seq == 2 and not (tmp_path / "b.tar").exists()
+
+
+def test_edited_checkpoint_note(exported: tuple[Path, Path]) -> None:
+    members = _read(exported[0])
+    note = members["checkpoint"].decode()
+    lines = note.split("\n")
+    lines[1] = "7"  # claim a bigger tree
+    members["checkpoint"] = "\n".join(lines).encode()
+    _write(exported[0], members)
+    failed = _failed(*exported)
+    assert set(failed) == {"checkpoint note", "range proof", "proof files"}
+    assert "another text" in failed["checkpoint note"].detail  # type: ignore[attr-defined]
+
+
+def test_checkpoint_of_another_key_is_refused(audit_log: AuditLog, tmp_path: Path, key_path: Path) -> None:
+    """A manifest re-signed by the key that also signed a forged checkpoint still names the wrong origin."""
+    fill(audit_log, "acme", 2)
+    tar = export_stream(audit_log, "acme", None, None, tmp_path / "a.tar")
+    other = AuditKeys(tmp_path / "other.key")
+    members = _read(tar)
+    manifest = json.loads(members["manifest.json"])
+    forged = sign_checkpoint(other, tree="acme", size=2, root=bytes.fromhex(manifest["checkpoint"]["root"]),
+                             ts=manifest["checkpoint"]["ts"])
+    manifest["checkpoint"] = forged.to_dict()
+    manifest["key_id"] = other.key_id
+    members["checkpoint"] = forged.note.encode()
+    members["manifest.json"] = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    members["manifest.sig"] = other.sign(members["manifest.json"]).encode()
+    _write(tar, members)
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    failed = _failed(tar, pem)
+    assert {"manifest signature", "manifest schema", "checkpoint note"} <= set(failed)
+
+
+def test_tampered_or_missing_proof_file(exported: tuple[Path, Path]) -> None:
+    members = _read(exported[0])
+    text = members[LAST_PROOF].decode().split("\n")
+    index_line = next(i for i, line in enumerate(text) if line.startswith("index "))
+    text[index_line + 1] = base64.b64encode(b"\x00" * 32).decode()  # one sibling hash replaced
+    _write(exported[0], {**members, LAST_PROOF: "\n".join(text).encode()})
+    failed = _failed(*exported)
+    assert set(failed) == {"proof files"} and failed["proof files"].seq == 6  # type: ignore[attr-defined]
+    _write(exported[0], {k: v for k, v in members.items() if k != FIRST_PROOF})
+    failed = _failed(*exported)
+    assert set(failed) == {"proof files"} and "found 1" in failed["proof files"].detail  # type: ignore[attr-defined]
+
+
+def test_pruned_records_export_and_verify(audit_log: AuditLog, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 5)
+    pruned_at = "2026-01-02T03:04:05.000006Z"
+    assert raw_sql(audit_log, "UPDATE audit_events SET data = '{}', pruned_at = ? WHERE stream = 'acme' "
+                   "AND seq IN (2, 3)", (pruned_at,)) == 2
+    assert audit_log.verify("acme").ok
+    tar = export_stream(audit_log, "acme", None, None, tmp_path / "p.tar", proofs="all")
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    report = verify_export(tar, pem)
+    assert report.ok, report.to_dict()
+    assert report.extra["pruned"] == 2
+    records = [json.loads(line) for line in _read(tar)["records.jsonl"].splitlines()]
+    assert [r.get("pruned_at") for r in records] == [None, pruned_at, pruned_at, None, None]
+    assert records[1]["data"] == {} and "pruned_at" not in records[0]
+
+    def unprune(rs: list[dict[str, object]]) -> list[dict[str, object]]:
+        rs[1]["data"] = {"model": "restored"}  # a body slipped back under a pruned hash
+        return rs
+    _edit_records(tar, unprune)
+    failed = _failed(tar, pem)
+    assert failed["record chain"].seq == 2  # type: ignore[attr-defined]
+
+
+def test_proofs_all_gives_one_verified_proof_per_record(audit_log: AuditLog, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 9)
+    records = audit_log.query("acme")
+    tar = export_stream(audit_log, "acme", records[2].ts, None, tmp_path / "all.tar", proofs="all")
+    members = _read(tar)
+    proofs = [name for name in members if name.startswith("proofs/")]
+    assert proofs == [f"proofs/{seq:020d}.tlog-proof" for seq in range(3, 10)]
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    report = verify_export(tar, pem)
+    assert report.ok, report.to_dict()
+    assert "7 tlog-proof files verify" in report.checks[12].detail
+    for name in proofs:  # each also stands alone
+        proven = verify_proof(members[name].decode(), audit_log.keys.public_key, tree="acme")
+        assert proven.record.seq == int(name[7:27])
+
+
+def test_bad_format_and_proof_mode_are_refused(audit_log: AuditLog, tmp_path: Path) -> None:
+    fill(audit_log, "acme", 1)
+    with pytest.raises(AuditError, match="format: expected one of"):
+        export_stream(audit_log, "acme", None, None, tmp_path / "x.tar", fmt="xml")
+    with pytest.raises(AuditError, match="proofs: expected one of"):
+        export_stream(audit_log, "acme", None, None, tmp_path / "x.tar", proofs="some")
+    assert not (tmp_path / "x.tar").exists()
