@@ -53,6 +53,10 @@ class HoldError(AuditError):
     """A hold could not be added or released; the message says what was expected."""
 
 
+class HoldReleasedError(HoldError):
+    """The hold was released already."""
+
+
 @dataclass(frozen=True)
 class Hold:
     id: str
@@ -130,7 +134,7 @@ class HoldStore:
     def release(self, hold_id: str, *, actor: str) -> Hold:
         hold = self.get(hold_id)
         if not hold.active:
-            raise HoldError(f"legal hold {hold_id}: expected an active hold, found one released on "
+            raise HoldReleasedError(f"legal hold {hold_id}: expected an active hold, found one released on "
                             f"{hold.released_at} by {hold.released_by}")
         self.log.append("admin.audit_hold_released", stream=ADMIN_STREAM, actor=actor, tenant=hold.tenant,
                         data={"hold_id": hold.id, "since": hold.since, "until": hold.until})

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from appliance.audit.content import MASTER_KEY_FILE, ContentError, ContentSealer, ContentShreddedError
 from appliance.audit.errors import AuditError
-from appliance.audit.holds import HoldError, HoldStore
+from appliance.audit.holds import HoldReleasedError, HoldStore
 from appliance.audit.log import AuditLog
 from appliance.audit.record import ADMIN_STREAM, AuditRecord
 from appliance.audit.retention import Pruner
@@ -65,20 +65,24 @@ def _open(root: Path) -> Iterator[_Opened]:
         log.close()
 
 
+def _stderr() -> Console:
+    return Console(stderr=True, soft_wrap=True)  # a message stays on one line for scripts
+
+
 def _print(console: Console, as_json: bool, obj: Any, human: Any) -> None:
     if as_json:
         console.out(json.dumps(obj, indent=2, sort_keys=True), highlight=False)
     else:
-        console.print(human, highlight=False)
+        console.print(human, highlight=False, markup=False, soft_wrap=isinstance(human, str))
 
 
 def _error(err: Console, what: str, exc: Exception) -> int:
     err.print(f"audit {what}: {exc}", markup=False, highlight=False)
-    return EXIT_REFUSED if isinstance(exc, ContentShreddedError | HoldError) else EXIT_ERROR
+    return EXIT_REFUSED if isinstance(exc, ContentShreddedError | HoldReleasedError) else EXIT_ERROR
 
 
 def run_prune(root: Path, *, dry_run: bool = False, as_json: bool = False, console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     try:
         from policies import load_policy_set
 
@@ -100,7 +104,7 @@ def run_prune(root: Path, *, dry_run: bool = False, as_json: bool = False, conso
 
 def run_hold_add(root: Path, *, tenant: str, reason: str, since: str | None = None, until: str | None = None,
                  as_json: bool = False, console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     try:
         with _open(root) as opened:
             hold = HoldStore(opened.log).add(tenant, reason=reason, since=since, until=until, actor=cli_actor())
@@ -112,7 +116,7 @@ def run_hold_add(root: Path, *, tenant: str, reason: str, since: str | None = No
 
 def run_hold_list(root: Path, *, tenant: str | None = None, include_released: bool = False,
                   as_json: bool = False, console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     try:
         with _open(root) as opened:
             holds = HoldStore(opened.log).list(tenant, include_released=include_released)
@@ -129,7 +133,7 @@ def run_hold_list(root: Path, *, tenant: str | None = None, include_released: bo
 
 
 def run_hold_release(root: Path, hold_id: str, *, as_json: bool = False, console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     try:
         with _open(root) as opened:
             hold = HoldStore(opened.log).release(hold_id, actor=cli_actor())
@@ -140,7 +144,7 @@ def run_hold_release(root: Path, hold_id: str, *, as_json: bool = False, console
 
 
 def run_shred(root: Path, *, tenant: str, yes: bool, as_json: bool = False, console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     if not yes:
         err.print(f"audit shred: destroys tenant {tenant!r}'s data keys, making its stored content unreadable for "
                   "good; expected --yes to confirm, found none", markup=False, highlight=False)
@@ -158,7 +162,7 @@ def run_shred(root: Path, *, tenant: str, yes: bool, as_json: bool = False, cons
 
 def run_show_content(root: Path, *, tenant: str, request_id: str, as_json: bool = False,
                      console: Console | None = None) -> int:
-    out, err = console or Console(), Console(stderr=True)
+    out, err = console or Console(), _stderr()
     try:
         with _open(root) as opened:
             shown = _open_content(opened, tenant, request_id)
