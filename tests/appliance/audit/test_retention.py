@@ -22,7 +22,7 @@ from appliance.audit.content import MASTER_KEY_FILE, ContentSealer
 from appliance.audit.holds import HoldError, HoldStore
 from appliance.audit.retention import Pruner, unaccounted_prunes
 from appliance.audit.retention_cli import retention_app
-from policies import PolicySet, default_policy_dir, load_policy_set
+from policies import PolicySet, PolicyValidationError, default_policy_dir, load_policy_set
 from tests.appliance.audit.conftest import fill, raw_sql, sql_rows
 
 ACTOR = "cli:tester"
@@ -322,3 +322,16 @@ def test_shred_and_show_content_commands(tmp_path: Path) -> None:
         assert log.verify().ok
     finally:
         log.close()
+
+
+def test_retention_policy_overrides_and_bad_sections(tmp_path: Path) -> None:
+    assert load_policy_set().retention.stores_content("anyone") is False  # shipped files stay valid, content off
+    ps = policies(tmp_path, {"audit_days": 90, "store_content": True,
+                             "tenants": {"acme": {"audit_days": 7}, "globex": {"store_content": False}}})
+    assert [ps.retention.audit_days_for(t) for t in ("acme", "globex", "initech")] == [7, 90, 90]
+    assert [ps.retention.stores_content(t) for t in ("acme", "globex", "initech")] == [True, False, True]
+    with pytest.raises(PolicyValidationError) as caught:
+        policies(tmp_path, {"audit_days": 90, "store_content": "yes", "tenants": {"acme": {"audit_days": 0}}})
+    found = sorted(str(p).split(": ", 1)[1] for p in caught.value.problems)
+    assert found == ["retention.store_content: expected a valid boolean, found 'yes'",
+                     "retention.tenants.acme.audit_days: expected greater than or equal to 1, found 0"]
