@@ -13,14 +13,15 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .bundle_models import ModelInput, manifest_entry, plan_models
 from .errors import BuildError
 from .hashing import DEFAULT_CHUNK_BYTES, ChunkHashes, RangeJob, default_workers, file_opener, hash_ranges, spans
 from .layout import MANIFEST, MIN_CHUNK_BYTES, SBOM, metadata_member, target_member
-from .model_meta import read_model_info
 from .progress import NullProgress, ProgressSink
 from .report import TargetInfo
 from .sbom import build_sbom
@@ -118,8 +119,9 @@ def build_bundle(
     version: str,
     expires: datetime,
     *,
-    model_dir: Path | None,
+    model_dir: Path | None = None,
     policies_dir: Path | None,
+    model_dirs: Sequence[Path] = (),
     playbooks_dir: Path | None = None,
     wheelhouse: Path | None = None,
     name: str = "sovereign-appliance",
@@ -133,6 +135,8 @@ def build_bundle(
     """Write a signed, deterministic bundle tar; return its path.
 
     ``out`` is the .tar path, or a directory that receives ``<name>-<version>.tar``.
+    ``model_dir`` and then ``model_dirs`` are the models it carries; the first is the release's
+    default model, under ``model/``, every further one under ``models/<name>/`` (bundle_models.py).
     ``base_manifest`` (the manifest.json of a release already installed) makes a delta bundle:
     targets.json still lists every file, but files with the same path, length and sha256 as in
     the base are left out of the tar; the verifier then reads them from the base release.
@@ -155,9 +159,10 @@ def build_bundle(
     if tuf_version < 1:
         raise ValueError(f"metadata_version must be >= 1, got {tuf_version}")
 
+    models = plan_models([*([model_dir] if model_dir is not None else []), *model_dirs])
     files: list[SourceFile] = []
-    for root, prefix in ((model_dir, "model"), (policies_dir, "policies"), (playbooks_dir, "playbooks"),
-                         (wheelhouse, "wheels")):
+    for root, prefix in ([(m.source, m.prefix) for m in models]
+                         + [(policies_dir, "policies"), (playbooks_dir, "playbooks"), (wheelhouse, "wheels")]):
         if root is not None:
             files += collect_tree(Path(root), prefix)
     if not files:
@@ -173,8 +178,6 @@ def build_bundle(
         omitted = _unchanged(infos, Path(base_manifest))
         targets.update({p: infos[p] for p in omitted})
         chunks.update({p: cand_chunks[p] for p in omitted if p in cand_chunks})
-    info = read_model_info(Path(model_dir)) if model_dir is not None else {}
-    model_name = str(info.get("name") or Path(model_dir).name) if model_dir is not None else None
 
     bundle = _bundle_path(Path(out), name, version)
     bundle.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +196,7 @@ def build_bundle(
                     if chunked is not None:
                         chunks[f.target] = chunked
                 progress.end()
-                generated = _generated(targets, name, version, created, model_dir, model_name, info, base_manifest,
-                                       omitted)
+                generated = _generated(targets, name, version, created, models, base_manifest, omitted)
                 for path, data in generated.items():
                     tar.add_bytes(target_member(path), data)
                     targets[path] = TargetInfo(len(data), hashlib.sha256(data).hexdigest())
@@ -211,12 +213,14 @@ def build_bundle(
     return bundle
 
 
-def _generated(targets: dict[str, TargetInfo], name: str, version: str, created: datetime, model_dir: Path | None,
-               model_name: str | None, info: dict[str, Any], base_manifest: Path | None,
-               omitted: list[str]) -> dict[str, bytes]:
-    """targets sbom.cdx.json, then manifest.json (which lists the SBOM among its contents)."""
-    sbom = build_sbom(name=name, version=version, created=created, targets=targets, model_name=model_name,
-                      model_license=str(info.get("license", "NOASSERTION")))
+def _generated(targets: dict[str, TargetInfo], name: str, version: str, created: datetime, models: list[ModelInput],
+               base_manifest: Path | None, omitted: list[str]) -> dict[str, bytes]:
+    """targets sbom.cdx.json, then manifest.json (which lists the SBOM among its contents).
+
+    The manifest's ``model`` is the default model as bundles with one model always had it (files
+    relative to model/); ``models`` lists every model, default first, with its path in the bundle."""
+    sbom = build_sbom(name=name, version=version, created=created, targets=targets,
+                      models=[(m.name, m.license, m.prefix) for m in models])
     contents = dict(targets)
     contents[SBOM] = TargetInfo(len(sbom), hashlib.sha256(sbom).hexdigest())
 
@@ -228,8 +232,8 @@ def _generated(targets: dict[str, TargetInfo], name: str, version: str, created:
         "name": name,
         "version": version,
         "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": None if model_dir is None else {"name": model_name, "license": info.get("license", "NOASSERTION"),
-                                                  "source": info.get("source"), "files": section("model")},
+        "model": None if not models else {k: v for k, v in manifest_entry(models[0], contents).items() if k != "path"},
+        "models": [manifest_entry(m, contents) for m in models],
         "policies": section("policies"),
         "playbooks": section("playbooks"),
         "wheels": section("wheels"),

@@ -167,7 +167,8 @@ def build(
     keys: Annotated[Path, typer.Option("--keys", help="Key directory from 'keys init'.")],
     version: Annotated[str, typer.Option("--version", help="Release version, e.g. 0.1.0.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle .tar path or an existing directory.")],
-    model: Annotated[Path | None, typer.Option("--model", help="HF model directory.")] = None,
+    model: Annotated[list[Path] | None, typer.Option(
+        "--model", help="HF model directory (repeatable; the first is the default model).")] = None,
     policies: Annotated[Path | None, typer.Option("--policies")] = None,
     playbooks: Annotated[Path | None, typer.Option("--playbooks")] = None,
     wheelhouse: Annotated[Path | None, typer.Option("--wheelhouse")] = None,
@@ -189,7 +190,7 @@ def build(
     part_bytes = _guard(lambda: parse_size(split_size)) if split_size is not None else None
     with RichProgress(err_console, enabled=not as_json) as progress:
         bundle = _guard(lambda: build_bundle(
-            out, keys, version, when + timedelta(days=expires_days), model_dir=model, policies_dir=policies,
+            out, keys, version, when + timedelta(days=expires_days), model_dirs=model or [], policies_dir=policies,
             playbooks_dir=playbooks, wheelhouse=wheelhouse, name=name, created=when, progress=progress,
             base_manifest=base_manifest, chunk_bytes=chunk_bytes))
     index = None
@@ -342,6 +343,17 @@ def inspect(bundle: Annotated[Path, typer.Argument()], as_json: JsonOpt = False)
         targets.add_row(escape(path), str(size))
     out_console.print(targets)
     manifest = info["manifest"] if isinstance(info["manifest"], dict) else {}
+    models = info["models"]
+    if isinstance(models, dict):
+        out_console.print(f"models: {escape(str(models.get('error')))}", highlight=False)
+    elif models:
+        table = Table(title="models (default first)")
+        for column in ("name", "path", "licence", "files", "bytes"):
+            table.add_column(column, justify="right" if column in ("files", "bytes") else "left")
+        for m in models:
+            table.add_row(escape(m["name"]), escape(m["path"] + "/"), escape(str(m["license"] or "?")),
+                          str(m["files"]), str(m["bytes"]))
+        out_console.print(table)
     out_console.print(f"{escape(str(manifest.get('name', '?')))} {escape(str(manifest.get('version', '?')))}, "
                       f"digest {info['digest']} (unverified)", highlight=False)
     sbom = info["sbom"] or {}
@@ -351,7 +363,7 @@ def inspect(bundle: Annotated[Path, typer.Argument()], as_json: JsonOpt = False)
         models = ", ".join(
             f"{m['name']} ({', '.join(str(x) for x in m['licenses']) or 'no licence'}, {m['files']} files)"
             for m in sbom["models"]) or "none"
-        out_console.print(escape(f"SBOM {sbom['format']}: {sbom['components']} components; model {models}; "
+        out_console.print(escape(f"SBOM {sbom['format']}: {sbom['components']} components; models {models}; "
                                  f"{len(sbom['wheels'])} wheel(s) {', '.join(sbom['wheels'])}"), highlight=False)
 
 

@@ -1,4 +1,4 @@
-"""Inspecting a bundle without trusting it: members, metadata versions, expiry, signers, manifest.
+"""Inspecting a bundle without trusting it: members, metadata versions, expiry, signers, manifest, models.
 
 Nothing here is verified; the output says so. Reads are bounded like the verifier's.
 """
@@ -11,6 +11,7 @@ from typing import Any
 
 from tuf.api.metadata import Metadata
 
+from .bundle_models import models_in_manifest
 from .errors import BundleError
 from .layout import MANIFEST, METADATA_DIR, SBOM, TARGETS_DIR, Limits, target_member
 from .tar_reader import Member, StructureProblem, bundle_digest, read_member, scan_members
@@ -63,6 +64,16 @@ def inspect_bundle(bundle: Path, *, limits: Limits | None = None) -> dict[str, A
         except (StructureProblem, ValueError) as exc:
             manifest = {"error": str(exc)}
     targets = {n[len(TARGETS_DIR):]: m.size for n, m in sorted(members.items()) if n.startswith(TARGETS_DIR)}
+    models: Any = []
+    if isinstance(manifest, dict) and "error" not in manifest:
+        try:
+            licences = {e.get("name"): e.get("license") for e in manifest.get("models") or [manifest.get("model")]
+                        if isinstance(e, dict)}
+            models = [{"name": m.name, "path": m.path, "license": licences.get(m.name), "files": len(m.files),
+                       "bytes": sum(targets.get(f, 0) for f in m.files)}
+                      for m in models_in_manifest(manifest)]
+        except ValueError as exc:
+            models = {"error": str(exc)}
     return {
         "bundle": str(bundle),
         "verified": False,
@@ -72,4 +83,5 @@ def inspect_bundle(bundle: Path, *, limits: Limits | None = None) -> dict[str, A
         "metadata": metadata,
         "targets": targets,
         "manifest": manifest,
+        "models": models,
     }

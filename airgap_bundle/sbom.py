@@ -1,4 +1,4 @@
-"""CycloneDX 1.5 SBOM of a bundle: the model (files, hashes, licence) and every wheel."""
+"""CycloneDX 1.5 SBOM of a bundle: each model (files, hashes, licence) and every wheel."""
 
 from __future__ import annotations
 
@@ -33,34 +33,40 @@ def _license(spdx: str) -> list[dict[str, Any]]:
     return [{"license": {"name": spdx}}]
 
 
+def _model_component(name: str, spdx: str, files: dict[str, TargetInfo]) -> dict[str, Any]:
+    weights = [p for p in files if p.endswith(".safetensors")]
+    model: dict[str, Any] = {
+        "type": "machine-learning-model",
+        "bom-ref": f"model:{name}",
+        "name": name,
+        "licenses": _license(spdx),
+        "components": [
+            {"type": "file", "bom-ref": f"file:{p}", "name": p, "hashes": _hashes(t),
+             "properties": [{"name": "size", "value": str(t.length)}]}
+            for p, t in sorted(files.items())
+        ],
+    }
+    if len(weights) == 1:
+        model["hashes"] = _hashes(files[weights[0]])
+    return model
+
+
 def build_sbom(
     *,
     name: str,
     version: str,
     created: datetime,
     targets: dict[str, TargetInfo],
-    model_name: str | None,
-    model_license: str,
+    models: list[tuple[str, str, str]],
 ) -> bytes:
-    """The SBOM as stable JSON bytes. The serial number is derived from the contents (deterministic)."""
+    """The SBOM as stable JSON bytes: one machine-learning-model component per ``(name, SPDX licence,
+    path prefix in the bundle)`` of ``models``, then the wheels. The serial number is derived from
+    the contents (deterministic)."""
     components: list[dict[str, Any]] = []
-    model_files = {p: t for p, t in targets.items() if p.startswith("model/")}
-    if model_files:
-        weights = [p for p in model_files if p.endswith(".safetensors")]
-        model: dict[str, Any] = {
-            "type": "machine-learning-model",
-            "bom-ref": f"model:{model_name}",
-            "name": model_name or "model",
-            "licenses": _license(model_license),
-            "components": [
-                {"type": "file", "bom-ref": f"file:{p}", "name": p, "hashes": _hashes(t),
-                 "properties": [{"name": "size", "value": str(t.length)}]}
-                for p, t in sorted(model_files.items())
-            ],
-        }
-        if len(weights) == 1:
-            model["hashes"] = _hashes(model_files[weights[0]])
-        components.append(model)
+    for model_name, spdx, prefix in models:
+        files = {p: t for p, t in targets.items() if p.startswith(prefix + "/")}
+        if files:
+            components.append(_model_component(model_name, spdx, files))
     for path, info in sorted(targets.items()):
         if not path.startswith("wheels/"):
             continue
