@@ -139,8 +139,7 @@ class Pruner:
                 result = self._prune_tenant(tenant, days, cutoff, policies.digest, dry_run=dry_run,
                                             budget=budget, deadline=deadline)
                 budget -= result.count
-                if result.count or result.held or not result.complete:
-                    report.tenants.append(result)
+                report.tenants.append(result)
                 if budget <= 0 or time.monotonic() >= deadline:
                     break
         except SQLAlchemyError as exc:

@@ -124,7 +124,7 @@ def run_hold_list(root: Path, *, tenant: str | None = None, include_released: bo
         return _error(err, "hold list", exc)
     table = Table(title=f"Legal holds ({len(holds)})")
     for column in ("Id", "Tenant", "Since", "Until", "Reason", "Added", "Released"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "Reason")
     for h in holds:
         table.add_row(h.id, h.tenant, h.since or "-", h.until or "-", h.reason, f"{h.created_at} {h.created_by}",
                       "-" if h.released_at is None else f"{h.released_at} {h.released_by}")

@@ -69,7 +69,8 @@ def test_prunes_old_tenant_bodies_keeps_hashes_and_the_log_verifies(audit_log: A
 
     report = Pruner(audit_log, ps, actor=ACTOR, batch_size=5, now=lambda: cut + timedelta(days=30)).run_once()
 
-    assert [(t.tenant, t.count, t.first_seq, t.last_seq) for t in report.tenants] == [("acme", 12, 1, 12)]
+    assert [(t.tenant, t.count, t.first_seq, t.last_seq) for t in report.tenants] == [
+        ("acme", 12, 1, 12), ("globex", 0, None, None)]
     after = rows(audit_log, "acme")
     assert [r[3] for r in after] == hashes_before
     assert all(r[1] == "{}" and r[2] is not None for r in after[:12])
@@ -97,7 +98,7 @@ def test_dry_run_changes_nothing_and_a_second_run_has_nothing_to_do(audit_log: A
     assert all(r[2] is None for r in rows(audit_log, "acme")) and not audit_log.query("_admin")
     assert pruner.run_once().pruned == 4
     again = pruner.run_once()
-    assert again.pruned == 0 and again.tenants == []
+    assert again.pruned == 0 and [(t.tenant, t.count, t.run_id) for t in again.tenants] == [("acme", 0, None)]
     assert len(admin_events(audit_log, "admin.audit_pruned")) == 1
 
 
