@@ -76,8 +76,9 @@ def merge_notes(existing: str, new: str, where: str) -> str:
                              f"{old_note.body.splitlines()[1:3]}, found a different one "
                              f"{new_note.body.splitlines()[1:3]} for the same size (split view); not replaced")
     merged = old_note
-    for sig in new_note.signatures:
-        merged = merged.with_signature(sig)
+    for sig in new_note.signatures:  # a signer already on the file keeps its line
+        if not any((s.name, s.key_id) == (sig.name, sig.key_id) for s in merged.signatures):
+            merged = merged.with_signature(sig)
     return merged.text()
 
 
@@ -164,6 +165,12 @@ class CheckpointPublisher:
 
     def start(self) -> None:
         self.submit([])
+
+    @property
+    def pending(self) -> int:
+        """Notes queued and not yet written."""
+        with self._cond:
+            return len(self._pending)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything queued is written (or failed for good); False on timeout."""
