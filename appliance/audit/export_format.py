@@ -26,6 +26,7 @@ at its seq, in O(log n) bytes. An extracted directory holding the same files ver
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,14 @@ def record_from_export(obj: Any) -> tuple[AuditRecord, str | None]:
     return AuditRecord.from_dict(obj), pruned_at
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]*')  # what the encoder leaves as it is between the quotes
+
+
 def _s(value: str | None) -> str:
-    return "null" if value is None else json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return "null"
+    return f'"{value}"' if _PLAIN.fullmatch(value) else _ENCODE(value)
 
 
 def record_line_parts(row: Any) -> tuple[str, str]:

@@ -14,8 +14,8 @@ object per line (canonical JSON), for a SIEM. The mapping:
   ``type_uid`` = 600300 + activity_id.
 - ``status_id``/``status``: accepted and completed 1 Success; failed, aborted, rejected and
   abandoned 2 Failure; ``*auth_failed*`` and ``*refused*`` admin events 2 Failure; other admin
-  events by ``data.result`` ("ok"/"success" 1, "failed"/"failure" 2), else 1 Success (the action
-  was recorded as done). ``severity_id`` 1 Informational, 2 Low for failures.
+  events by ``data.result`` (text starting "fail" or "refused", or ``false``: 2), else 1 Success
+  (the action was recorded as done). ``severity_id`` 1 Informational, 2 Low for failures.
 - ``actor.user.uid``: the record's actor (a key id such as ``key:k1``, an admin, ``cli:<user>``).
 - ``src_endpoint.ip`` / ``http_request.user_agent``: the record's ``data.client_ip`` /
   ``data.user_agent`` when present.
@@ -66,7 +66,7 @@ def status_id(event_type: str, data: dict[str, Any]) -> int:
     if "auth_failed" in event_type or "refused" in event_type:
         return 2
     result = data.get("result")
-    if (isinstance(result, str) and result.lower() in ("failed", "failure")) or result is False:
+    if (isinstance(result, str) and result.lower().startswith(("fail", "refused"))) or result is False:
         return 2
     return 1
 
