@@ -124,12 +124,18 @@ def run_hold_list(root: Path, *, tenant: str | None = None, include_released: bo
         return _error(err, "hold list", exc)
     table = Table(title=f"Legal holds ({len(holds)})")
     for column in ("Id", "Tenant", "Since", "Until", "Reason", "Added", "Released"):
-        table.add_column(column, no_wrap=column != "Reason")
+        table.add_column(column, no_wrap=column == "Id")
     for h in holds:
-        table.add_row(h.id, h.tenant, h.since or "-", h.until or "-", h.reason, f"{h.created_at} {h.created_by}",
-                      "-" if h.released_at is None else f"{h.released_at} {h.released_by}")
+        released = "-" if h.released_at is None else f"{_short(h.released_at)} {h.released_by}"
+        table.add_row(h.id, h.tenant, _short(h.since), _short(h.until), h.reason,
+                      f"{_short(h.created_at)} {h.created_by}", released)
     _print(out, as_json, [h.to_dict() for h in holds], table)
     return EXIT_OK
+
+
+def _short(ts: str | None) -> str:
+    """A stored time to the second, for tables (``--json`` keeps the exact value)."""
+    return "-" if ts is None else ts[:19] + "Z"
 
 
 def run_hold_release(root: Path, hold_id: str, *, as_json: bool = False, console: Console | None = None) -> int:
