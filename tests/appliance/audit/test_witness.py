@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from appliance.audit import AuditKeys, AuditLog
+from appliance.audit.anchoring import Anchoring
 from appliance.audit.checkpoint import GLOBAL_TREE, Checkpoint, log_verifier, sign_checkpoint
 from appliance.audit.merkle import MemoryNodes, consistency_proof, leaf_hash, record_leaf
 from appliance.audit.note import SignedNote
@@ -264,3 +265,38 @@ def _nodes(log: AuditLog) -> MemoryNodes:
     with log.engine.connect() as conn:
         hashes = conn.execute(sa.text("SELECT hash FROM audit_events ORDER BY gidx")).scalars().all()
     return MemoryNodes([record_leaf(h) for h in hashes])
+
+
+def test_anchoring_publishes_and_gets_cosignatures_on_its_own_threads(
+        log: AuditLog, witness: Witness, tmp_path: Path, url: str, key_path: Path) -> None:
+    log.close()
+    pub = tmp_path / "pub"
+    anchoring = Anchoring(publish_dir=pub, witness=WitnessClient(witness.url, witness.vkey, timeout_s=30),
+                          witness_interval_s=0.2)
+    running = AuditLog(url, key_path, checkpoint_every=5, checkpoint_interval_s=0.2,
+                       on_checkpoints=anchoring.on_checkpoints)
+    anchoring.start(running)
+    try:
+        fill(running, 12)
+        newest = running.checkpoint()
+        assert newest
+    finally:
+        anchoring.stop(30)  # a last submission of the newest checkpoint, then the last publication
+        running.close()
+    assert anchoring.submitter is not None and anchoring.submitter.cosigned >= 1
+    final = SignedNote.parse((pub / GLOBAL_TREE / "latest").read_text())
+    assert final.checkpoint().size == 12 and final.signed_by(parse_vkey(witness.vkey))
+    assert run_verify_anchors(url, key=key_path, anchors=[pub], witness_keys=[witness.vkey],
+                              require_witness=True) == 0
+    # The witness gone: appends and checkpoints go on, the failure is counted and logged, not raised.
+    witness.stop()
+    again = AuditLog(url, key_path, checkpoint_every=None, on_checkpoints=anchoring.on_checkpoints)
+    anchoring.submitter = None
+    anchoring.start(again)
+    try:
+        fill(again, 2)
+        again.checkpoint()
+    finally:
+        anchoring.stop(30)
+        again.close()
+    assert anchoring.submitter is not None and anchoring.submitter.failures >= 1
