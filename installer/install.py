@@ -29,6 +29,7 @@ from airgap_bundle import (
     unpack_bundle,
     verify_bundle,
 )
+from airgap_bundle.bundle_models import models_in_manifest
 from installer.ansible_runner import PlaybookResult, run_playbook
 from installer.display import ByteProgress, playbook_progress
 from installer.errors import (
@@ -47,8 +48,9 @@ from installer.interrupted import tracked_run
 from installer.inventory import Inventory, load_inventory
 from installer.journal import JournalEntry, journal_action
 from installer.layout import RootLayout
+from installer.node_models import CHECK_NAME, ModelPlan, check_node_models, plan_node_models
 from installer.pki import prepare_pki, tls_vars
-from installer.preflight import run_preflight
+from installer.preflight import PreflightReport, run_preflight
 from installer.runtime import plan_runtime, runtime_notes, runtime_seconds, runtime_vars
 from installer.service import (
     COPY_TASKS,
@@ -59,7 +61,7 @@ from installer.service import (
     start_seconds,
 )
 from installer.staging import installer_lock, run_dir
-from installer.transfer import needs_archive, release_archive
+from installer.transfer import release_archive
 from installer.versions import (
     installed_versions,
     is_newer,
@@ -70,8 +72,9 @@ from installer.versions import (
 from policies import PolicyError, default_policy_dir, load_policy_set
 
 # Bundle targets installed into the release (wheels/ too: the runtime is built from the release's
-# copy, and an installed release is a complete base for delta bundles); playbooks/ is not.
-RELEASE_PREFIXES = ("model/", "policies/", "wheels/")
+# copy, and an installed release is a complete base for delta bundles); playbooks/ is not. Of the
+# models (model/ the default one, models/<name>/ the others) each node gets only the one it serves.
+RELEASE_PREFIXES = ("model/", "models/", "policies/", "wheels/")
 RELEASE_FILES = ("manifest.json", "sbom.cdx.json")
 
 
@@ -201,21 +204,62 @@ def _in_bundle_terms(exc: PolicyError, stage: Path) -> str:
                      for p in problems)
 
 
-def _model_name(stage: Path, report: VerificationReport) -> str:
+def _model_plan(stage: Path, report: VerificationReport, inv: Inventory) -> ModelPlan:
+    """The signed manifest's models and the one each node serves (models.py): every file a model
+    lists must be a signed target of the bundle."""
     try:
         manifest = json.loads((stage / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise BundleContentError(f"{report.bundle}: expected a readable manifest.json, found {exc}") from exc
-    model = manifest.get("model") if isinstance(manifest, dict) else None
-    if not isinstance(model, dict) or not model.get("name"):
-        raise BundleContentError(f"{report.bundle}: manifest.json: expected model.name, found {model!r}")
-    return str(model["name"])
+    try:
+        models = models_in_manifest(manifest)
+    except ValueError as exc:
+        raise BundleContentError(f"{report.bundle}: manifest.json: {exc}") from exc
+    if not models:
+        raise BundleContentError(f"{report.bundle}: manifest.json: expected model.name or models, found neither")
+    for model in models:
+        unsigned = [f for f in model.files if f not in report.targets]
+        if unsigned or not model.files:
+            raise BundleContentError(f"{report.bundle}: manifest.json: model {model.name}: expected its files among "
+                                     f"the signed targets, found {unsigned[:3] or 'no files'}")
+    try:
+        return plan_node_models(inv, models)
+    except ValueError as exc:
+        raise BundleContentError(f"{report.bundle}: {exc}") from exc
+
+
+def _check_models_declared(bundle: Path, inv: Inventory) -> None:
+    """Before anything is verified or written: each engine node names one model the bundle
+    carries (read unverified; _model_plan checks the signed manifest again)."""
+    check = check_node_models(inv, bundle)
+    if check.status == "fail":
+        raise PreflightFailed(f"preflight failed: {CHECK_NAME}: {check.detail}", PreflightReport([check]))
+
+
+def _node_release(stage: Path, files: list[dict[str, str]], plan: ModelPlan, inv: Inventory,
+                  work: Path) -> dict[str, Any]:
+    """Per-node extra vars: each node's release files (only its model's among the models), its
+    appliance.yaml model, and for SSH nodes the tar of those files (one per distinct set)."""
+    by_node = {n.name: plan.node_files(n.name, files) for n in inv.nodes}
+    archives: dict[str, str] = {}
+    made: dict[str, str] = {}
+    for node in inv.nodes:
+        if node.connection != "ssh":
+            continue
+        loads = plan.by_node[node.name]
+        key = loads.name if loads is not None else ""
+        if key not in made:
+            made[key] = str(release_archive(stage, by_node[node.name],
+                                            work / f"release-files{'-' + key if key else ''}.tar"))
+        archives[node.name] = made[key]
+    return {"sovereign_release_files_by_node": by_node, "sovereign_release_archive_by_node": archives,
+            "sovereign_release_model_by_node": {n.name: plan.appliance_model(n.name) for n in inv.nodes}}
 
 
 def _check_release(layout: RootLayout, report: VerificationReport, upgrade: bool) -> None:
     """Refuse a version installed from another bundle, and for upgrade a non-newer version."""
-    if not any(p.startswith("model/") for p in report.targets):
-        raise BundleContentError(f"{report.bundle}: expected model/ files in the bundle, found none")
+    if not any(p.startswith(("model/", "models/")) for p in report.targets):
+        raise BundleContentError(f"{report.bundle}: expected model/ or models/ files in the bundle, found none")
     existing = read_release_config(layout.release(report.version))
     if existing is not None and existing.get("bundle_digest") != report.digest:
         raise ReleaseConflict(
@@ -266,6 +310,7 @@ def install_bundle(
         pre = run_preflight(layout.root, inventory=inv, bundle=bundle, allow_cpu=allow_cpu)
         if not pre.ok:
             raise PreflightFailed("preflight failed: " + "; ".join(f"{c.name}: {c.detail}" for c in pre.failures), pre)
+    _check_models_declared(bundle, inv)
 
     t0 = time.monotonic()
     try:
@@ -313,7 +358,7 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
     try:
         unpack_bundle(bundle, stage, report, progress=ByteProgress(console))
         _check_delta(stage, report)
-        model_name = _model_name(stage, report)
+        plan = _model_plan(stage, report, inv)
         files = _release_files(report)
         runtime = plan_runtime(files, bundle)
         notes = []
@@ -342,19 +387,17 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         journal("refused", str(exc))
         raise
     previous = layout.current_version()
-    archive = release_archive(stage, files, work / "release-files.tar") if needs_archive(inv) else None
+    model_name = plan.default.name
     extra_vars = {
         "sovereign_version": report.version,
         "sovereign_bundle_digest": report.digest,
         "sovereign_release_staging_dir": str(stage),
-        "sovereign_release_files": files,
-        "sovereign_release_archive": str(archive) if archive else "",
-        "sovereign_release_model_name": model_name,
+        **_node_release(stage, files, plan, inv, work),
         "sovereign_release_gateway_host": inv.gateway.host,
         "sovereign_release_gateway_port": inv.gateway.port,
         # a fleet: engine nodes run `appliance node serve`, gateways route to these over mutual TLS
         "sovereign_release_fleet": inv.is_fleet,
-        "sovereign_release_fleet_nodes": inv.fleet_nodes(model_name),
+        "sovereign_release_fleet_nodes": inv.fleet_nodes(model_name),  # each node's model: see _model_plan
         **runtime_vars(runtime),
         **service_vars(inv, start=start),
         **node_security_vars,

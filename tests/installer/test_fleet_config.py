@@ -12,8 +12,10 @@ import jinja2
 import pytest
 import yaml
 
+from airgap_bundle.bundle_models import BundleModel
 from installer import InventoryError, load_inventory
 from installer.inventory import Inventory
+from installer.node_models import plan_node_models
 from installer.pki import node_sans
 from installer.status import PLAYBOOK_DIR
 
@@ -27,28 +29,33 @@ def fleet() -> Inventory:
         {"name": "gw-1", "connection": "ssh", "host": "10.0.0.10", "roles": ["gateway"], "labels": LABELS_A,
          "root": "/srv/gw"},
         {"name": "gpu-1", "connection": "ssh", "host": "10.0.0.11", "roles": ["engine"], "labels": LABELS_A,
-         "models": ["SmolLM2-135M-Instruct", "Other-7B"]},
+         "models": ["Other-7B"]},
         {"name": "gpu-2", "connection": "ssh", "host": "gpu-2.dc2.example", "roles": ["engine", "gateway"],
          "engine_port": 9500, "labels": LABELS_B}]})
 
 
 def render(inv: Inventory, node: str, model: str = "SmolLM2-135M-Instruct") -> dict[str, Any]:
     """appliance.yaml.j2 as the role renders it: the role's defaults (resolved the way ansible
-    resolves them), the node's host vars from Inventory.to_ansible and install.py's extra vars."""
+    resolves them), the node's host vars from Inventory.to_ansible and install.py's extra vars,
+    for a bundle carrying ``model`` (the default, under model/) and Other-7B (models/Other-7B)."""
     hostvars = inv.to_ansible(Path("/tmp/unused"), "/opt/sovereign")["sovereign_nodes"]["hosts"][node]
+    plan = plan_node_models(inv, [BundleModel(model, "model", (f"model/{model}.safetensors",)),
+                                  BundleModel("Other-7B", "models/Other-7B", ("models/Other-7B/w.safetensors",))])
+    loads = plan.appliance_model(node)
     env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["to_json"] = json.dumps  # ansible's to_json (JSON is YAML)
     env.filters["bool"] = bool
     variables: dict[str, Any] = {
         **hostvars, "inventory_hostname": node, "sovereign_version": "0.1.0",
-        "sovereign_bundle_digest": "sha256:" + "0" * 64, "sovereign_release_model_name": model,
+        "sovereign_bundle_digest": "sha256:" + "0" * 64, "sovereign_release_model_name": loads["name"],
+        "sovereign_release_model_path": loads["path"],
         "sovereign_release_gateway_host": inv.gateway.host, "sovereign_release_gateway_port": inv.gateway.port,
         "sovereign_release_fleet": inv.is_fleet, "sovereign_release_fleet_nodes": inv.fleet_nodes(model),
         "sovereign_release_engine_node_host": "0.0.0.0",
     }
     variables["sovereign_release_dir"] = f"{variables['sovereign_root']}/releases/0.1.0"
     variables["sovereign_release_node_roles"] = hostvars["sovereign_node_roles"]
-    variables["sovereign_release_node_models"] = hostvars["sovereign_node_models"] or [model]
+    variables["sovereign_release_node_models"] = hostvars["sovereign_node_models"] or [loads["name"]]
     text = (RELEASE_ROLE / "templates" / "appliance.yaml.j2").read_text()
     return dict(yaml.safe_load(env.from_string(text).render(variables)))
 
@@ -72,12 +79,16 @@ def test_fleet_inventory_gives_each_node_its_root_roles_and_the_gateways_their_e
     assert gateway["node"]["roles"] == ["gateway"] and "engine_node" not in gateway
     assert gateway["fleet"]["nodes"] == [
         {"name": "gpu-1", "url": "https://10.0.0.11:9443", "labels": LABELS_A,
-         "models": ["SmolLM2-135M-Instruct", "Other-7B"]},
+         "models": ["Other-7B"]},
         {"name": "gpu-2", "url": "https://gpu-2.dc2.example:9500", "labels": LABELS_B,
          "models": ["SmolLM2-135M-Instruct"]}]
     engine = render(inv, "gpu-1")
     assert engine["engine_node"] == {"host": "0.0.0.0", "port": 9443} and "fleet" not in engine
-    assert engine["node"]["models"] == ["SmolLM2-135M-Instruct", "Other-7B"]
+    assert engine["node"]["models"] == ["Other-7B"]
+    assert engine["model"] == {"name": "Other-7B", "path": "/opt/sovereign/releases/0.1.0/models/Other-7B"}
+    assert render(inv, "gpu-2")["model"] == {"name": "SmolLM2-135M-Instruct",
+                                             "path": "/opt/sovereign/releases/0.1.0/model"}
+    assert gateway["model"]["name"] == "SmolLM2-135M-Instruct"  # the default; its files are not on gw-1
     both = render(inv, "gpu-2")  # gateway and engine on one node of a fleet: both sections
     assert both["engine_node"]["port"] == 9500 and len(both["fleet"]["nodes"]) == 2
 
