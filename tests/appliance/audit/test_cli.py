@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -36,7 +37,25 @@ def test_verify_export_and_verify_export_commands(audit_log: AuditLog, audit_url
     result = runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["ok"] and report["count"] == 3 and len(report["checks"]) == 11
+    assert report["ok"] and report["count"] == 3 and len(report["checks"]) == 14
+
+    # the export and the keyed verification were recorded in the log, under the CLI user
+    admin = audit_log.query("_admin")
+    exported = [r for r in admin if r.event_type == "admin.audit_exported"]
+    verified = [r for r in admin if r.event_type == "admin.audit_verified"]
+    assert len(exported) == 1 and len(verified) == 1
+    assert exported[0].actor == f"cli:{getpass.getuser()}" and exported[0].tenant == "acme"
+    assert exported[0].data["count"] == 3 and exported[0].data["result"] == "ok"
+    assert exported[0].data["period"] == {"since": "2000-01-01T00:00:00.000000Z",
+                                          "until": "2999-01-01T00:00:00.000000Z"}
+    assert verified[0].data["result"] == "ok" and verified[0].data["streams"] == 2
+    # verify-export with the appliance's database records it there; offline it records nothing
+    result = runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem), "--db", db, "--key",
+                                 str(key_path)])
+    assert result.exit_code == 0, result.output
+    verified = [r for r in audit_log.query("_admin") if r.event_type == "admin.audit_verified"]
+    assert verified[-1].data["what"] == "export" and verified[-1].data["count"] == 3
+    assert runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem), "--db", db]).exit_code == 2
 
     raw_sql(audit_url, "DELETE FROM audit_events WHERE stream = 'globex' AND seq = 1")
     result = runner.invoke(app, ["verify", "--db", db, "--public-key", str(pem), "--json"])
@@ -59,6 +78,29 @@ def test_verify_export_exits_1_on_tampering(audit_log: AuditLog, audit_url: str,
     result = runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem)])
     assert result.exit_code == 1
     assert "NOT VERIFIED" in result.output
+
+
+def test_export_formats_and_refusals_from_the_cli(audit_log: AuditLog, audit_url: str, key_path: Path,
+                                                  tmp_path: Path) -> None:
+    fill(audit_log, "acme", 3)
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    base = ["export", "--db", audit_url, "--key", str(key_path), "--tenant", "acme"]
+    for fmt in ("csv", "ocsf"):
+        out = tmp_path / f"acme-{fmt}.tar"
+        result = runner.invoke(app, [*base, "--format", fmt, "--proofs", "all", "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["count"] == 3
+        assert runner.invoke(app, ["verify-export", str(out), "--public-key", str(pem)]).exit_code == 0
+    result = runner.invoke(app, [*base, "--format", "xml", "--out", str(tmp_path / "x.tar")])
+    assert result.exit_code == 2 and "--format jsonl|csv|ocsf" in result.output
+    assert "LARGE" in runner.invoke(app, ["export", "--help"]).output
+    # a stream that does not verify is refused (exit 1), and the refusal is recorded
+    raw_sql(audit_url, "UPDATE audit_events SET actor = 'x' WHERE stream = 'acme' AND seq = 2")
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "bad.tar")])
+    assert result.exit_code == 1 and not (tmp_path / "bad.tar").exists()
+    refused = [r for r in audit_log.query("_admin") if r.event_type == "admin.audit_exported"][-1]
+    assert refused.data["result"].startswith("refused: acme seq 2")
 
 
 def test_usage_errors_exit_2(tmp_path: Path, key_path: Path) -> None:
