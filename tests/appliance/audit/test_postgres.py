@@ -29,7 +29,7 @@ from .conftest import sql_rows
 WRITERS = 3
 PER_WRITER = 240  # half to the shared stream, half to the writer's own
 
-# One writer process: open the log, wait for the start file (so all append at once), append, report.
+# One writer process: wait for the start file (so all open and append at once), open the log, append, report.
 _WRITER = """
 import json, sys, time
 from pathlib import Path
@@ -37,10 +37,11 @@ from appliance.audit import AuditLog
 
 url, key, index, count, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 done = []
+deadline = time.monotonic() + 120
+Path(f"{start}.{index}").touch()  # imported: ready
+while not start.exists() and time.monotonic() < deadline:  # all open and append at the same moment
+    time.sleep(0.005)
 with AuditLog(url, key, checkpoint_every=25, checkpoint_interval_s=0.2) as log:
-    deadline = time.monotonic() + 60
-    while not start.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
     for i in range(count):
         stream = "shared" if i % 2 == 0 else f"w{index}"
         record = log.append("completed", stream=stream, actor=f"key:w{index}", request_id=f"w{index}-{i}",
@@ -58,7 +59,11 @@ def _spawn(url: str, key: Path, index: int, count: int, start: Path) -> subproce
 def _run_writers(url: str, key: Path, tmp_path: Path, *, writers: int, count: int) -> list[list[list[object]]]:
     start = tmp_path / "start"
     procs = [_spawn(url, key, n, count, start) for n in range(writers)]
-    time.sleep(0.5)  # let every process import and open its log; they also poll for the file
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{start}.{n}").exists() for n in range(writers)) and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break  # its output says why
+        time.sleep(0.02)
     start.touch()
     results = []
     for proc in procs:
