@@ -26,8 +26,11 @@ prune (they carry its ``pruned_at``), then plans afresh.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -118,7 +121,37 @@ class Pruner:
         self.max_seconds = max_seconds
         self.actor = actor
         self._now = now or (lambda: datetime.now(UTC))
+        self._stopping = threading.Event()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         audit_prune_runs.create(self.engine, checkfirst=True)
+
+    def stop(self) -> None:
+        """End ``run_every``: a run in progress stops after its current batch (still writing its
+        done record), a sleeping loop wakes and returns. Safe from any thread."""
+        self._stopping.set()
+        if self._wake is not None:
+            loop, wake = self._wake
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(wake.set)
+
+    async def run_every(self, interval_s: float) -> None:
+        """The periodic task: ``run_once`` in a worker thread (never on the event loop), then
+        ``interval_s`` of sleep; a failed run is logged and retried at the next interval.
+        Returns after ``stop()``, once the run in progress has finished its batch."""
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, found {interval_s}")
+        wake = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), wake)
+        while not self._stopping.is_set():
+            try:
+                report = await asyncio.to_thread(self.run_once)
+                if report.pruned or report.recovered:
+                    log.info("audit retention: pruned %d records, closed %d interrupted runs",
+                             report.pruned, len(report.recovered))
+            except Exception:
+                log.exception("audit retention run failed; next try in %.0f s", interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval_s)
 
     def policies(self) -> PolicySet:
         return self._policies() if callable(self._policies) else self._policies
@@ -140,7 +173,7 @@ class Pruner:
                                             budget=budget, deadline=deadline)
                 budget -= result.count
                 report.tenants.append(result)
-                if budget <= 0 or time.monotonic() >= deadline:
+                if budget <= 0 or time.monotonic() >= deadline or self._stopping.is_set():
                     break
         except SQLAlchemyError as exc:
             raise AuditError(f"audit retention could not read or update the database: {type(exc).__name__}") from exc
@@ -183,7 +216,7 @@ class Pruner:
         self.log.append("admin.audit_prune_started", stream=ADMIN_STREAM, actor=self.actor, tenant=tenant,
                         data={**facts, "count": planned})
         count, end = 0, int(first) - 1
-        while end < int(last) and time.monotonic() < deadline:
+        while end < int(last) and time.monotonic() < deadline and not self._stopping.is_set():
             start, end = end + 1, min(end + self.batch_size, int(last))
             count += self._prune_batch(tenant, start, end, cutoff, pruned_at)
         done = {**facts, "last_seq": end, "count": count}

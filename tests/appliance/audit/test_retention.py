@@ -5,8 +5,10 @@ Records are written now; the pruner's clock is moved forward instead of waiting 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 from sqlalchemy import event
 from typer.testing import CliRunner, Result
 
-from appliance.audit import AuditLog
+from appliance.audit import AuditLog, export_stream, verify_export
 from appliance.audit.content import MASTER_KEY_FILE, ContentSealer
 from appliance.audit.holds import HoldError, HoldStore
 from appliance.audit.retention import Pruner, unaccounted_prunes
@@ -85,6 +87,12 @@ def test_prunes_old_tenant_bodies_keeps_hashes_and_the_log_verifies(audit_log: A
     assert (done["first_seq"], done["last_seq"], done["count"]) == (1, 12, 12)
     assert done["policy_digest"] == ps.digest and done["cutoff"] == report.tenants[0].cutoff
     assert done["pruned_at"] == after[0][2]
+    # the tenant's export verifies offline, pruned records and all
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    exported = verify_export(export_stream(audit_log, "acme", None, None, tmp_path / "acme.tar"), pem)
+    assert exported.ok, exported.to_dict()
+    assert exported.extra["pruned"] == 12
     # new checkpoints sign over the pruned records as well
     audit_log.append("completed", stream="acme", actor="key:k1", data={"n": 99})
     assert audit_log.checkpoint() and audit_log.verify().ok
@@ -193,6 +201,48 @@ def test_an_interrupted_run_is_closed_by_the_next(audit_log: AuditLog, tmp_path:
     assert "recovered" not in finished
     assert [r[2] is not None for r in rows(audit_log, "acme")] == [True] * 10 + [False]
     assert audit_log.verify().ok
+
+
+def test_pruning_while_the_writer_appends(audit_log: AuditLog, tmp_path: Path) -> None:
+    cut = moment_between(audit_log, ("acme", 60), ("acme", 1))
+    appended: list[int] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(60):
+                appended.append(audit_log.append("completed", stream="acme", actor="key:k1", data={"i": i}).seq)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    report = Pruner(audit_log, policies(tmp_path, {"audit_days": 1}), batch_size=2,
+                    now=lambda: cut + timedelta(days=1)).run_once()
+    thread.join(timeout=120)
+    assert not errors and len(appended) == 60
+    assert report.pruned == 60 and [r[2] is not None for r in rows(audit_log, "acme")] == [True] * 60 + [False] * 61
+    assert audit_log.checkpoint() and audit_log.verify().ok
+
+
+def test_the_periodic_task_prunes_and_stops_promptly(audit_log: AuditLog, tmp_path: Path) -> None:
+    cut = moment_between(audit_log, ("acme", 5), ("acme", 1))
+    pruner = Pruner(audit_log, policies(tmp_path, {"audit_days": 1}), now=lambda: cut + timedelta(days=1))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(pruner.run_every(3600.0))
+        for _ in range(600):  # the first run starts at once; wait for its done record
+            if admin_events(audit_log, "admin.audit_pruned"):
+                break
+            await asyncio.sleep(0.05)
+        pruner.stop()
+        await asyncio.wait_for(task, timeout=60)  # wakes from its hour of sleep
+
+    asyncio.run(scenario())
+    assert [r[2] is not None for r in rows(audit_log, "acme")] == [True] * 5 + [False]
+    assert len(admin_events(audit_log, "admin.audit_pruned")) == 1
+    with pytest.raises(ValueError, match="interval_s must be > 0"):
+        asyncio.run(pruner.run_every(0))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
