@@ -145,3 +145,16 @@ def test_an_unreadable_marker_is_still_an_unclean_shutdown(tmp_path: Path, audit
     assert record.event_type == "admin.unclean_shutdown" and record.data["open_requests"] is None
     assert "not JSON" in record.data["marker_error"] and record.data["run_id"] == run.run_id
     assert json.loads((tmp_path / "appliance.run").read_text())["pid"] == os.getpid()
+
+
+def test_client_fields_take_the_tcp_peer_and_a_cleaned_user_agent() -> None:
+    from appliance.client_info import client_fields
+
+    scope = {"client": ("10.1.2.3", 55000), "headers": [
+        (b"x-forwarded-for", b"1.1.1.1"), (b"user-agent", "a\tb\x85c\u202ed".encode("utf-8") + b"z" * 600)]}
+    who = client_fields(scope)
+    assert who["client_ip"] == "10.1.2.3"  # never the header a client can set
+    ua = who["user_agent"]
+    assert len(ua) == 256 and ua.endswith("…") and ua.startswith("a\ufffdb")
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in ua)
+    assert client_fields({"headers": []}) == {"client_ip": "unknown", "user_agent": ""}
