@@ -112,8 +112,11 @@ class ContentSealer:
             raise ContentError(f"content to seal: expected at most {self.max_plaintext_bytes} bytes, "
                                f"found {len(plain)}")
         _check_names(tenant, request_id)
-        with self.engine.begin() as conn:
-            key_id, key = self._active_key(conn, tenant)
+        try:
+            with self.engine.begin() as conn:
+                key_id, key = self._active_key(conn, tenant)
+        except SQLAlchemyError as exc:
+            raise ContentError(f"data key of tenant {tenant!r} unavailable: {type(exc).__name__}") from exc
         nonce = os.urandom(12)
         ciphertext = AESGCM(key).encrypt(nonce, plain, _content_aad(tenant, request_id, key_id))
         return {"alg": ALG, "key_id": key_id, "nonce": _b64(nonce), "ciphertext": _b64(ciphertext)}
@@ -133,8 +136,11 @@ class ContentSealer:
         if sealed["alg"] != ALG:
             raise ContentError(f"sealed content: expected alg {ALG!r}, found {sealed['alg']!r}")
         key_id = sealed["key_id"]
-        with self.engine.connect() as conn:
-            row = conn.execute(select(audit_content_keys).where(audit_content_keys.c.key_id == key_id)).first()
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(audit_content_keys).where(audit_content_keys.c.key_id == key_id)).first()
+        except SQLAlchemyError as exc:
+            raise ContentError(f"data key of tenant {tenant!r} unavailable: {type(exc).__name__}") from exc
         if row is None or row.tenant != tenant:
             raise ContentError(f"sealed content of tenant {tenant!r}: expected a data key of that tenant, "
                                f"found no such key {key_id!r}")

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, String, Table, and_, func, not_, select, update
+from sqlalchemy import BigInteger, Column, Connection, Engine, String, Table, and_, func, not_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.audit.canonical import format_ts
@@ -269,14 +269,14 @@ def _pruned_by(conn: Connection, run: Any) -> tuple[int, int | None]:
     return int(row[0] or 0), None if row[1] is None else int(row[1])
 
 
-def unaccounted_prunes(log: AuditLog, *, limit: int = 10) -> list[str]:
+def unaccounted_prunes(engine: Engine, *, limit: int = 10) -> list[str]:
     """Pruned records that no signed ``admin.audit_prune_started`` accounts for (same tenant,
     seq inside its range, same ``pruned_at``): a body erased behind the log's back. The chain
     walk cannot see this (a pruned record's hash is not recomputed); this check can."""
     ev = audit_events.c
     ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
     problems: list[str] = []
-    with log.engine.connect() as conn:
+    with engine.connect() as conn:
         intents = conn.execute(select(ev.tenant, ev.data).where(
             ev.stream == ADMIN_STREAM, ev.event_type == "admin.audit_prune_started")).all()
         for intent in intents:

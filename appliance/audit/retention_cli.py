@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.audit.content import MASTER_KEY_FILE, ContentError, ContentSealer, ContentShreddedError
 from appliance.audit.errors import AuditError
@@ -77,7 +78,9 @@ def _print(console: Console, as_json: bool, obj: Any, human: Any) -> None:
 
 
 def _error(err: Console, what: str, exc: Exception) -> int:
-    err.print(f"audit {what}: {exc}", markup=False, highlight=False)
+    # a database error's text may quote statement parameters (wrapped keys): its type only
+    text = f"database error {type(exc).__name__}" if isinstance(exc, SQLAlchemyError) else str(exc)
+    err.print(f"audit {what}: {text}", markup=False, highlight=False)
     return EXIT_REFUSED if isinstance(exc, ContentShreddedError | HoldReleasedError) else EXIT_ERROR
 
 
@@ -89,7 +92,7 @@ def run_prune(root: Path, *, dry_run: bool = False, as_json: bool = False, conso
         with _open(root) as opened:
             policies = load_policy_set(opened.policies_dir)
             report = Pruner(opened.log, policies, actor=cli_actor()).run_once(dry_run=dry_run)
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "prune", exc)
     table = Table(title=f"{'Would prune' if dry_run else 'Pruned'} {report.pruned} records (now {report.now})")
     for column in ("Tenant", "Keep days", "Cutoff", "Records", "Seqs", "Held", "Complete"):
@@ -108,7 +111,7 @@ def run_hold_add(root: Path, *, tenant: str, reason: str, since: str | None = No
     try:
         with _open(root) as opened:
             hold = HoldStore(opened.log).add(tenant, reason=reason, since=since, until=until, actor=cli_actor())
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "hold add", exc)
     _print(out, as_json, hold.to_dict(), f"added {hold.describe()}")
     return EXIT_OK
@@ -120,7 +123,7 @@ def run_hold_list(root: Path, *, tenant: str | None = None, include_released: bo
     try:
         with _open(root) as opened:
             holds = HoldStore(opened.log).list(tenant, include_released=include_released)
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "hold list", exc)
     table = Table(title=f"Legal holds ({len(holds)})")
     for column in ("Id", "Tenant", "Since", "Until", "Reason", "Added", "Released"):
@@ -143,7 +146,7 @@ def run_hold_release(root: Path, hold_id: str, *, as_json: bool = False, console
     try:
         with _open(root) as opened:
             hold = HoldStore(opened.log).release(hold_id, actor=cli_actor())
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "hold release", exc)
     _print(out, as_json, hold.to_dict(), f"released {hold.describe()}")
     return EXIT_OK
@@ -159,7 +162,7 @@ def run_shred(root: Path, *, tenant: str, yes: bool, as_json: bool = False, cons
         with _open(root) as opened:
             sealer = ContentSealer(opened.log, opened.secrets_dir / MASTER_KEY_FILE, create=False)
             result = sealer.shred(tenant, actor=cli_actor())
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "shred", exc)
     _print(out, as_json, {"tenant": result.tenant, "key_ids": result.key_ids, "shredded_at": result.shredded_at},
            f"destroyed {len(result.key_ids)} data key(s) of tenant {tenant!r} at {result.shredded_at}")
@@ -172,7 +175,7 @@ def run_show_content(root: Path, *, tenant: str, request_id: str, as_json: bool 
     try:
         with _open(root) as opened:
             shown = _open_content(opened, tenant, request_id)
-    except (AuditError, OSError, ValueError) as exc:
+    except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "show-content", exc)
     _print(out, as_json, shown, "\n".join(f"seq {s['seq']} ({s['event_type']}):\n{s['content']}" for s in shown))
     return EXIT_OK
