@@ -65,7 +65,9 @@ def _free_port() -> int:
 class ThrowawayCluster:
     """``initdb`` + ``pg_ctl start`` in a temp dir; ``stop()`` stops it and removes every file."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, private key) PEM files: the server then also accepts TLS (ssl=on)."""
+        self.tls = tls
         initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
         if initdb is None or pg_ctl is None:
             raise PostgresUnavailable("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's "
@@ -90,11 +92,20 @@ class ThrowawayCluster:
             os.chown(self.dir, uid, -1)
         self._run([self.initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                    "--locale=C.UTF-8", "--no-instructions"], "initdb")
+        ssl = ""
+        if self.tls is not None:  # ssl_cert_file/ssl_key_file default to these names in the data dir
+            for source, name in zip(self.tls, ("server.crt", "server.key"), strict=True):
+                target = self.data / name
+                shutil.copyfile(source, target)
+                target.chmod(0o600)  # the server refuses a key others may read
+                if self.run_as:
+                    os.chown(target, _uid_of("postgres") or 0, -1)
+            ssl = " -c ssl=on"
         # Only 127.0.0.1 and our own socket directory; initdb -A trust writes trust lines for local
         # sockets and loopback addresses only (pg_hba.conf), so nothing else may connect.
         for _attempt in range(5):
             self.port = _free_port()
-            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200"
+            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200{ssl}"
             started = subprocess.run(
                 [*self.run_as, self.pg_ctl, "-D", str(self.data), "-l", str(self.dir / "server.log"),
                  "-o", options, "-w", "-t", "60", "start"], capture_output=True, text=True, timeout=90, cwd=self.dir)
