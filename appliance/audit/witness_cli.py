@@ -68,6 +68,10 @@ def run_verify_anchors(db: str, *, key: Path | None = None, public_key: Path | N
         err.print(f"audit verify-anchors: {exc}", markup=False)
         return EXIT_ERROR
     ok = chains.ok and report.ok
+    if key is not None:  # with the signing key the verification is itself recorded, as `audit verify` does
+        _record(db, key, report.anchors_checked, len(report.witnesses),
+                "ok" if ok else ("failed: " + (report.failures[0].describe() if report.failures
+                                               else "database checks")[:200]), err)
     if as_json:
         out.out(json.dumps({"ok": ok, "database": chains.to_dict(), "anchors": report.to_dict()}, indent=2,
                            sort_keys=True), highlight=False)
@@ -92,6 +96,22 @@ def run_verify_anchors(db: str, *, key: Path | None = None, public_key: Path | N
         out.print(f"FAILED {f.describe()}", markup=False)
     out.print("[green]VERIFIED against anchors[/]" if ok else "[red]NOT VERIFIED[/]")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _record(db: str, key: Path, anchors: int, witnesses: int, result: str, err: Console) -> None:
+    from appliance.audit.cli import record_admin_event  # here: the audit CLI imports this module
+    from appliance.audit.log import AuditLog
+
+    try:
+        log = AuditLog(db, key, create=False)
+    except (AuditError, OSError, ValueError) as exc:
+        err.print(f"warning: could not record admin.audit_verified in the audit log: {exc}", markup=False)
+        return
+    try:
+        record_admin_event(log, "admin.audit_verified", None,
+                           {"what": "anchors", "anchors": anchors, "witnesses": witnesses, "result": result}, err)
+    finally:
+        log.close()
 
 
 @witness_app.command("keygen")

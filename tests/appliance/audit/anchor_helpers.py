@@ -88,12 +88,18 @@ def fill(log: AuditLog, n: int, stream: str = "acme", tag: str = "original") -> 
 
 
 def cut_to(url: str, k: int) -> None:
-    """An insider's cut: every record from ``_all`` position ``k`` on is deleted, with the tree
-    nodes and checkpoints past it (the log under test has one stream, so its seq is ``gidx + 1``)."""
+    """An insider's cut: every record from ``_all`` position ``k`` on is deleted, and with them
+    the tree nodes, checkpoints and cosignatures past what is left of each tree."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM audit_events WHERE gidx >= :k"), {"k": k})
-        conn.execute(sa.text("DELETE FROM audit_tree_nodes WHERE ((idx + 1) << level) > :k"), {"k": k})
-        conn.execute(sa.text("DELETE FROM audit_tree_checkpoints WHERE size > :k"), {"k": k})
-        conn.execute(sa.text("DELETE FROM audit_cosignatures WHERE size > :k"), {"k": k})
+        left = dict(conn.execute(sa.text("SELECT stream, MAX(seq) FROM audit_events GROUP BY stream")).all())
+        trees = set(conn.execute(sa.text("SELECT DISTINCT tree FROM audit_tree_checkpoints UNION "
+                                         "SELECT DISTINCT tree FROM audit_tree_nodes")).scalars())
+        for tree in trees:
+            n = k if tree == "_all" else int(left.get(tree) or 0)
+            conn.execute(sa.text("DELETE FROM audit_tree_nodes WHERE tree = :t AND ((idx + 1) << level) > :n"),
+                         {"t": tree, "n": n})
+            for table in ("audit_tree_checkpoints", "audit_cosignatures"):
+                conn.execute(sa.text(f"DELETE FROM {table} WHERE tree = :t AND size > :n"), {"t": tree, "n": n})
     engine.dispose()

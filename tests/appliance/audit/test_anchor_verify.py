@@ -62,6 +62,9 @@ def test_a_consistent_looking_shorter_log_passes_verify_and_fails_against_the_pu
         tmp_path: Path, url: str, key_path: Path) -> None:
     pub = _published_log(tmp_path, url, key_path, 13)
     assert run_cli("verify-anchors", "--db", url, "--key", str(key_path), "--anchor", str(pub)).returncode == 0
+    recorded = AuditLog(url, key_path, create=False).query("_admin")
+    assert [(r.event_type, r.data["what"], r.data["result"]) for r in recorded] == [
+        ("admin.audit_verified", "anchors", "ok")]  # the verification is itself in the log
     cut_to(url, 9)  # the newest records, their nodes and checkpoints gone; the head re-signed
     log = _resign(url, key_path)
     try:
