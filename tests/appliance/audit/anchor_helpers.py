@@ -93,7 +93,8 @@ def cut_to(url: str, k: int) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM audit_events WHERE gidx >= :k"), {"k": k})
-        left = dict(conn.execute(sa.text("SELECT stream, MAX(seq) FROM audit_events GROUP BY stream")).all())
+        heads = sa.text("SELECT stream, MAX(seq) FROM audit_events GROUP BY stream")
+        left: dict[str, int] = {row[0]: int(row[1]) for row in conn.execute(heads)}
         trees = set(conn.execute(sa.text("SELECT DISTINCT tree FROM audit_tree_checkpoints UNION "
                                          "SELECT DISTINCT tree FROM audit_tree_nodes")).scalars())
         for tree in trees:
