@@ -300,3 +300,20 @@ def test_anchoring_publishes_and_gets_cosignatures_on_its_own_threads(
         anchoring.stop(30)
         again.close()
     assert anchoring.submitter is not None and anchoring.submitter.failures >= 1
+
+
+def test_witness_streams_gets_every_tree_cosigned(log: AuditLog, witness: Witness) -> None:
+    anchoring = Anchoring(witness=WitnessClient(witness.url, witness.vkey, timeout_s=30), witness_interval_s=0.1,
+                          witness_streams=True)
+    anchoring.start(log)
+    try:
+        fill(log, 4, stream="acme")
+        fill(log, 2, stream="beta")
+        anchoring.on_checkpoints(log.checkpoint())  # this log has no hook: hand them over as the writer would
+    finally:
+        anchoring.stop(30)
+    with log.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT tree, size FROM audit_cosignatures ORDER BY tree")).all()
+    assert [tuple(r) for r in rows] == [(GLOBAL_TREE, 6), ("acme", 4), ("beta", 2)]
+    assert sorted(p.name for p in (witness.state / "logs").iterdir()) == sorted(
+        f"sovereign-audit%2F{log.keys.key_id[:16]}%2F{t}.checkpoint" for t in (GLOBAL_TREE, "acme", "beta"))
