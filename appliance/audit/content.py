@@ -31,14 +31,14 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Column, Connection, Index, String, Table, Text, select, update
+from sqlalchemy import Column, Index, String, Table, Text, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.audit.canonical import canonical_json, utc_now_ts
 from appliance.audit.errors import AuditError
 from appliance.audit.log import AuditLog
 from appliance.audit.record import ADMIN_STREAM, validate_stream
-from appliance.audit.schema import metadata
+from appliance.audit.schema import WRITE_OPTION, metadata
 from appliance.secrets_store import ensure_secret
 
 ALG = "AES-256-GCM"
@@ -113,8 +113,7 @@ class ContentSealer:
                                f"found {len(plain)}")
         _check_names(tenant, request_id)
         try:
-            with self.engine.begin() as conn:
-                key_id, key = self._active_key(conn, tenant)
+            key_id, key = self._active_key(tenant)
         except SQLAlchemyError as exc:
             raise ContentError(f"data key of tenant {tenant!r} unavailable: {type(exc).__name__}") from exc
         nonce = os.urandom(12)
@@ -180,21 +179,27 @@ class ContentSealer:
 
     # -- keys -----------------------------------------------------------------------------------
 
-    def _active_key(self, conn: Connection, tenant: str) -> tuple[str, bytes]:
-        """The tenant's current data key, made on first use. Two processes making one at once
-        both insert; both then use the older, the same for everyone."""
+    def _active_key(self, tenant: str) -> tuple[str, bytes]:
+        """The tenant's current data key, made on first use (in a write transaction that
+        re-checks, so two gateways on SQLite make one; on PostgreSQL both may insert, and both
+        then use the older, the same for everyone)."""
         k = audit_content_keys.c
         stmt = (select(k.key_id, k.wrapped).where(k.tenant == tenant, k.wrapped.is_not(None))
                 .order_by(k.created_at, k.key_id).limit(1))
-        row = conn.execute(stmt).first()
-        if row is None:
-            key_id = "ck-" + secrets.token_hex(8)
-            key = AESGCM.generate_key(bit_length=256)
-            nonce = os.urandom(12)
-            wrapped = _b64(nonce + self._master.encrypt(nonce, key, _wrap_aad(tenant, key_id)))
-            conn.execute(audit_content_keys.insert().values(key_id=key_id, tenant=tenant, wrapped=wrapped,
-                                                            created_at=utc_now_ts()))
+        with self.engine.connect() as conn:
             row = conn.execute(stmt).first()
+        if row is None:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{WRITE_OPTION: True})  # SQLite: BEGIN IMMEDIATE
+                with conn.begin():
+                    if conn.execute(stmt).first() is None:
+                        key_id = "ck-" + secrets.token_hex(8)
+                        key = AESGCM.generate_key(bit_length=256)
+                        nonce = os.urandom(12)
+                        wrapped = _b64(nonce + self._master.encrypt(nonce, key, _wrap_aad(tenant, key_id)))
+                        conn.execute(audit_content_keys.insert().values(
+                            key_id=key_id, tenant=tenant, wrapped=wrapped, created_at=utc_now_ts()))
+                    row = conn.execute(stmt).first()
             assert row is not None
         return row.key_id, self._unwrap(tenant, row.key_id, row.wrapped)
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +178,29 @@ def test_prompt_and_output_hashes_are_keyed_per_tenant(gateway: tuple[TestClient
     for plain in (QUESTION, outputs["acme"]):
         assert hashlib.sha256(plain.encode()).hexdigest() not in everything
     assert QUESTION not in everything
+
+
+def test_gateways_sealing_a_new_tenant_at_once_agree_on_one_key(audit_log: AuditLog, tmp_path: Path) -> None:
+    sealers = [ContentSealer(audit_log, tmp_path / "secrets" / MASTER_KEY_FILE) for _ in range(4)]
+    sealed: list[tuple[str, dict[str, str]]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(sealers))
+
+    def work(i: int, sealer: ContentSealer) -> None:
+        try:
+            start.wait(timeout=60)
+            for j in range(5):
+                sealed.append((f"r{i}-{j}", sealer.seal("acme", f"r{i}-{j}", f"text {i} {j}")))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, s)) for i, s in enumerate(sealers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(sealed) == 20
+    for request_id, blob in sealed:
+        i, j = request_id[1:].split("-")
+        assert sealers[0].open("acme", request_id, blob) == f"text {i} {j}"
+    assert len({s.seal("acme", "after", "x")["key_id"] for s in sealers}) == 1
