@@ -16,7 +16,8 @@ from typing import Any
 from appliance.audit.canonical import canonical_json, is_canonical_ts, sha256_hex
 
 ADMIN_STREAM = "_admin"
-REQUEST_EVENT_TYPES: frozenset[str] = frozenset({"accepted", "completed", "failed", "aborted", "rejected", "abandoned"})
+REQUEST_EVENT_TYPES: frozenset[str] = frozenset(
+    {"accepted", "completed", "failed", "aborted", "rejected", "abandoned", "retried"})
 _PREFIXED_EVENT = re.compile(r"^(admin|installer)\.[A-Za-z0-9_.:-]{1,64}$")
 # Tenant stream names: what a tenant name may be; "_admin" is the one reserved name.
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from appliance.gateway import admin_api, auth, nodes_api, tenant_api
+from appliance.gateway import admin_api, auth, nodes_api, refusal_audit, tenant_api
 from appliance.gateway.edge import EdgeLimits, EdgeMiddleware
 from appliance.gateway.errors import install_error_handlers
 from appliance.gateway.openapi import install_openapi
@@ -49,4 +49,5 @@ def create_app(runtime: Runtime, *, manage_lifecycle: bool = True, limits: EdgeL
     install_openapi(app)
     # Added last, so it is the outermost of the app's middleware: it sees every request and response.
     app.add_middleware(EdgeMiddleware, limits=limits, refusals=app.state.refusals)
+    refusal_audit.install(app)  # outermost: records the 4xx answers nobody else recorded, the edge's too
     return app

@@ -8,7 +8,6 @@ service's ``RequestRejected``. Uncaught exceptions are answered by the edge midd
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -97,13 +96,18 @@ async def _audit_invalid(req: Request, message: str, param: str | None) -> None:
     runtime = getattr(req.app.state, "runtime", None)
     if principal is None or runtime is None:
         return
+    # local imports: gateway.refusal_audit imports this module's neighbours (circular at top level)
+    from appliance.client_info import client_fields
+    from appliance.gateway.refusal_audit import mark_recorded
+
     data = {"status": 400, "code": "invalid_request", "reason": truncate_echo(message, 300), "param": param,
-            "path": req.url.path, "x_request_id": getattr(req.state, "request_id", "")}
+            "path": req.url.path, "x_request_id": getattr(req.state, "request_id", ""), **client_fields(req.scope)}
     try:
-        await asyncio.to_thread(runtime.audit.append, "rejected", stream=principal.tenant,
-                                actor=f"key:{principal.key_id}", tenant=principal.tenant, data=data)
+        await runtime.audit.append_async("rejected", stream=principal.tenant, actor=f"key:{principal.key_id}",
+                                         tenant=principal.tenant, data=data)
     except Exception:  # the answer is a 400 either way; a failing audit log refuses the next request
         log.warning("could not record a malformed request of tenant %s", principal.tenant)
+    mark_recorded(req.state)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -53,7 +53,8 @@ ERROR_DESCRIPTIONS = {
 }
 # Routes that answer 2xx with something other than JSON (FastAPI documents JSON unless a route
 # names its response_class).
-NOT_JSON = {"/admin/v1/metrics": "text/plain", "/v1/audit/export": "application/x-tar"}
+NOT_JSON = {"/admin/v1/metrics": "text/plain", "/v1/audit/export": "application/x-tar",
+            "/admin/v1/audit/export": "application/x-tar"}
 # One server-sent event (OpenAPI 3.1 has a text/event-stream schema describe each event): its data
 # is a JSON chunk, an error object, or the final "[DONE]".
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}

@@ -67,13 +67,6 @@ def _error_fields(body: bytes) -> tuple[str, str]:
     return str(error.get("code") or "")[:64], str(error.get("message") or "")
 
 
-def _recorded_by_validation_handler(state: dict[str, Any], status: int, code: str, message: str) -> bool:
-    """``gateway/errors.py`` records a tenant's request that fails validation itself (``rejected``,
-    code ``invalid_request``, its message from ``validation_message``) without marking it."""
-    return (isinstance(state.get("principal"), Principal) and status == 400 and code == "invalid_request"
-            and message.startswith(("invalid request: ", "request body is not valid JSON")))
-
-
 class RefusalAuditMiddleware:
     def __init__(self, app: ASGIApp, *, bounds: AuthFailureAudit | None = None) -> None:
         self.app = app
@@ -111,8 +104,6 @@ class RefusalAuditMiddleware:
                       status: int, body: bytes) -> None:
         mark_recorded(scope)
         code, message = _error_fields(body)
-        if _recorded_by_validation_handler(state, status, code, message):
-            return
         who = client_fields(scope)
         data: dict[str, Any] = {
             "status": status, "code": code or f"http_{status}", "reason": message[:MAX_REASON],
