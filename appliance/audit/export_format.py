@@ -90,9 +90,18 @@ def record_line_parts(row: Any) -> tuple[str, str]:
     suffix`` is the hashed body, ``prefix + '"hash":"<h>",' + suffix`` the line (no newline).
     Built from the stored (canonical) data text without parsing it; the caller checks the hash
     of the body, which also proves the data text was canonical."""
-    prefix = f'{{"actor":{_s(row.actor)},"data":{row.data},"event_type":{_s(row.event_type)},'
-    suffix = (f'"prev_hash":{_s(row.prev_hash)},"request_id":{_s(row.request_id)},"seq":{int(row.seq)},'
-              f'"stream":{_s(row.stream)},"tenant":{_s(row.tenant)},"ts":{_s(row.ts)}}}')
+    actor, event_type, prev_hash, request_id, stream, tenant, ts = (
+        row.actor, row.event_type, row.prev_hash, row.request_id, row.stream, row.tenant, row.ts)
+    if _PLAIN.fullmatch(f"{actor}{event_type}{prev_hash}{request_id or ''}{stream}{tenant or ''}{ts}"):
+        # the common case: no field needs an escape, so each is its text in quotes
+        rid = "null" if request_id is None else f'"{request_id}"'
+        ten = "null" if tenant is None else f'"{tenant}"'
+        return (f'{{"actor":"{actor}","data":{row.data},"event_type":"{event_type}",',
+                f'"prev_hash":"{prev_hash}","request_id":{rid},"seq":{int(row.seq)},"stream":"{stream}",'
+                f'"tenant":{ten},"ts":"{ts}"}}')
+    prefix = f'{{"actor":{_s(actor)},"data":{row.data},"event_type":{_s(event_type)},'
+    suffix = (f'"prev_hash":{_s(prev_hash)},"request_id":{_s(request_id)},"seq":{int(row.seq)},'
+              f'"stream":{_s(stream)},"tenant":{_s(tenant)},"ts":{_s(ts)}}}')
     return prefix, suffix
 
 

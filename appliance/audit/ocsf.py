@@ -5,7 +5,7 @@ object per line (canonical JSON), for a SIEM. The mapping:
 
 - ``time``: the record's ts in milliseconds since the epoch; ``metadata.logged_time`` the same.
 - ``activity_id``: a tenant request event (accepted, completed, failed, aborted, rejected,
-  abandoned) is 1 Create -- each is a stage of one ``POST`` that creates a completion. An
+  abandoned, retried) is 1 Create -- each is a stage of one ``POST`` that creates a completion. An
   ``admin.*`` / ``installer.*`` event by the verb its name ends with: ``*_created``,
   ``*_issued``, ``*_added``, ``*_started`` 1 Create; ``*_exported``, ``*_verified``, ``*_read``,
   ``*_listed`` 2 Read; ``*_updated``, ``*_changed``, ``*_rotated``, ``*_migrated``,
@@ -13,8 +13,9 @@ object per line (canonical JSON), for a SIEM. The mapping:
   ``*_deleted``, ``*_pruned``, ``*_stopped`` 4 Delete; anything else 99 Other.
   ``type_uid`` = 600300 + activity_id.
 - ``status_id``/``status``: accepted and completed 1 Success; failed, aborted, rejected and
-  abandoned 2 Failure; ``*auth_failed*`` and ``*refused*`` admin events 2 Failure; other admin
-  events by ``data.result`` (text starting "fail" or "refused", or ``false``: 2), else 1 Success
+  abandoned 2 Failure; retried 99 Other (one node failed, the request went on elsewhere;
+  ``status_detail`` says so); ``*auth_failed*`` and ``*refused*`` admin events 2 Failure;
+  other admin events by ``data.result`` (text starting "fail" or "refused", or ``false``: 2), else 1 Success
   (the action was recorded as done). ``severity_id`` 1 Informational, 2 Low for failures.
 - ``actor.user.uid``: the record's actor (a key id such as ``key:k1``, an admin, ``cli:<user>``).
 - ``src_endpoint.ip`` / ``http_request.user_agent``: the record's ``data.client_ip`` /
@@ -47,6 +48,8 @@ _VERBS = (
     (4, ("revoked", "removed", "deleted", "pruned", "stopped")),
 )
 _REQUEST_FAILURES = frozenset({"failed", "aborted", "rejected", "abandoned"})
+_REQUEST_OTHER = frozenset({"retried"})
+STATUS_NAMES = {1: "Success", 2: "Failure", 99: "Other"}
 _MAPPED_DATA = ("client_ip", "user_agent")
 
 
@@ -62,7 +65,7 @@ def activity_id(event_type: str) -> int:
 
 def status_id(event_type: str, data: dict[str, Any]) -> int:
     if event_type in REQUEST_EVENT_TYPES:
-        return 2 if event_type in _REQUEST_FAILURES else 1
+        return 2 if event_type in _REQUEST_FAILURES else 99 if event_type in _REQUEST_OTHER else 1
     if "auth_failed" in event_type or "refused" in event_type:
         return 2
     result = data.get("result")
@@ -87,13 +90,15 @@ def ocsf_event(record: AuditRecord, pruned_at: str | None) -> dict[str, Any]:
         "type_uid": CLASS_UID * 100 + activity, "type_name": f"API Activity: {ACTIVITY_NAMES[activity]}",
         "time": time_ms,
         "severity_id": 2 if status == 2 else 1, "severity": "Low" if status == 2 else "Informational",
-        "status_id": status, "status": "Failure" if status == 2 else "Success",
+        "status_id": status, "status": STATUS_NAMES[status],
         "actor": {"user": {"uid": record.actor}},
         "api": {"operation": record.event_type},
         "cloud": {"provider": "on-premises"},
         "metadata": {"version": OCSF_VERSION, "product": dict(PRODUCT), "log_name": record.stream,
                      "sequence": record.seq, "logged_time": time_ms},
     }
+    if status == 99:
+        event["status_detail"] = "attempt on one node failed; the request was retried on another"
     if record.request_id is not None:
         event["metadata"]["uid"] = record.request_id
         event["api"]["request"] = {"uid": record.request_id}

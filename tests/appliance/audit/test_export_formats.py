@@ -24,7 +24,7 @@ from appliance.audit.record import REQUEST_EVENT_TYPES
 
 # event type -> (OCSF activity_id, status_id) as documented in appliance/audit/ocsf.py
 REQUEST_EXPECTED = {"accepted": (1, 1), "completed": (1, 1), "failed": (1, 2), "aborted": (1, 2),
-                    "rejected": (1, 2), "abandoned": (1, 2)}
+                    "rejected": (1, 2), "abandoned": (1, 2), "retried": (1, 99)}
 ADMIN_EXPECTED = {
     "admin.key_issued": (1, 1), "admin.tenant_created": (1, 1), "admin.appliance_started": (1, 1),
     "admin.audit_exported": (2, 1), "admin.audit_verified": (2, 2),  # data.result "failed: ..."
@@ -79,7 +79,7 @@ def test_ocsf_maps_every_event_type(every_event: AuditLog, tmp_path: Path) -> No
             assert (event["class_uid"], event["category_uid"]) == (6003, 6)
             assert (event["activity_id"], event["status_id"]) == (activity, status), record["event_type"]
             assert event["type_uid"] == 600300 + activity
-            assert event["status"] == ("Success" if status == 1 else "Failure")
+            assert event["status"] == {1: "Success", 2: "Failure", 99: "Other"}[status]
             moment = datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
             assert event["time"] == int(moment.timestamp() * 1000)
             assert event["actor"] == {"user": {"uid": record["actor"]}}
