@@ -6,7 +6,9 @@ SIEM reads, another appliance's inbox)::
     <directory>/<tree>/<size>.checkpoint   the signed note, exactly as signed (plus cosignatures)
     <directory>/<tree>/latest              a copy of the newest note of that tree
 
-Every file is written atomically (temp file, fsync, rename, fsync of the directory). A file is
+The directory itself must exist (it is never created: an unmounted medium's empty mount point
+would otherwise quietly fill the local disk); tree folders are created in it. Every file is
+written atomically (temp file, fsync, rename, fsync of the directory). A file is
 never replaced by a note with a different checkpoint body: two different roots for one size of
 one tree is a split view, the very thing publication exists to expose, so it is refused
 (``SplitViewError``) and logged at CRITICAL. A note with the same body may only *add* signature
@@ -20,6 +22,7 @@ stays bounded by the number of trees) and retries.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -90,8 +93,11 @@ def write_checkpoint(directory: Path, tree: str, note_text: str) -> bool:
         size = SignedNote.parse(note_text).checkpoint().size
     except NoteError as exc:
         raise ValueError(f"checkpoint of tree {tree!r}: {exc}") from None
+    if not directory.is_dir():
+        # Never created here: an unmounted medium's mount point would silently fill the local disk.
+        raise FileNotFoundError(errno.ENOENT, "publish directory missing (not mounted?)", str(directory))
     tree_dir = directory / tree
-    tree_dir.mkdir(parents=True, exist_ok=True)
+    tree_dir.mkdir(exist_ok=True)
     path = tree_dir / f"{size}{SUFFIX}"
     text = note_text
     if path.exists():

@@ -35,6 +35,7 @@ def key_path(tmp_path: Path) -> Path:
 def _published_log(tmp_path: Path, url: str, key_path: Path, n: int) -> Path:
     """A log of ``n`` records in one stream whose every checkpoint was published while it ran."""
     pub = tmp_path / "pub"
+    pub.mkdir()
     publisher = CheckpointPublisher(pub)
     log = AuditLog(url, key_path, checkpoint_every=4, on_checkpoints=publisher)
     fill(log, n)

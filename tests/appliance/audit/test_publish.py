@@ -25,6 +25,7 @@ def _log(tmp_path: Path, **kwargs: object) -> AuditLog:
 
 
 def test_every_checkpoint_is_published_as_signed_and_latest_is_the_newest(tmp_path: Path) -> None:
+    (tmp_path / "pub").mkdir()
     publisher = CheckpointPublisher(tmp_path / "pub")
     log = _log(tmp_path, checkpoint_every=4, on_checkpoints=publisher)
     fill(log, 10, stream="acme")
@@ -51,6 +52,7 @@ def test_a_different_checkpoint_for_a_published_size_is_a_split_view_and_never_r
     fill(other, 3, tag="other")
     forged = other.checkpoint()[0]
     other.close()
+    (tmp_path / "pub").mkdir()
     write_checkpoint(tmp_path / "pub", real.tree, real.note)
     path = tmp_path / "pub" / real.tree / f"{real.size}.checkpoint"
     with pytest.raises(SplitViewError, match="split view"):
@@ -76,6 +78,7 @@ def test_a_cosignature_is_merged_into_the_published_note_and_latest_never_moves_
     note = SignedNote.parse(big.note)
     cosigned = note.with_signature(witness.cosign(note.body, 1_700_000_000)).text()
     pub = tmp_path / "pub"
+    pub.mkdir()
     assert write_checkpoint(pub, big.tree, big.note)
     assert write_checkpoint(pub, big.tree, cosigned)
     assert not write_checkpoint(pub, big.tree, big.note)  # adds nothing: the file keeps both lines
@@ -85,26 +88,27 @@ def test_a_cosignature_is_merged_into_the_published_note_and_latest_never_moves_
     assert (pub / small.tree / "latest").read_text() == cosigned
 
 
-def test_unwritable_directory_never_blocks_the_log_keeps_memory_bounded_and_recovers(
+def test_missing_directory_never_blocks_the_log_is_never_created_stays_bounded_and_recovers(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    blocker = tmp_path / "media"
-    blocker.write_text("not a directory")  # the removable medium is missing: a file is in the way
-    publisher = CheckpointPublisher(blocker / "audit", max_pending=4, retry_s=0.05)
+    media = tmp_path / "media" / "audit"  # the removable medium is not mounted
+    publisher = CheckpointPublisher(media, max_pending=4, retry_s=0.05)
     log = _log(tmp_path, checkpoint_every=1, on_checkpoints=publisher)
     with caplog.at_level(logging.ERROR, logger="appliance.audit.publish"):
         for i in range(12):
             fill(log, 1, stream=("acme", "beta")[i % 2], tag=str(i))  # every append commits and is signed
         assert publisher.errors >= 2
         assert publisher.pending <= 4 + 3  # collapsed to the newest per tree (3 trees) plus a batch
+    assert not (tmp_path / "media").exists()  # nothing written to the mount point's disk
     messages = [r for r in caplog.records if "cannot be published" in r.getMessage()]
     assert len(messages) == 1  # once a minute, not once per attempt
-    blocker.unlink()
+    media.mkdir(parents=True)  # mounted
     fill(log, 1, stream="acme", tag="after")  # the next checkpoint wakes the publisher
     assert publisher.flush(30)
     newest = log.checkpoints(GLOBAL_TREE)[-1]
     log.close()
     publisher.stop()
-    assert (blocker / "audit" / GLOBAL_TREE / "latest").read_text() == newest.note
+    assert (media / GLOBAL_TREE / "latest").read_text() == newest.note
+    assert (media / "acme" / "latest").read_text() == _log(tmp_path).checkpoints("acme")[-1].note
 
 
 def test_audit_settings_from_appliance_yaml(tmp_path: Path) -> None:

@@ -271,6 +271,7 @@ def test_anchoring_publishes_and_gets_cosignatures_on_its_own_threads(
         log: AuditLog, witness: Witness, tmp_path: Path, url: str, key_path: Path) -> None:
     log.close()
     pub = tmp_path / "pub"
+    pub.mkdir()
     anchoring = Anchoring(publish_dir=pub, witness=WitnessClient(witness.url, witness.vkey, timeout_s=30),
                           witness_interval_s=0.2)
     running = AuditLog(url, key_path, checkpoint_every=5, checkpoint_interval_s=0.2,
