@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -45,6 +44,7 @@ from appliance.audit.canonical import format_ts
 from appliance.audit.errors import AuditError
 from appliance.audit.holds import HoldStore, held_clause
 from appliance.audit.log import AuditLog
+from appliance.audit.prune_check import unaccounted_prunes as check_prunes
 from appliance.audit.record import ADMIN_STREAM
 from appliance.audit.schema import WRITE_OPTION, audit_events, metadata
 from policies import PolicySet
@@ -269,27 +269,10 @@ def _pruned_by(conn: Connection, run: Any) -> tuple[int, int | None]:
     return int(row[0] or 0), None if row[1] is None else int(row[1])
 
 
+
 def unaccounted_prunes(engine: Engine, *, limit: int = 10) -> list[str]:
-    """Pruned records that no signed ``admin.audit_prune_started`` accounts for (same tenant,
-    seq inside its range, same ``pruned_at``): a body erased behind the log's back. The chain
-    walk cannot see this (a pruned record's hash is not recomputed); this check can."""
-    ev = audit_events.c
-    ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    problems: list[str] = []
+    """Pruned records that no signed ``admin.audit_prune_started`` accounts for (see
+    ``prune_check``), described one per line."""
     with engine.connect() as conn:
-        intents = conn.execute(select(ev.tenant, ev.data).where(
-            ev.stream == ADMIN_STREAM, ev.event_type == "admin.audit_prune_started")).all()
-        for intent in intents:
-            data = json.loads(intent.data)
-            key = (str(intent.tenant), str(data.get("pruned_at")))
-            ranges.setdefault(key, []).append((int(data["first_seq"]), int(data["last_seq"])))
-        pruned = conn.execute(select(ev.stream, ev.seq, ev.pruned_at).where(ev.pruned_at.is_not(None))
-                              .order_by(ev.stream, ev.seq))
-        for row in pruned.yield_per(5000):
-            spans = ranges.get((row.stream, row.pruned_at), [])
-            if not any(a <= row.seq <= b for a, b in spans):
-                problems.append(f"{row.stream} seq {row.seq}: expected a signed admin.audit_prune_started "
-                                f"covering it (pruned_at {row.pruned_at}), found none")
-                if len(problems) >= limit:
-                    break
-    return problems
+        return [f.describe() if f.stream is None else f"{f.stream} {f.describe()}"
+                for f in check_prunes(conn, limit=limit)]

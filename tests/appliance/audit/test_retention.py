@@ -289,8 +289,8 @@ def test_a_body_erased_behind_the_logs_back_is_not_accounted_for(audit_log: Audi
             {"p": rows(audit_log, "acme")[0][2]})
     assert audit_log.verify().ok  # what the chain alone cannot show
     assert unaccounted_prunes(audit_log.engine) == [
-        "acme seq 5: expected a signed admin.audit_prune_started covering it "
-        f"(pruned_at {rows(audit_log, 'acme')[0][2]}), found none"]
+        "acme seq 5: pruned: expected a signed admin.audit_prune_started covering it "
+        f"(pruned_at {rows(audit_log, 'acme')[0][2]}), found none: the body was removed outside retention"]
 
 
 # -- the commands (appliance audit prune|hold|shred|show-content) on an install root ------------
