@@ -6,7 +6,8 @@ checkpoint that left the box (a publish directory, a witness's state, any direct
 checkpoint files) or that a witness cosigned fixes the tree at its size for good. The checks,
 in this order:
 
-1. every anchor file parses as a signed note; notes of other logs are skipped (listed);
+1. every anchor (a file, or a checkpoint fetched from a witness) parses as a signed note; notes
+   of other logs are skipped (listed);
 2. each anchor of this log carries a valid signature of the audit key (a planted file fails);
 3. each anchored tree is in the database with at least the anchored size, and the root of its
    first ``size`` records, recomputed from the records, is the anchored root;
@@ -119,13 +120,15 @@ def _anchor_files(directory: Path) -> list[Path]:
 
 
 def verify_anchors(engine: Engine, public_key: Ed25519PublicKey, anchor_dirs: Sequence[Path], *,
-                   witness_keys: Sequence[str] = (), require_witness: bool = False) -> AnchorReport:
+                   witness_keys: Sequence[str] = (), require_witness: bool = False,
+                   extra_notes: Sequence[tuple[str, str]] = ()) -> AnchorReport:
     """Check the database against every anchor (see the module docstring); a value, never raises
-    for tampering. ``AnchorInputError`` when an input is unusable."""
+    for tampering. ``extra_notes``: (where, signed note text) anchors obtained otherwise, e.g.
+    fetched from a witness. ``AnchorInputError`` when an input is unusable."""
     witnesses = _witness_verifiers(witness_keys)
     if require_witness and not witnesses:
         raise AnchorInputError("require_witness: expected at least one witness key, found none")
-    if not anchor_dirs and not witnesses:
+    if not anchor_dirs and not witnesses and not extra_notes:
         raise AnchorInputError("anchors: expected an anchor directory or a witness key, found neither")
     prefix = log_key_name(public_key) + "/"
     log_key = log_verifier(public_key)
@@ -133,26 +136,34 @@ def verify_anchors(engine: Engine, public_key: Ed25519PublicKey, anchor_dirs: Se
     skipped: list[str] = []
     found: dict[tuple[str, int, bytes], list[str]] = {}
     cosigns: dict[tuple[str, int, bytes], dict[str, int]] = {}
+    sources: list[tuple[str, str | None]] = []  # (where, note text; None: unreadable)
     for directory in anchor_dirs:
         for path in _anchor_files(Path(directory)):
             try:
-                note = SignedNote.parse(path.read_text(encoding="utf-8"))
-                body = note.checkpoint()
-            except (NoteError, UnicodeDecodeError, OSError) as exc:
-                failures.append(AnchorFailure("1 anchor parses", None, None, "a C2SP signed checkpoint", str(exc),
-                                              str(path)))
-                continue
-            if not body.origin.startswith(prefix):
-                skipped.append(f"{path} (origin {body.origin})")
-                continue
-            tree = body.origin[len(prefix):]
-            if not note.signed_by(log_key):
-                failures.append(AnchorFailure("2 anchor signature", tree, body.size,
-                                              f"a signature of {log_key.name}", "none that verifies", str(path)))
-                continue
-            key = (tree, body.size, body.root)
-            found.setdefault(key, []).append(str(path))
-            _note_cosignatures(note, witnesses, cosigns.setdefault(key, {}))
+                sources.append((str(path), path.read_text(encoding="utf-8")))
+            except (UnicodeDecodeError, OSError):
+                sources.append((str(path), None))
+    sources.extend(extra_notes)
+    for where, text in sources:
+        try:
+            if text is None:
+                raise NoteError("an unreadable file")
+            note = SignedNote.parse(text)
+            body = note.checkpoint()
+        except NoteError as exc:
+            failures.append(AnchorFailure("1 anchor parses", None, None, "a C2SP signed checkpoint", str(exc), where))
+            continue
+        if not body.origin.startswith(prefix):
+            skipped.append(f"{where} (origin {body.origin})")
+            continue
+        tree = body.origin[len(prefix):]
+        if not note.signed_by(log_key):
+            failures.append(AnchorFailure("2 anchor signature", tree, body.size,
+                                          f"a signature of {log_key.name}", "none that verifies", where))
+            continue
+        key = (tree, body.size, body.root)
+        found.setdefault(key, []).append(where)
+        _note_cosignatures(note, witnesses, cosigns.setdefault(key, {}))
     with engine.connect() as conn, conn.begin():
         failures.extend(_database_cosignatures(conn, public_key, witnesses, found, cosigns))
         anchors = [Anchor(t, s, r, tuple(src), tuple(sorted(cosigns.get((t, s, r), {}))),

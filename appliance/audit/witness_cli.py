@@ -22,9 +22,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
 from appliance.audit.anchor_verify import verify_anchors
-from appliance.audit.checkpoint import log_verifier
+from appliance.audit.checkpoint import GLOBAL_TREE, log_verifier, origin_of
+from appliance.audit.checkpointing import stream_names
 from appliance.audit.db_verify import verify_database
 from appliance.audit.errors import AuditError
 from appliance.audit.keys import AuditKeys, public_key_from_pem
@@ -37,6 +39,7 @@ from appliance.audit.witness import (
     load_witness_key,
     parse_vkey,
 )
+from appliance.audit.witness_client import WitnessClient
 from appliance.audit.witness_server import DEFAULT_MAX_BODY, WitnessServer, server_tls_context
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -53,17 +56,41 @@ def _public_key(key: Path | None, public_key: Path | None) -> Any:
     raise AuditError("expected --key or --public-key, found neither")
 
 
+def fetch_witness_checkpoints(engine: Engine, public_key: Any, clients: list[WitnessClient]) -> list[tuple[str, str]]:
+    """What each witness holds for this log's trees (``_all`` and every stream), as (where, note)."""
+    with engine.connect() as conn, conn.begin():
+        trees = [GLOBAL_TREE, *stream_names(conn, include_checkpointed=True)]
+    notes = []
+    for client in clients:
+        for tree in trees:
+            note = client.fetch_checkpoint(origin_of(public_key, tree))
+            if note is not None:
+                notes.append((f"witness {client.name} at {client.url}, tree {tree}", note.text()))
+    return notes
+
+
 def run_verify_anchors(db: str, *, key: Path | None = None, public_key: Path | None = None,
                        anchors: list[Path] | None = None, witness_keys: list[str] | None = None,
+                       witness_urls: list[str] | None = None, witness_ca: Path | None = None,
+                       witness_client_cert: Path | None = None, witness_client_key: Path | None = None,
                        require_witness: bool = False, as_json: bool = False, console: Console | None = None) -> int:
-    """Verify the database, then check it against ``anchors`` and witness cosignatures."""
+    """Verify the database, then check it against ``anchors``, witness cosignatures and what each
+    witness at ``witness_urls`` holds (the i-th URL is the witness of the i-th key)."""
     out, err = console or Console(), Console(stderr=True)
+    keys_given, urls = witness_keys or [], witness_urls or []
+    if len(urls) > len(keys_given):
+        err.print(f"audit verify-anchors: expected a --witness-key for each --witness-url, found {len(urls)} urls "
+                  f"and {len(keys_given)} keys", markup=False)
+        return EXIT_ERROR
     try:
         pub = _public_key(key, public_key)
         engine = make_engine(db, create=False)
         chains = verify_database(engine, pub)
-        report = verify_anchors(engine, pub, anchors or [], witness_keys=witness_keys or [],
-                                require_witness=require_witness)
+        clients = [WitnessClient(url, vkey, ca=witness_ca, client_cert=witness_client_cert,
+                                 client_key=witness_client_key) for url, vkey in zip(urls, keys_given, strict=False)]
+        fetched = fetch_witness_checkpoints(engine, pub, clients)
+        report = verify_anchors(engine, pub, anchors or [], witness_keys=keys_given,
+                                require_witness=require_witness, extra_notes=fetched)
     except (AuditError, OSError, ValueError) as exc:
         err.print(f"audit verify-anchors: {exc}", markup=False)
         return EXIT_ERROR
@@ -192,13 +219,22 @@ def verify_anchors_cmd(
         "--witness-key", help="Witness verifier key whose cosignatures count (repeatable)")] = None,
     require_witness: Annotated[bool, typer.Option(
         "--require-witness", help="Fail unless each witness cosigned a checkpoint of this log")] = False,
+    witness_url: Annotated[list[str] | None, typer.Option(
+        "--witness-url", help="Ask this witness (of the --witness-key at the same position) what it holds")] = None,
+    witness_ca: Annotated[Path | None, typer.Option("--witness-ca", help="CA of the witnesses' TLS")] = None,
+    witness_client_cert: Annotated[Path | None, typer.Option(
+        "--witness-client-cert", help="Client certificate for witnesses with mutual TLS")] = None,
+    witness_client_key: Annotated[Path | None, typer.Option(
+        "--witness-client-key", help="Its key")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="Audit signing key file")] = None,
     public_key: Annotated[Path | None, typer.Option("--public-key", help="Audit public key PEM")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Verify the log, then against checkpoints held off the box; exit 1 on any failure."""
-    raise typer.Exit(run_verify_anchors(db, key=key, public_key=public_key, anchors=anchor,
-                                        witness_keys=witness_key, require_witness=require_witness, as_json=as_json))
+    raise typer.Exit(run_verify_anchors(
+        db, key=key, public_key=public_key, anchors=anchor, witness_keys=witness_key, witness_urls=witness_url,
+        witness_ca=witness_ca, witness_client_cert=witness_client_cert, witness_client_key=witness_client_key,
+        require_witness=require_witness, as_json=as_json))
 
 
 def _fail(message: str) -> NoReturn:

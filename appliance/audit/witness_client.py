@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from sqlalchemy import Engine, func, insert, select
 
@@ -73,7 +73,7 @@ class WitnessClient:
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
-        self._path = parts.path.rstrip("/") + "/add-checkpoint"
+        self._prefix = parts.path.rstrip("/")
         self.timeout_s = timeout_s
         self._tls: ssl.SSLContext | None = None
         if self._https:
@@ -106,14 +106,34 @@ class WitnessClient:
                                          f"{self.verifier.text()}, found none")
         return cosigned
 
+    def fetch_checkpoint(self, origin: str) -> SignedNote | None:
+        """The newest checkpoint the witness cosigned for ``origin`` (``None`` if it holds none),
+        returned only when its cosignature verifies with this client's witness key."""
+        status, _, text = self._request("GET", self._prefix + "/checkpoint/" + quote(origin, safe=""), None)
+        if status == 404:
+            return None
+        if status != 200:
+            raise WitnessRefused(status, f"witness {self.name} answered {status}: {text.strip()[:300]}")
+        try:
+            note = SignedNote.parse(text)
+        except NoteError as exc:
+            raise WitnessRefused(status, f"witness {self.name}: expected a cosigned checkpoint, found {exc}") from None
+        if not note.signed_by(self.verifier):
+            raise WitnessRefused(status, f"witness {self.name}: expected its valid cosignature on the checkpoint "
+                                         f"of {origin}, found none")
+        return note
+
     def _post(self, body: bytes) -> tuple[int, str, str]:
+        return self._request("POST", self._prefix + "/add-checkpoint", body)
+
+    def _request(self, method: str, path: str, body: bytes | None) -> tuple[int, str, str]:
         conn: http.client.HTTPConnection
         if self._https:
             conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=self._tls)
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
         try:
-            conn.request("POST", self._path, body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
+            conn.request(method, path, body=body, headers={"Content-Type": "text/plain; charset=utf-8"})
             response = conn.getresponse()
             data = response.read(64 * 1024)
             return response.status, response.getheader("Content-Type") or "", data.decode("utf-8", "replace")

@@ -1,4 +1,5 @@
-"""The witness's HTTP(S) front: ``POST /add-checkpoint`` onto ``WitnessState``, nothing else.
+"""The witness's HTTP(S) front: ``POST /add-checkpoint`` onto ``WitnessState``, and
+``GET /checkpoint/<origin>`` for the newest checkpoint it cosigned (read-only).
 
 Standard library only (``http.server``): the witness is meant to run on a small separate box.
 Bodies are bounded (413 before reading a byte more than ``max_body``; 411 without a length),
@@ -14,6 +15,7 @@ import ssl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from appliance.audit.witness import Answer, WitnessError, WitnessState
 
@@ -83,7 +85,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        self._send(Answer(404, "expected POST /add-checkpoint, found GET\n"))
+        """``GET /checkpoint/<origin, percent-encoded>``: the newest checkpoint cosigned for it
+        (the log's note plus the cosignature), so a verifier can anchor to what the witness holds."""
+        prefix = "/checkpoint/"
+        origin = unquote(self.path[len(prefix):]) if self.path.startswith(prefix) else ""
+        if not origin or "/" in self.path[len(prefix):]:
+            self._send(Answer(404, f"expected GET /checkpoint/<origin, percent-encoded>, found {self.path[:80]}\n"))
+            return
+        path = self.server.state.path_of(origin)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self._send(Answer(404, f"no checkpoint cosigned for origin {origin[:200]!r}\n"))
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("witness state %s unreadable: %s", path, exc)
+            self._send(Answer(500, "witness state unreadable; see the witness log\n"))
+            return
+        self._send(Answer(200, text))
 
     def do_POST(self) -> None:
         if self.path != "/add-checkpoint":

@@ -318,3 +318,24 @@ def test_witness_streams_gets_every_tree_cosigned(log: AuditLog, witness: Witnes
     assert [tuple(r) for r in rows] == [(GLOBAL_TREE, 6), ("acme", 4), ("beta", 2)]
     assert sorted(p.name for p in (witness.state / "logs").iterdir()) == sorted(
         f"sovereign-audit%2F{log.keys.key_id[:16]}%2F{t}.checkpoint" for t in (GLOBAL_TREE, "acme", "beta"))
+
+
+def test_asking_the_witness_catches_a_cut_that_the_stored_cosignatures_no_longer_show(
+        log: AuditLog, witness: Witness, url: str, key_path: Path) -> None:
+    submitter = _submitter(log, witness)
+    fill(log, 5)
+    submitter.submit_now(_newest(log))
+    fill(log, 5)
+    submitter.submit_now(_newest(log))  # the witness holds 10
+    log.close()
+    cut_to(url, 7)  # the insider also deletes the cosignature of size 10 and keeps the one of size 5
+    resigned = AuditLog(url, key_path, checkpoint_every=None)
+    resigned.checkpoint()
+    resigned.close()
+    assert run_verify_anchors(url, key=key_path, witness_keys=[witness.vkey], require_witness=True) == 0
+    assert run_verify_anchors(url, key=key_path, witness_keys=[witness.vkey], witness_urls=[witness.url],
+                              require_witness=True) == 1
+    held = WitnessClient(witness.url, witness.vkey).fetch_checkpoint(f"sovereign-audit/{log.keys.key_id[:16]}/_all")
+    assert held is not None and held.checkpoint().size == 10
+    assert WitnessClient(witness.url, witness.vkey).fetch_checkpoint("sovereign-audit/unknown/_all") is None
+    assert run_verify_anchors(url, key=key_path, witness_urls=[witness.url]) == 2  # a URL needs its key
