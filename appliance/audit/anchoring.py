@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.audit.checkpoint import GLOBAL_TREE, Checkpoint
+from appliance.audit.checkpointing import latest_checkpoint, stream_names
 from appliance.audit.publish import CheckpointPublisher
 from appliance.audit.witness_client import WitnessClient, WitnessSubmitter
 from appliance.config import ApplianceConfig, AuditAnchorSettings
@@ -68,9 +69,11 @@ class Anchoring:
     def start(self, audit_log: AuditLog) -> None:
         if self.publisher is not None:
             self.publisher.start()
-            # checkpoints signed before this process hooked in (the last run's, or by the CLI)
-            self.publisher([cp for tree in [GLOBAL_TREE, *audit_log.streams()]
-                            for cp in audit_log.checkpoints(tree)[-1:]])
+            # the newest checkpoint of each tree signed before this process hooked in (the last
+            # run's, or the CLI's): one query per tree, never the whole history
+            with audit_log.engine.connect() as conn, conn.begin():
+                newest = [latest_checkpoint(conn, tree) for tree in [GLOBAL_TREE, *stream_names(conn)]]
+            self.publisher([cp for cp in newest if cp is not None])
         if self.witness is not None and self.submitter is None:
             on_cosigned = None if self.publisher is None else self.publisher.publish_cosigned
             self.submitter = WitnessSubmitter(audit_log.engine, self.witness, interval_s=self.witness_interval_s,

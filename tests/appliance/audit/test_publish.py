@@ -143,3 +143,19 @@ def test_audit_settings_from_appliance_yaml(tmp_path: Path) -> None:
         Anchoring.from_config(settings)  # the key text above is not a real verifier key
     anchoring = Anchoring.from_config(AuditAnchorSettings(publish_dir=tmp_path / "pub"))
     assert anchoring.enabled and anchoring.witness is None
+
+
+def test_anchoring_publishes_at_start_what_was_signed_before_it_hooked_in(tmp_path: Path) -> None:
+    before = _log(tmp_path, checkpoint_every=None)  # the CLI, or the previous run without publication
+    fill(before, 3, stream="acme")
+    fill(before, 2, stream="beta")
+    signed = before.checkpoint()
+    before.close()
+    (tmp_path / "pub").mkdir()
+    anchoring = Anchoring(publish_dir=tmp_path / "pub")
+    log = _log(tmp_path, on_checkpoints=anchoring.on_checkpoints)
+    anchoring.start(log)
+    anchoring.stop(30)
+    log.close()
+    assert {cp.tree: cp.note for cp in signed} == {
+        tree: (tmp_path / "pub" / tree / "latest").read_text() for tree in (GLOBAL_TREE, "acme", "beta")}
