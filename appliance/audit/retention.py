@@ -19,15 +19,18 @@ One run (``Pruner.run_once``), per tenant stream, in this order:
    pruned, cutoff, policy digest, ``pruned_at``), then the run row is closed.
 
 A crash between 2 and 4 leaves an ``admin.audit_prune_started`` with no ``admin.audit_pruned``
-(visible to anyone reading ``_admin``) and an open run row; the next run first closes it with an
-``admin.audit_pruned`` carrying ``"recovered": true`` and the count of records that run did
-prune (they carry its ``pruned_at``), then plans afresh.
+(visible to anyone reading ``_admin``) and an open run row. A run row open for less than
+``stale_after_s`` (10 minutes; a run is bounded by ``max_seconds``) may be another pruner's at
+work (a CLI run beside the appliance's own): the run does nothing and its report says so. An
+older one is closed with an ``admin.audit_pruned`` carrying ``"recovered": true`` and the count of
+records that run did prune (they carry its ``pruned_at``); then the run plans afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -40,7 +43,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Connection, Engine, String, Table, and_, func, not_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from appliance.audit.canonical import format_ts
+from appliance.audit.canonical import format_ts, utc_now_ts
 from appliance.audit.errors import AuditError
 from appliance.audit.holds import HoldStore, held_clause
 from appliance.audit.log import AuditLog
@@ -65,6 +68,7 @@ audit_prune_runs = Table(
     Column("policy_digest", String(80), nullable=False),
     Column("pruned_at", String(32), nullable=False),  # stamped on every record this run prunes
     Column("actor", String(256), nullable=False),
+    Column("started_at", String(32), nullable=False),  # wall clock, for telling a live run from a dead one
     Column("finished_at", String(32), nullable=True),
 )
 
@@ -91,6 +95,7 @@ class PruneReport:
     policy_digest: str
     tenants: list[TenantPrune] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # run ids closed after an interruption
+    skipped: str | None = None  # why nothing was done: another pruner is at work
 
     @property
     def pruned(self) -> int:
@@ -107,11 +112,12 @@ class Pruner:
     def __init__(
         self, log: AuditLog, policies: PolicySet | Callable[[], PolicySet], *, holds: HoldStore | None = None,
         batch_size: int = 1000, max_records: int = 100_000, max_seconds: float = 30.0,
-        actor: str = SYSTEM_ACTOR, now: Callable[[], datetime] | None = None,
+        actor: str = SYSTEM_ACTOR, now: Callable[[], datetime] | None = None, stale_after_s: float = 600.0,
     ) -> None:
-        if batch_size < 1 or max_records < 1 or max_seconds <= 0:
-            raise ValueError(f"batch_size >= 1, max_records >= 1, max_seconds > 0 expected, found "
-                             f"{batch_size}, {max_records}, {max_seconds}")
+        if batch_size < 1 or max_records < 1 or max_seconds <= 0 or stale_after_s <= 0:
+            raise ValueError(f"batch_size >= 1, max_records >= 1, max_seconds > 0, stale_after_s > 0 expected, "
+                             f"found {batch_size}, {max_records}, {max_seconds}, {stale_after_s}")
+        self.stale_after_s = stale_after_s
         self.log = log
         self.engine = log.engine
         self._policies = policies
@@ -163,7 +169,9 @@ class Pruner:
         report = PruneReport(dry_run, format_ts(now), policies.digest)
         try:
             if not dry_run:
-                report.recovered.extend(self._recover())
+                busy = self._recover(report.recovered)
+                if busy is not None:
+                    return dataclasses.replace(report, skipped=busy)
             deadline = time.monotonic() + self.max_seconds
             budget = self.max_records
             for tenant in self._tenant_streams():
@@ -212,7 +220,7 @@ class Pruner:
         with self.engine.begin() as conn:
             conn.execute(audit_prune_runs.insert().values(
                 id=run_id, tenant=tenant, first_seq=first, last_seq=last, cutoff=cutoff, policy_digest=digest,
-                pruned_at=pruned_at, actor=self.actor))
+                pruned_at=pruned_at, actor=self.actor, started_at=utc_now_ts()))
         self.log.append("admin.audit_prune_started", stream=ADMIN_STREAM, actor=self.actor, tenant=tenant,
                         data={**facts, "count": planned})
         count, end = 0, int(first) - 1
@@ -243,13 +251,19 @@ class Pruner:
 
     # -- interrupted runs ---------------------------------------------------------------------
 
-    def _recover(self) -> list[str]:
+    def _recover(self, closed: list[str]) -> str | None:
+        """Close the runs a crash left open (appending their ids to ``closed``); a run started
+        less than ``stale_after_s`` ago may be another pruner's, at work: then say so and do nothing."""
         r = audit_prune_runs.c
         with self.engine.connect() as conn:
             open_runs = conn.execute(
-                select(audit_prune_runs).where(r.finished_at.is_(None)).order_by(r.pruned_at)).all()
+                select(audit_prune_runs).where(r.finished_at.is_(None)).order_by(r.started_at)).all()
+            live_since = format_ts(datetime.now(UTC) - timedelta(seconds=self.stale_after_s))
+            live = [row for row in open_runs if row.started_at >= live_since]
+            if live:
+                return (f"another prune run is in progress ({live[0].id} of tenant {live[0].tenant}, started "
+                        f"{live[0].started_at}); a run left open longer than {self.stale_after_s:.0f} s is closed")
             counts = [_pruned_by(conn, row) for row in open_runs]
-        closed = []
         for row, (count, last) in zip(open_runs, counts, strict=True):
             log.warning("audit retention: closing prune run %s of tenant %s, interrupted after %d records",
                         row.id, row.tenant, count)
@@ -258,8 +272,7 @@ class Pruner:
                 "cutoff": row.cutoff, "policy_digest": row.policy_digest, "count": count,
                 "pruned_at": row.pruned_at, "recovered": True})
             closed.append(row.id)
-        return closed
-
+        return None
 
 def _pruned_by(conn: Connection, run: Any) -> tuple[int, int | None]:
     """How many records of ``run``'s range carry its ``pruned_at``, and the last of their seqs."""

@@ -4,7 +4,8 @@ Run on the appliance host with the install root (holding it is the trust anchor,
 ``appliance tenants``): the audit database, signing key, secrets and policies are found from
 ``ROOT/current/appliance.yaml``. Every change, and every viewing of sealed content, is an audit
 event on ``_admin`` with actor ``cli:<os user>``. Exit codes: 0 done, 1 refused for a reason
-the message gives (content shredded, hold not active), 2 the command could not run.
+the message gives (content shredded, hold not active, another prune at work), 2 the command
+could not run.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def run_prune(root: Path, *, dry_run: bool = False, as_json: bool = False, conso
             report = Pruner(opened.log, policies, actor=cli_actor()).run_once(dry_run=dry_run)
     except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "prune", exc)
+    if report.skipped is not None:
+        if as_json:
+            _print(out, True, report.to_dict(), "")
+        err.print(f"audit prune: nothing done: {report.skipped}", markup=False, highlight=False)
+        return EXIT_REFUSED
     table = Table(title=f"{'Would prune' if dry_run else 'Pruned'} {report.pruned} records (now {report.now})")
     for column in ("Tenant", "Keep days", "Cutoff", "Records", "Seqs", "Held", "Complete"):
         table.add_column(column)

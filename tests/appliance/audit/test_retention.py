@@ -193,7 +193,13 @@ def test_an_interrupted_run_is_closed_by_the_next(audit_log: AuditLog, tmp_path:
     assert admin_events(audit_log, "admin.audit_pruned") == []
     assert audit_log.verify().ok  # half-pruned is still a valid log
 
-    report = Pruner(audit_log, ps, batch_size=4, now=lambda: cut + timedelta(days=1)).run_once()
+    # at first it may be another pruner at work: nothing is done, and the report says why
+    busy = Pruner(audit_log, ps, batch_size=4, now=lambda: cut + timedelta(days=1)).run_once()
+    assert busy.skipped is not None and "another prune run is in progress" in busy.skipped
+    assert busy.pruned == 0 and admin_events(audit_log, "admin.audit_pruned") == []
+    time.sleep(0.05)
+    report = Pruner(audit_log, ps, batch_size=4, now=lambda: cut + timedelta(days=1), stale_after_s=0.01).run_once()
+    assert report.skipped is None
     recovered, finished = admin_events(audit_log, "admin.audit_pruned")
     assert recovered["recovered"] is True and report.recovered == [recovered["run_id"]]
     assert (recovered["count"], recovered["first_seq"], recovered["last_seq"]) == (4, 1, 4)
