@@ -73,7 +73,7 @@ class Verifier:
 
 
 def parse_verifier_key(text: str) -> Verifier:
-    parts = text.strip().split("+")
+    parts = text.strip().split("+", 2)
     if len(parts) != 3:
         raise NoteError(f"verifier key: expected <name>+<key id hex>+<base64 key>, found {text.strip()[:80]!r}")
     name, hex_id, blob = parts
