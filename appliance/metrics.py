@@ -49,6 +49,10 @@ class GatewayMetrics:
             "appliance_audit_free_bytes", "Free bytes on the filesystem of the audit store (data/).",
             registry=self.registry,
         )
+        self.audit_publish_errors = Counter(
+            "appliance_audit_publish_errors_total", "Checkpoint publications to audit.publish_dir that failed.",
+            registry=self.registry,
+        )
 
     def set_node_state(self, node: str, state: str) -> None:
         for name in NODE_STATES:

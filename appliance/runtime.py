@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ import torch
 
 from appliance.admins import bootstrap_admins
 from appliance.audit import AuditLog
+from appliance.audit.anchoring import Anchoring
 from appliance.config import ApplianceConfig, load_config
 from appliance.db import open_database
 from appliance.diskguard import DiskGuard
@@ -62,6 +63,7 @@ class Runtime:
     nodes: NodeRegistry
     fleet: Fleet
     run: RunMarker  # this run's id, pid and start, as written to DATA_DIR/appliance.run
+    anchoring: Anchoring = field(default_factory=Anchoring)  # checkpoints published / witnessed off the box
 
     @property
     def run_id(self) -> str:
@@ -73,7 +75,9 @@ class Runtime:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.data_dir.chmod(0o700)
         db = open_database(config.db_url)
-        audit = AuditLog(config.db_url, config.audit_key_path)
+        anchoring = Anchoring.from_config(config)
+        audit = AuditLog(config.db_url, config.audit_key_path, on_checkpoints=anchoring.on_checkpoints)
+        anchoring.start(audit)
         tenants = TenantStore(db)
         policies = load_policy_set(config.policies_dir)
         run = RunMarker.new()
@@ -81,11 +85,16 @@ class Runtime:
         begin_run(audit, lambda: [t.name for t in tenants.list_tenants(include_deleted=True)],
                   marker_path(config.data_dir), run)
         try:
-            return cls._build(config, db, audit, tenants, policies, run, engine_overrides)
+            runtime = cls._build(config, db, audit, tenants, policies, run, engine_overrides)
         except BaseException:
             # nothing was served: the next start is no unclean shutdown of this one
+            anchoring.stop(5)
             remove_marker(marker_path(config.data_dir), run)
             raise
+        runtime.anchoring = anchoring
+        if anchoring.publisher is not None:
+            anchoring.publisher.on_error = runtime.service.metrics.audit_publish_errors.inc
+        return runtime
 
     @classmethod
     def _build(cls, config: ApplianceConfig, db: sa.Engine, audit: AuditLog, tenants: TenantStore,
@@ -142,6 +151,7 @@ class Runtime:
         self.audit.append("admin.appliance_stopped", stream="_admin", actor="appliance",
                           data={"version": self.config.version, "run_id": self.run_id})
         self.audit.checkpoint()
+        self.anchoring.stop()
         # after the final records: the next start sees a clean stop
         remove_marker(marker_path(self.config.data_dir), self.run)
         # Close every pooled connection: SQLite then merges its write-ahead log into the database

@@ -105,7 +105,6 @@ class GroupWriter:
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._closed = False
         self.batches = 0
         self.events = 0
 
@@ -113,19 +112,16 @@ class GroupWriter:
 
     def submit(self, item: Pending | CheckpointRequest) -> None:
         with self._lock:
-            if self._closed:
-                raise AuditError("audit log is closed: nothing recorded")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
                 self._thread.start()
             self._queue.put(item)
 
     def close(self) -> None:
+        """Commit what is queued, sign what grew, stop the thread. A later append starts a new one
+        (a runtime that is stopped and started again keeps its log)."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            thread = self._thread
+            thread, self._thread = self._thread, None
             if thread is not None:
                 self._queue.put(None)
         if thread is not None:
