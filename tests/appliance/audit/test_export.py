@@ -333,3 +333,25 @@ def test_bad_format_and_proof_mode_are_refused(audit_log: AuditLog, tmp_path: Pa
     with pytest.raises(AuditError, match="proofs: expected one of"):
         export_stream(audit_log, "acme", None, None, tmp_path / "x.tar", proofs="some")
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_range_proof_fails_on_a_forged_edge_or_proof_even_when_re_signed(audit_log: AuditLog, tmp_path: Path) -> None:
+    """The range proof stands on its own: a manifest re-signed by the key holder with another tree
+    edge or consistency proof still does not put the records in the signed tree."""
+    fill(audit_log, "acme", 11)
+    records = audit_log.query("acme")
+    tar = export_stream(audit_log, "acme", records[4].ts, records[7].ts, tmp_path / "slice.tar")
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    original = _read(tar)
+    manifest = json.loads(original["manifest.json"])
+    assert (manifest["first_seq"], manifest["last_seq"]) == (5, 7)
+    assert len(manifest["tree_edge"]) == 1 and manifest["consistency_proof"]  # 4 leaves before; 7 -> 11
+    for field in ("tree_edge", "consistency_proof"):
+        forged = dict(manifest, **{field: ["00" * 32, *manifest[field][1:]]})
+        members = dict(original)
+        members["manifest.json"] = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+        members["manifest.sig"] = audit_log.keys.sign(members["manifest.json"]).encode()
+        _write(tar, members)
+        failed = _failed(tar, pem)
+        assert set(failed) == {"range proof"}, (field, failed)
