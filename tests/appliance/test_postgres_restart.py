@@ -24,11 +24,12 @@ from tests.pg import PostgresUnavailable, ThrowawayCluster
 def own_server() -> Iterator[tuple[ThrowawayCluster, str]]:
     try:
         cluster = ThrowawayCluster()
-        url = cluster.start()
     except PostgresUnavailable as exc:
         pytest.skip(f"no PostgreSQL cluster of our own to restart: {exc}")
     try:
-        yield cluster, url
+        yield cluster, cluster.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL cluster of our own to restart: {exc}")
     finally:
         cluster.stop()
 
