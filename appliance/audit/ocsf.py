@@ -7,10 +7,12 @@ object per line (canonical JSON), for a SIEM. The mapping:
 - ``activity_id``: a tenant request event (accepted, completed, failed, aborted, rejected,
   abandoned, retried) is 1 Create -- each is a stage of one ``POST`` that creates a completion. An
   ``admin.*`` / ``installer.*`` event by the verb its name ends with: ``*_created``,
-  ``*_issued``, ``*_added``, ``*_started`` 1 Create; ``*_exported``, ``*_verified``, ``*_read``,
-  ``*_listed`` 2 Read; ``*_updated``, ``*_changed``, ``*_rotated``, ``*_migrated``,
-  ``*_drained``, ``*_undrained``, ``*_released`` 3 Update; ``*_revoked``, ``*_removed``,
-  ``*_deleted``, ``*_pruned``, ``*_stopped`` 4 Delete; anything else 99 Other.
+  ``*_issued``, ``*_added``, ``*_started`` 1 Create; ``*_exported``, ``*_verified``,
+  ``*_viewed``, ``*_read``, ``*_listed`` 2 Read; ``*_updated``, ``*_changed``, ``*_rotated``,
+  ``*_migrated``, ``*_drained``/``*_draining``, ``*_undrained``, ``*_released``, ``*_disabled``,
+  ``*_enabled`` 3 Update; ``*_revoked``, ``*_removed``, ``*_deleted``, ``*_pruned``,
+  ``*_shredded``, ``*_stopped`` 4 Delete; anything else (``auth_failed``, ``unclean_shutdown``,
+  ``installer.<action>``, ...) 99 Other.
   ``type_uid`` = 600300 + activity_id.
 - ``status_id``/``status``: accepted and completed 1 Success; failed, aborted, rejected and
   abandoned 2 Failure; retried 99 Other (one node failed, the request went on elsewhere;
@@ -43,9 +45,10 @@ PRODUCT = {"name": "Sovereign Inference Appliance", "vendor_name": "Sovereign Ap
 ACTIVITY_NAMES = {0: "Unknown", 1: "Create", 2: "Read", 3: "Update", 4: "Delete", 99: "Other"}
 _VERBS = (
     (1, ("created", "issued", "added", "started")),
-    (2, ("exported", "verified", "read", "listed")),
-    (3, ("updated", "changed", "rotated", "migrated", "drained", "undrained", "released")),
-    (4, ("revoked", "removed", "deleted", "pruned", "stopped")),
+    (2, ("exported", "verified", "viewed", "read", "listed")),
+    (3, ("updated", "changed", "rotated", "migrated", "drained", "draining", "undrained", "released", "disabled",
+         "enabled")),
+    (4, ("revoked", "removed", "deleted", "pruned", "shredded", "stopped")),
 )
 _REQUEST_FAILURES = frozenset({"failed", "aborted", "rejected", "abandoned"})
 _REQUEST_OTHER = frozenset({"retried"})

@@ -25,13 +25,21 @@ from appliance.audit.record import REQUEST_EVENT_TYPES
 # event type -> (OCSF activity_id, status_id) as documented in appliance/audit/ocsf.py
 REQUEST_EXPECTED = {"accepted": (1, 1), "completed": (1, 1), "failed": (1, 2), "aborted": (1, 2),
                     "rejected": (1, 2), "abandoned": (1, 2), "retried": (1, 99)}
-ADMIN_EXPECTED = {
-    "admin.key_issued": (1, 1), "admin.tenant_created": (1, 1), "admin.appliance_started": (1, 1),
+ADMIN_EXPECTED = {  # every admin event type the appliance writes today (grep "admin." in appliance/)
+    "admin.admin_created": (1, 1), "admin.key_issued": (1, 1), "admin.tenant_created": (1, 1),
+    "admin.node_added": (1, 1), "admin.appliance_started": (1, 1), "admin.audit_hold_added": (1, 1),
+    "admin.audit_prune_started": (1, 1),
     "admin.audit_exported": (2, 1), "admin.audit_verified": (2, 2),  # data.result "failed: ..."
+    "admin.audit_content_viewed": (2, 1),
     "admin.tenant_updated": (3, 1), "admin.policy_changed": (3, 1), "admin.admin_token_migrated": (3, 1),
-    "admin.key_revoked": (4, 1), "admin.admin_token_removed": (4, 1), "admin.appliance_stopped": (4, 1),
-    "admin.auth_failed": (99, 2), "admin.request_refused": (99, 2), "admin.unclean_shutdown": (99, 1),
-    "installer.install": (99, 1),
+    "admin.key_rotated": (3, 1), "admin.admin_disabled": (3, 1), "admin.node_draining": (3, 1),
+    "admin.node_undrained": (3, 1), "admin.audit_hold_released": (3, 1),
+    "admin.key_revoked": (4, 1), "admin.admin_token_removed": (4, 1), "admin.tenant_deleted": (4, 1),
+    "admin.node_removed": (4, 1), "admin.audit_pruned": (4, 1), "admin.tenant_key_shredded": (4, 1),
+    "admin.appliance_stopped": (4, 1),
+    "admin.auth_failed": (99, 2), "admin.auth_failed_summary": (99, 2), "admin.request_refused": (99, 2),
+    "admin.request_refused_summary": (99, 2), "admin.unclean_shutdown": (99, 1),
+    "installer.install": (99, 1), "installer.rollback": (99, 2),  # data.result "failed"
 }
 
 
@@ -58,6 +66,8 @@ def every_event(audit_log: AuditLog) -> AuditLog:
         audit_log.append(event_type, stream="acme", actor="key:k1", request_id=f"req-{i}", data=data)
     for event_type in ADMIN_EXPECTED:
         data = {"result": "failed: acme seq 3 hash"} if event_type == "admin.audit_verified" else {"x": 1}
+        if event_type == "installer.rollback":
+            data = {"result": "failed"}
         audit_log.append(event_type, stream="_admin", actor="admin:alice", tenant="acme", data=data)
     return audit_log
 
