@@ -17,6 +17,7 @@ cleanly (``reconcile.py``); the journal import, the admin bootstrap and the node
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ import torch
 from appliance.admins import bootstrap_admins
 from appliance.audit import AuditLog
 from appliance.audit.anchoring import Anchoring
+from appliance.audit.content import MASTER_KEY_FILE, ContentSealer
+from appliance.audit.retention import Pruner
 from appliance.config import ApplianceConfig, load_config
 from appliance.db import open_database
 from appliance.diskguard import DiskGuard
@@ -48,6 +51,7 @@ from engine import AsyncEngine, EngineConfig, RemoteEngine
 from policies import PolicySet, load_policy_set
 
 log = logging.getLogger(__name__)
+PRUNE_INTERVAL_S = 3600.0  # retention runs hourly (each run bounded: see audit/retention.py)
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Runtime:
     nodes: NodeRegistry
     fleet: Fleet
     run: RunMarker  # this run's id, pid and start, as written to DATA_DIR/appliance.run
+    pruner: Pruner | None = None  # retention: prunes old tenant record bodies every hour while serving
+    prune_task: asyncio.Task[None] | None = None
     anchoring: Anchoring = field(default_factory=Anchoring)  # checkpoints published / witnessed off the box
 
     @property
@@ -130,8 +136,10 @@ class Runtime:
         service = ChatService(
             fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
             usage=usage, disk=disk, run_id=run.run_id,
+            sealer=ContentSealer(audit, config.secrets_dir / MASTER_KEY_FILE),
         )
-        return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet, run)
+        return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet, run,
+                   Pruner(audit, policies))
 
     async def start(self) -> None:
         if self.engine is not None:
@@ -141,6 +149,8 @@ class Runtime:
                           data={"version": self.config.version, "bundle_digest": self.config.bundle_digest,
                                 "node": self.config.node.name, "model": self.config.model_name,
                                 "run_id": self.run_id, "pid": self.run.pid, "policy_digest": self.policies.digest})
+        if self.pruner is not None:
+            self.prune_task = asyncio.create_task(self.pruner.run_every(PRUNE_INTERVAL_S), name="audit-prune")
 
     async def stop(self) -> None:
         await self.service.drain()
@@ -148,6 +158,11 @@ class Runtime:
         if self.engine is not None:
             await self.engine.shutdown()
         self.service.close()
+        if self.pruner is not None:
+            self.pruner.stop()
+        task, self.prune_task = self.prune_task, None
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            await task  # ends after the batch in progress and its done record
         self.audit.append("admin.appliance_stopped", stream="_admin", actor="appliance",
                           data={"version": self.config.version, "run_id": self.run_id})
         self.audit.checkpoint()

@@ -28,6 +28,7 @@ import asyncio
 import contextvars
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -40,6 +41,7 @@ import httpx
 
 from appliance.admission import AdmissionController
 from appliance.audit import AuditError, AuditLog
+from appliance.audit.content import ContentError, ContentSealer
 from appliance.diskguard import DiskGuard
 from appliance.errors import ApplianceError
 from appliance.fleet import Fleet
@@ -126,6 +128,7 @@ class Prepared:
     client: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     retried_from: list[str] = field(default_factory=list)
+    content_prompt: Any = None  # the messages or prompt, sealed into the record when the policy stores content
     _released: bool = False
 
 
@@ -143,7 +146,9 @@ class ChatService:
         self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
         metrics: GatewayMetrics, usage: UsageStore | None = None, disk: DiskGuard | None = None,
         default_max_tokens: int = 512, tokenizer_threads: int = 4, run_id: str | None = None,
+        sealer: ContentSealer | None = None,
     ) -> None:
+        self.sealer = sealer  # stores prompt and output, sealed, for tenants whose policy says store_content
         self.run_id = run_id or uuid.uuid4().hex  # carried by every ``accepted`` record
         self.usage = usage
         self.disk = disk
@@ -305,6 +310,7 @@ class ChatService:
                 sla_class=sla.name, priority=sla.priority, deadline=time.time() + sla.deadline_ms / 1000.0,
                 route=route, ticket=rate.ticket, budget=budget, ahead_tokens=admit.ahead_tokens,
                 stream=spec.stream, client=dict(spec.client),
+                content_prompt=spec.messages if spec.messages is not None else spec.prompt,
                 prompt_hash=self.keyed_hash(tenant, b"".join(i.to_bytes(4, "little") for i in prompt_ids)),
             )
             await self._audit("accepted", principal, request_id, {
@@ -476,6 +482,8 @@ class ChatService:
         async def append() -> None:
             if self.usage is not None:
                 await asyncio.to_thread(settle)
+            if self.sealer is not None and self.policies.retention.stores_content(tenant):
+                data["content"] = await asyncio.to_thread(self._sealed_content, prep, tenant, outcome.text)
             await self.audit.append_async(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
                                           request_id=prep.request_id, data=data)
 
@@ -486,6 +494,15 @@ class ChatService:
         write = self._background(append())
         if status != "aborted":
             await asyncio.shield(write)
+
+    def _sealed_content(self, prep: Prepared, tenant: str, output: str) -> dict[str, Any]:
+        """In a worker thread: a database read (and a write for the tenant's first data key)."""
+        assert self.sealer is not None
+        text = json.dumps({"prompt": prep.content_prompt, "output": output}, ensure_ascii=False)
+        try:
+            return self.sealer.seal_or_omit(tenant, prep.request_id, text)
+        except ContentError as exc:  # the record matters more than its copy of the content
+            return {"omitted": f"sealing failed: {type(exc).__name__}"}
 
     def _background(self, work: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)

@@ -5,6 +5,7 @@ installer events), so one tenant's records can be exported and verified without 
 other tenant's. See ``record`` (hash rule), ``chain`` (checks), ``export_format`` (the export).
 """
 
+from appliance.audit import content, holds, retention  # noqa: F401  (their tables join schema.metadata)
 from appliance.audit.chain import ChainFailure
 from appliance.audit.checkpoint import Checkpoint
 from appliance.audit.errors import (
