@@ -121,6 +121,7 @@ class ApplianceConfig:
     edge: Any = None  # appliance.gateway.edge.EdgeLimits from gateway.limits (defaults when absent)
     audit_min_free_bytes: int = 256 << 20  # below this free space in data/ requests are refused (503)
     audit_anchors: AuditAnchorSettings = field(default_factory=AuditAnchorSettings)
+    database_url: str = ""  # database.url: tenants, keys, nodes, usage and audit; empty: data/appliance.db
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -145,7 +146,7 @@ class ApplianceConfig:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.data_dir / 'appliance.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'appliance.db'}"
 
     @property
     def audit_key_path(self) -> Path:
@@ -204,7 +205,20 @@ def load_config(root: Path) -> ApplianceConfig:
         edge=_edge(gateway.get("limits"), path),
         audit_min_free_bytes=_min_free(doc.get("audit") or {}, path),
         audit_anchors=_audit_anchors(doc.get("audit") or {}, path),
+        database_url=_database_url(doc.get("database") or {}, path),
     )
+
+
+def _database_url(doc: Any, path: Path) -> str:
+    """``database: {url: ...}``: a PostgreSQL URL shared by several gateways (empty: the SQLite file)."""
+    if not isinstance(doc, dict) or set(doc) - {"url"}:
+        raise ConfigError(f"{path}: database: expected a mapping with url, found {str(doc)[:80]!r}")
+    url = doc.get("url") or ""
+    if not isinstance(url, str) or (url and not url.startswith(("sqlite:///", "postgresql+psycopg://"))):
+        shown = url.split("://", 1)[0] + "://..." if isinstance(url, str) else type(url).__name__
+        raise ConfigError(f"{path}: database.url: expected sqlite:///PATH or "
+                          f"postgresql+psycopg://USER@HOST:PORT/DB, found {shown}")
+    return url
 
 
 def _edge(doc: Any, path: Path) -> Any:
