@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -115,7 +116,7 @@ def export_with_manifest(
             tail = [(MANIFEST_NAME, io.BytesIO(manifest_bytes), len(manifest_bytes)),
                     (SIGNATURE_NAME, io.BytesIO(signature), len(signature))]
             mtime = int(parse_ts(manifest["created"]).timestamp())
-            _write_tar(out, overwrite, mtime, [*members, *job.proof_members(proofs), *tail])
+            _write_tar(out, overwrite, mtime, itertools.chain(members, job.proof_members(proofs), tail))
     return manifest
 
 
@@ -243,8 +244,14 @@ class _Export:
             if self.last[0] != self.first[0]:
                 yield member(self.last[0], self.last[2])
             return
-        for row in self._rows():
-            yield member(row.seq, self._line(row)[0])
+        pending: tuple[int, str] | None = None
+        for row in self._rows():  # one record behind, so the next leaf (a sibling) is known without a query
+            nodes.cache[(0, row.seq - 1)] = record_leaf(row.hash)
+            if pending is not None:
+                yield member(*pending)
+            pending = (row.seq, self._line(row)[0])
+        if pending is not None:
+            yield member(*pending)
 
 
 class _CachedNodes:
@@ -264,18 +271,31 @@ class _CachedNodes:
         return found
 
 
-def _write_tar(out: Path, overwrite: bool, mtime: int, members: Any) -> None:
+def _write_tar(out: Path, overwrite: bool, mtime: int, members: Iterable[tuple[str, IO[bytes], int]]) -> None:
+    """Write the members as one POSIX (pax) tar, streamed: nothing is kept per member, so a
+    million proof files cost no memory (``tarfile`` remembers every member it writes)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name, source, size in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = size, mtime, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, source)
+            written = 0
+            for name, source, size in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = size, mtime, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                handle.write(header)
+                copied = 0
+                while copied < size and (chunk := source.read(min(1 << 20, size - copied))):
+                    handle.write(chunk)
+                    copied += len(chunk)
+                if copied != size:
+                    raise AuditError(f"export member {name}: expected {size} bytes, found {copied}")
+                handle.write(b"\0" * (-size % tarfile.BLOCKSIZE))
+                written += len(header) + size + (-size % tarfile.BLOCKSIZE)
+            end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros to a whole record, as tar writes
+            handle.write(b"\0" * (end + (-(written + end) % tarfile.RECORDSIZE)))
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)

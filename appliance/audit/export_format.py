@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from appliance.audit.canonical import canonical_json, is_canonical_ts
 from appliance.audit.record import AuditRecord
@@ -151,8 +152,9 @@ class ExportReadError(Exception):
 class ExportFiles:
     """The members of an export, opened from a tar file or an extracted directory.
 
-    ``names``: the fixed members present; ``proofs``: (seq, member name) of every proof file, in
-    seq order (the order they must have in the tar)."""
+    ``names``: the fixed members present; ``proof_seqs``: the seq of every proof file, in seq
+    order (the order they must have in the tar), read with ``read_proof(i)``. Proof files are
+    indexed in three integer arrays (24 bytes each), so a million of them cost ~24 MB."""
 
     def __init__(self, path: Path, limits: ExportLimits) -> None:
         self.path = path
@@ -160,7 +162,9 @@ class ExportFiles:
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
         self.names: set[str] = set()
-        self.proofs: list[tuple[int, str]] = []
+        self.proof_seqs = array("q")
+        self._proof_at = array("q")  # tar: data offset of each proof file
+        self._proof_size = array("q")
         if path.is_dir():
             self._open_dir()
         elif path.is_file():
@@ -172,7 +176,7 @@ class ExportFiles:
             self.close()
             raise ExportReadError(f"members {list(REQUIRED_NAMES)}, found {sorted(self.names)} (missing {missing})")
 
-    def _add(self, name: str, size: int) -> None:
+    def _add(self, name: str, size: int, offset: int = -1) -> None:
         if name in FIXED_NAMES:
             if name in self.names:
                 raise ExportReadError(f"each member once, found {name!r} twice")
@@ -181,12 +185,14 @@ class ExportFiles:
             seq = seq_of_proof(name)
             if seq is None:
                 raise ExportReadError(f"proof files named proofs/<seq, 20 digits>{PROOF_SUFFIX}, found {name!r}")
-            if self.proofs and seq <= self.proofs[-1][0]:
+            if self.proof_seqs and seq <= self.proof_seqs[-1]:
                 raise ExportReadError(f"proof files once each in seq order, found {name!r} after "
-                                      f"seq {self.proofs[-1][0]}")
-            if len(self.proofs) >= self.limits.max_proofs:
+                                      f"seq {self.proof_seqs[-1]}")
+            if len(self.proof_seqs) >= self.limits.max_proofs:
                 raise ExportReadError(f"at most {self.limits.max_proofs} proof files, found more")
-            self.proofs.append((seq, name))
+            self.proof_seqs.append(seq)
+            self._proof_at.append(offset)
+            self._proof_size.append(size)
         else:
             raise ExportReadError(f"only the members of an export ({', '.join(FIXED_NAMES)}, "
                                   f"{PROOFS_DIR}*{PROOF_SUFFIX}), found {name!r}")
@@ -208,13 +214,17 @@ class ExportFiles:
     def _open_tar(self) -> None:
         try:
             self._tar = tarfile.open(self.path, "r:")
-            for info in self._tar:
+            while (info := self._tar.next()) is not None:
+                # tarfile keeps every member it reads (TarFile.members, not in the typing stubs);
+                # a million proof files would be ~1 GB of TarInfo, the arrays above suffice
+                cast(Any, self._tar).members.clear()
                 if info.isdir() and info.name.rstrip("/") == PROOFS_DIR.rstrip("/"):
                     continue
                 if not info.isreg():
                     raise ExportReadError(f"{info.name} as a regular file, found tar type {info.type!r}")
-                self._add(info.name, info.size)
-                self._members[info.name] = info
+                self._add(info.name, info.size, info.offset_data)
+                if info.name in FIXED_NAMES:
+                    self._members[info.name] = info
         except (tarfile.TarError, OSError) as exc:
             self.close()
             raise ExportReadError(f"a readable tar file, found {type(exc).__name__}: {exc}") from None
@@ -229,6 +239,15 @@ class ExportFiles:
         if handle is None:  # pragma: no cover - regular members always have a file object
             raise ExportReadError(f"{name} readable, found no data")
         return handle
+
+    def read_proof(self, i: int) -> bytes:
+        """The ``i``-th proof file (within ``max_proof_bytes``, checked when it was listed)."""
+        if self._tar is None:
+            return (self.path / proof_name(self.proof_seqs[i])).read_bytes()
+        fileobj = self._tar.fileobj
+        assert fileobj is not None
+        fileobj.seek(self._proof_at[i])
+        return bytes(fileobj.read(self._proof_size[i]))
 
     def read_small(self, name: str) -> bytes:
         with self.open(name) as handle:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -24,6 +24,7 @@ from appliance.audit.export_format import (
     MANIFEST_FIELDS,
     PROOF_MODES,
     RECORDS_NAME,
+    proof_name,
     record_from_export,
 )
 from appliance.audit.merkle import Frontier, record_leaf, verify_inclusion
@@ -158,9 +159,9 @@ class RecordScan:
 class _ProofCursor:
     """Walks the export's proof files alongside the records (both in seq order)."""
 
-    def __init__(self, proofs: list[tuple[int, str]], read: Callable[[str], bytes], head: SignedHead | None,
+    def __init__(self, proofs: Sequence[int], read: Callable[[int], bytes], head: SignedHead | None,
                  scan: RecordScan) -> None:
-        self._iter: Iterator[tuple[int, str]] = iter(proofs)
+        self._iter: Iterator[tuple[int, int]] = ((seq, i) for i, seq in enumerate(proofs))
         self._next = next(self._iter, None)
         self.read, self.head, self.scan = read, head, scan
 
@@ -174,14 +175,14 @@ class _ProofCursor:
             self._next = next(self._iter, None)
         if self._next is None or self._next[0] != record.seq:
             return
-        name = self._next[1]
+        name, index = proof_name(record.seq), self._next[1]
         self._next = next(self._iter, None)
         self.scan.proofs_checked += 1
         if self.head is None:
             self._fail(record.seq, "a signed checkpoint to check proof files against, found none")
             return
         try:
-            proof = TlogProof.parse(self.read(name).decode("utf-8"))
+            proof = TlogProof.parse(self.read(index).decode("utf-8"))
         except (ProofError, UnicodeDecodeError) as exc:
             self._fail(record.seq, f"{name}: {exc}")
             return
@@ -211,7 +212,7 @@ def _range_frontier(m: Manifest, scan: RecordScan) -> Frontier | None:
 
 
 def scan_records(handle: IO[bytes], m: Manifest, max_line: int, head: SignedHead | None,
-                 proofs: list[tuple[int, str]], read: Callable[[str], bytes]) -> RecordScan:
+                 proofs: Sequence[int], read: Callable[[int], bytes]) -> RecordScan:
     scan = RecordScan()
     digest = hashlib.sha256()
     first_seq = m.first_seq or 1

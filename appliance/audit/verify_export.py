@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def verify_export(
 
 
 def _verify_files(path: Path, files: ExportFiles, pem_source: Path | bytes, checks: _Checks) -> ExportReport:
-    checks.add(True, f"{path.name}: {', '.join(sorted(files.names))}, {len(files.proofs)} proof files")
+    checks.add(True, f"{path.name}: {', '.join(sorted(files.names))}, {len(files.proof_seqs)} proof files")
     key: Ed25519PublicKey | None = None
     try:
         pem = pem_source if isinstance(pem_source, bytes) else Path(pem_source).read_bytes()
@@ -130,8 +131,8 @@ def _verify_files(path: Path, files: ExportFiles, pem_source: Path | bytes, chec
         checks.add(True, f"{EXPORT_TYPE} for stream {manifest.stream!r}, {manifest.count} records")
     head, note_problem = _signed_head(files, manifest, key)
     with files.open("records.jsonl") as handle:
-        scan = scan_records(handle, manifest, files.limits.max_line_bytes, head, files.proofs,
-                            files.read_small)
+        scan = scan_records(handle, manifest, files.limits.max_line_bytes, head, files.proof_seqs,
+                            files.read_proof)
     _content_checks(checks, manifest, scan)
     _proof_checks(checks, files, manifest, scan, key, head, note_problem)
     return ExportReport(path=str(path), stream=manifest.stream, checks=tuple(checks.results),
@@ -214,7 +215,7 @@ def _proof_checks(checks: _Checks, files: ExportFiles, m: Manifest, scan: Record
             f"({len(m.tree_edge)} edge + {len(proof)} proof hashes)")
     # 13 proof files
     wanted = _wanted_proofs(m)
-    seqs = [seq for seq, _ in files.proofs]
+    seqs = files.proof_seqs
     problem = scan.proof_problem
     if problem is None and (len(seqs) != m.proofs["count"] or not wanted(seqs)):
         problem = (f"{m.proofs['count']} proof files ({m.proofs['mode']}: "
@@ -228,13 +229,14 @@ def _proof_checks(checks: _Checks, files: ExportFiles, m: Manifest, scan: Record
     _format_check(checks, files, m, scan)
 
 
-def _wanted_proofs(m: Manifest) -> Any:
-    def check(seqs: list[int]) -> bool:
+def _wanted_proofs(m: Manifest) -> Callable[[Sequence[int]], bool]:
+    def check(seqs: Sequence[int]) -> bool:
         if m.first_seq is None or m.last_seq is None:
             return not seqs
         if m.proofs["mode"] == "ends":
-            return seqs == sorted({m.first_seq, m.last_seq})
-        return seqs == list(range(m.first_seq, m.last_seq + 1))
+            return list(seqs) == sorted({m.first_seq, m.last_seq})
+        # in seq order and distinct (checked when listed): the right count from first_seq is every seq
+        return len(seqs) == m.last_seq - m.first_seq + 1 and seqs[0] == m.first_seq and seqs[-1] == m.last_seq
     return check
 
 
