@@ -95,28 +95,35 @@ def export_with_manifest(
     log.checkpoint(stream)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with log.engine.connect() as conn, conn.begin():
-        cp = latest_checkpoint(conn, stream)
-        job = _Export(conn, stream, lower, upper, cp, fmt)
-        with tempfile.TemporaryFile(dir=out.parent) as records_file, \
-                tempfile.TemporaryFile(dir=out.parent) as alt_file:
-            job.write_records(records_file, alt_file)
-            manifest = job.manifest(log.keys.key_id, proofs)
-            manifest_bytes = canonical_json(manifest).encode("utf-8")
-            signature = log.keys.sign(manifest_bytes).encode("ascii")
-            members: list[tuple[str, IO[bytes], int]] = [(RECORDS_NAME, records_file, job.records.size)]
-            alt_name = FORMAT_FILES[fmt]
-            if alt_name is not None:
-                members.append((alt_name, alt_file, job.alt.size))
-            if cp is not None:
-                note = cp.note.encode("utf-8")
-                members.append((CHECKPOINT_NAME, io.BytesIO(note), len(note)))
-            for file in (records_file, alt_file):
-                file.seek(0)
-            tail = [(MANIFEST_NAME, io.BytesIO(manifest_bytes), len(manifest_bytes)),
-                    (SIGNATURE_NAME, io.BytesIO(signature), len(signature))]
-            mtime = int(parse_ts(manifest["created"]).timestamp())
-            _write_tar(out, overwrite, mtime, itertools.chain(members, job.proof_members(proofs), tail))
+    with log.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":  # one snapshot for both passes (SQLite's read transaction is one)
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            return _write_export(conn, log, stream, lower, upper, out, overwrite, fmt, proofs)
+
+
+def _write_export(conn: Connection, log: AuditLog, stream: str, lower: str | None, upper: str | None, out: Path,
+                  overwrite: bool, fmt: str, proofs: str) -> dict[str, Any]:
+    cp = latest_checkpoint(conn, stream)
+    job = _Export(conn, stream, lower, upper, cp, fmt)
+    with tempfile.TemporaryFile(dir=out.parent) as records_file, tempfile.TemporaryFile(dir=out.parent) as alt_file:
+        job.write_records(records_file, alt_file)
+        manifest = job.manifest(log.keys.key_id, proofs)
+        manifest_bytes = canonical_json(manifest).encode("utf-8")
+        signature = log.keys.sign(manifest_bytes).encode("ascii")
+        members: list[tuple[str, IO[bytes], int]] = [(RECORDS_NAME, records_file, job.records.size)]
+        alt_name = FORMAT_FILES[fmt]
+        if alt_name is not None:
+            members.append((alt_name, alt_file, job.alt.size))
+        if cp is not None:
+            note = cp.note.encode("utf-8")
+            members.append((CHECKPOINT_NAME, io.BytesIO(note), len(note)))
+        for file in (records_file, alt_file):
+            file.seek(0)
+        tail = [(MANIFEST_NAME, io.BytesIO(manifest_bytes), len(manifest_bytes)),
+                (SIGNATURE_NAME, io.BytesIO(signature), len(signature))]
+        mtime = int(parse_ts(manifest["created"]).timestamp())
+        _write_tar(out, overwrite, mtime, itertools.chain(members, job.proof_members(proofs), tail))
     return manifest
 
 
