@@ -5,8 +5,8 @@ checkpoints (an export never vouches for a broken chain) and its head is checkpo
 in one read transaction, the records up to that checkpoint are streamed into the tar (each
 record's hash re-checked on the way, so nothing that changed meanwhile is vouched for), with
 the range proof and tlog-proof files that tie them to the signed checkpoint (``export_format``).
-Memory stays flat: no list of records, no query per record (proofs for every record, which
-cost about 20 lookups each, are the one exception: ``proofs="all"``).
+Memory stays flat: no list of records, no query per record, nothing kept per tar member
+(``proofs="all"`` looks up the stored subtrees of each record's path, cached across neighbours).
 
 The tar is built in a temporary file beside ``out`` and moved into place in one step; an
 existing ``out`` is never replaced unless ``overwrite`` is true.
