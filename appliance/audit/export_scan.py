@@ -154,6 +154,8 @@ class RecordScan:
     proofs_checked: int = 0
     alt_sha256: str | None = None
     alt_size: int = 0
+    hash_at_seq: int | None = None  # a version 1 checkpoint's seq: the record hash there
+    hash_at: str | None = None
 
 
 class _ProofCursor:
@@ -212,8 +214,8 @@ def _range_frontier(m: Manifest, scan: RecordScan) -> Frontier | None:
 
 
 def scan_records(handle: IO[bytes], m: Manifest, max_line: int, head: SignedHead | None,
-                 proofs: Sequence[int], read: Callable[[int], bytes]) -> RecordScan:
-    scan = RecordScan()
+                 proofs: Sequence[int], read: Callable[[int], bytes], *, hash_at_seq: int | None = None) -> RecordScan:
+    scan = RecordScan(hash_at_seq=hash_at_seq)
     digest = hashlib.sha256()
     first_seq = m.first_seq or 1
     edge = Frontier(first_seq - 1, [b"\0" * 32] * bin(first_seq - 1).count("1"))  # the walker's own, unused
@@ -252,6 +254,8 @@ def scan_records(handle: IO[bytes], m: Manifest, max_line: int, head: SignedHead
         if scan.first_seq is None:
             scan.first_seq, scan.anchor_prev_hash = record.seq, record.prev_hash
         scan.last_seq, scan.last_hash = record.seq, record.hash
+        if record.seq == hash_at_seq:
+            scan.hash_at = record.hash
         if scan.period_problem is None and not (
             (since is None or record.ts >= since) and (until is None or record.ts < until)
         ):

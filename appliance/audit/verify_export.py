@@ -24,6 +24,9 @@ shows everything wrong at once, and the first failure is the one to read first:
                          same checkpoint
 14 format file           records.csv / records.ocsf.jsonl (when asked for) has the manifest's
                          sha256 and is exactly what these records render to
+
+A version 1 export (archived before the Merkle trees) gets checks 1-10 and, as its 11th, its
+version 1 signed checkpoint (``verify_export_v1``); the report says ``version: 1``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ from appliance.audit.export_scan import Manifest, RecordScan, SignedHead, parse_
 from appliance.audit.keys import key_id_of, public_key_from_pem, verify_signature
 from appliance.audit.merkle import verify_consistency
 from appliance.audit.reports import CheckResult, ExportReport
+from appliance.audit.verify_export_v1 import (
+    EXPORT_TYPE_V1,
+    checkpoint_problem_v1,
+    parse_manifest_v1,
+    scan_hash_at,
+    want_hash_at,
+)
 
 CHECK_NAMES = (
     "export readable", "public key", "manifest signature", "manifest schema", "records digest",
@@ -116,8 +126,9 @@ def _verify_files(path: Path, files: ExportFiles, pem_source: Path | bytes, chec
         checks.add(False, "manifest.json is not signed by this key, or was changed after signing",
                    f"a signature by key_id {key_id_of(key)}",
                    f"an invalid signature (manifest names key_id {claimed_id!s})")
+    version = 1 if isinstance(raw_manifest, dict) and raw_manifest.get("type") == EXPORT_TYPE_V1 else 2
     try:
-        manifest = parse_manifest(raw_manifest)
+        manifest = parse_manifest_v1(raw_manifest) if version == 1 else parse_manifest(raw_manifest)
     except ValueError as exc:
         expected, _, found = str(exc).partition(", found ")
         checks.add(False, f"manifest: {exc}", expected, found)
@@ -128,7 +139,10 @@ def _verify_files(path: Path, files: ExportFiles, pem_source: Path | bytes, chec
         checks.add(False, "the manifest names another signing key than the one given",
                    f"key_id {key_id_of(key)}", f"key_id {manifest.key_id}")
     else:
-        checks.add(True, f"{EXPORT_TYPE} for stream {manifest.stream!r}, {manifest.count} records")
+        checks.add(True, f"{EXPORT_TYPE_V1 if version == 1 else EXPORT_TYPE} for stream {manifest.stream!r}, "
+                         f"{manifest.count} records")
+    if version == 1:
+        return _verify_v1(path, files, manifest, key, checks)
     head, note_problem = _signed_head(files, manifest, key)
     with files.open("records.jsonl") as handle:
         scan = scan_records(handle, manifest, files.limits.max_line_bytes, head, files.proof_seqs,
@@ -138,7 +152,31 @@ def _verify_files(path: Path, files: ExportFiles, pem_source: Path | bytes, chec
     return ExportReport(path=str(path), stream=manifest.stream, checks=tuple(checks.results),
                         count=scan.count, first_seq=scan.first_seq, last_seq=scan.last_seq,
                         key_id=manifest.key_id, extra={"period": manifest.period, "format": manifest.fmt["name"],
-                                                       "pruned": manifest.pruned})
+                                                       "pruned": manifest.pruned, "version": 2})
+
+
+def _verify_v1(path: Path, files: ExportFiles, m: Manifest, key: Ed25519PublicKey | None,
+               checks: _Checks) -> ExportReport:
+    """A version 1 export: its 11 checks (the 11th: its version 1 checkpoint); see verify_export_v1."""
+    extra = [n for n in files.names if n not in ("records.jsonl", "manifest.json", "manifest.sig")]
+    if extra or files.proof_seqs:
+        checks.results[0] = CheckResult(1, CHECK_NAMES[0], False, "a version 1 export holds only records.jsonl, "
+                                        "manifest.json and manifest.sig", "those three members",
+                                        f"also {sorted(extra)} and {len(files.proof_seqs)} proof files")
+    with files.open("records.jsonl") as handle:
+        scan = scan_records(handle, m, files.limits.max_line_bytes, None, (), files.read_proof,
+                            hash_at_seq=want_hash_at(m))
+    _content_checks(checks, m, scan)
+    if key is None:
+        checks.results.append(CheckResult(11, "checkpoint", False, "not run: no usable public key (check 2)"))
+    else:
+        problem, detail = checkpoint_problem_v1(m.checkpoint, m, key, scan_hash_at(scan))
+        expected, _, found = (problem or "").partition(", found ")
+        checks.results.append(CheckResult(11, "checkpoint", problem is None, problem or detail,
+                                          expected if problem else "", found if problem else ""))
+    return ExportReport(path=str(path), stream=m.stream, checks=tuple(checks.results), count=scan.count,
+                        first_seq=scan.first_seq, last_seq=scan.last_seq, key_id=m.key_id,
+                        extra={"period": m.period, "format": "jsonl", "pruned": 0, "version": 1})
 
 
 def _signed_head(files: ExportFiles, m: Manifest, key: Ed25519PublicKey | None) -> tuple[SignedHead | None, str | None]:

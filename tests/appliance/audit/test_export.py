@@ -7,6 +7,7 @@ consistency proof) and C2SP tlog-proof files: each of those, tampered with, fail
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import AuditError, AuditIntegrityError, AuditKeys, AuditLog, export_stream, verify_export
+from appliance.audit.canonical import canonical_json
 from appliance.audit.checkpoint import sign_checkpoint
 from appliance.audit.proofs import verify_proof
 from appliance.audit.record import compute_record_hash
@@ -355,3 +357,52 @@ def test_range_proof_fails_on_a_forged_edge_or_proof_even_when_re_signed(audit_l
         _write(tar, members)
         failed = _failed(tar, pem)
         assert set(failed) == {"range proof"}, (field, failed)
+
+
+def _version_1_export(log: AuditLog, tar: Path, *, checkpoint_seq: int | None) -> None:
+    """An export as the appliance wrote them before the Merkle trees (sovereign-audit-export/v1)."""
+    records = log.query("acme")
+    lines = b"".join((r.to_json_line() + "\n").encode() for r in records)
+    checkpoint = None
+    if checkpoint_seq is not None:
+        head = records[checkpoint_seq - 1]
+        fields = {"stream": "acme", "seq": head.seq, "hash": head.hash, "ts": head.ts, "key_id": log.keys.key_id}
+        payload = {"type": "sovereign-audit-checkpoint/v1", **fields}
+        checkpoint = {**fields, "signature": log.keys.sign(canonical_json(payload).encode())}
+    manifest = {
+        "type": "sovereign-audit-export/v1", "stream": "acme", "created": records[-1].ts,
+        "period": {"since": None, "until": None}, "count": len(records), "first_seq": 1,
+        "last_seq": records[-1].seq, "anchor_prev_hash": records[0].prev_hash, "last_hash": records[-1].hash,
+        "records_file": "records.jsonl", "records_sha256": hashlib.sha256(lines).hexdigest(),
+        "records_bytes": len(lines), "hash_rule": "v1", "checkpoint": checkpoint, "key_id": log.keys.key_id,
+        "signature_algorithm": "ed25519",
+    }
+    manifest_bytes = canonical_json(manifest).encode()
+    _write(tar, {"records.jsonl": lines, "manifest.json": manifest_bytes,
+                 "manifest.sig": log.keys.sign(manifest_bytes).encode()})
+
+
+def test_version_1_exports_still_verify(audit_log: AuditLog, tmp_path: Path) -> None:
+    """Archived exports from before the Merkle trees keep verifying, with their own 11 checks."""
+    fill(audit_log, "acme", 4)
+    pem = tmp_path / "audit.pem"
+    pem.write_bytes(audit_log.public_key_pem())
+    tar = tmp_path / "v1.tar"
+    _version_1_export(audit_log, tar, checkpoint_seq=3)
+    report = verify_export(tar, pem)
+    assert report.ok, report.to_dict()
+    assert [c.name for c in report.checks][-1] == "checkpoint" and len(report.checks) == 11
+    assert report.extra["version"] == 1 and "seq 3" in report.checks[10].detail
+    _edit_records(tar, lambda rs: [*rs[:3], {**rs[3], "actor": "key:other"}])
+    assert set(_failed(tar, pem)) == {"records digest", "record chain"}
+    _version_1_export(audit_log, tar, checkpoint_seq=3)
+    members = _read(tar)
+    manifest = json.loads(members["manifest.json"])
+    manifest["checkpoint"]["hash"] = "00" * 32  # a re-signed manifest cannot forge the checkpoint
+    members["manifest.json"] = canonical_json(manifest).encode()
+    members["manifest.sig"] = audit_log.keys.sign(members["manifest.json"]).encode()
+    _write(tar, members)
+    failed = _failed(tar, pem)
+    assert set(failed) == {"checkpoint"} and "invalid" in failed["checkpoint"].detail  # type: ignore[attr-defined]
+    _version_1_export(audit_log, tar, checkpoint_seq=None)
+    assert verify_export(tar, pem).ok
