@@ -34,8 +34,10 @@ from appliance.audit.export import export_with_manifest
 from appliance.audit.export_format import FORMAT_FILES, PROOF_MODES
 from appliance.audit.keys import AuditKeys, public_key_from_pem
 from appliance.audit.log import AuditLog
+from appliance.audit.retention_cli import retention_app
 from appliance.audit.schema import make_engine
 from appliance.audit.verify_export import verify_export
+from appliance.audit.witness_cli import register as register_witness
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -337,6 +339,6 @@ def consistency_cmd(
 
 
 # -- Commands of other audit modules ------------------------------------------------------------
-# The witness and retention engineers register their Typer sub-apps here, one line each, e.g.
-#     app.add_typer(witness_app, name="witness")
-# (import at the top with the other audit imports). Keep this block last.
+# One line each (import at the top with the other audit imports). Keep this block last.
+register_witness(app)  # witness keygen/log-key/serve, verify-anchors (witness_cli.py)
+app.add_typer(retention_app)  # prune, hold, shred, show-content, at this level (retention_cli.py)

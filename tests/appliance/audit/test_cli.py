@@ -109,3 +109,12 @@ def test_usage_errors_exit_2(tmp_path: Path, key_path: Path) -> None:
     result = runner.invoke(app, ["verify", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
     assert result.exit_code == 2 and "--key or --public-key" in result.output
     assert runner.invoke(app, ["public-key", "--key", str(tmp_path / "nokey"), "--out", "x.pem"]).exit_code == 2
+
+
+def test_the_audit_cli_carries_every_audit_command() -> None:
+    """The witness and retention modules' commands are mounted on ``appliance audit`` itself."""
+    import typer.main
+
+    names = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"verify", "export", "verify-export", "public-key", "checkpoint", "prove", "verify-proof",
+            "consistency", "witness", "verify-anchors", "prune", "hold", "shred", "show-content"} <= names
