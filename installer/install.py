@@ -238,9 +238,11 @@ def _check_models_declared(bundle: Path, inv: Inventory) -> None:
 
 def _node_release(stage: Path, files: list[dict[str, str]], plan: ModelPlan, inv: Inventory,
                   work: Path) -> dict[str, Any]:
-    """Per-node extra vars: each node's release files (only its model's among the models), its
-    appliance.yaml model, and for SSH nodes the tar of those files (one per distinct set)."""
-    by_node = {n.name: plan.node_files(n.name, files) for n in inv.nodes}
+    """Per-node extra vars: each node's release files, its appliance.yaml model, and for SSH nodes
+    the tar of those files (one per distinct set). An SSH node receives only the model it serves;
+    the local node (the installer's own machine, where the verified files are hard-linked, not
+    copied) keeps every model, so its release stays a complete base for delta bundles."""
+    by_node = {n.name: files if n.connection == "local" else plan.node_files(n.name, files) for n in inv.nodes}
     archives: dict[str, str] = {}
     made: dict[str, str] = {}
     for node in inv.nodes:

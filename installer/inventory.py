@@ -28,7 +28,8 @@ YAML format::
         known_hosts: /home/admin/fleet_known_hosts   # optional; host keys checked against this file
         roles: [engine]                          # an engine node: `appliance node serve`, mutual TLS
         engine_port: 9443                        # optional; where its engine node server listens
-        models: [SmolLM2-135M-Instruct]          # optional; default: the release's model
+        models: [SmolLM2-135M-Instruct]          # optional; the one model its engine serves, a name the
+                                                 # bundle carries (default: the bundle's first model)
         root: /srv/sovereign                     # optional; this node's install root (default --root)
 
 Several nodes: the inventory needs at least one node with the gateway role and one with the
@@ -37,6 +38,7 @@ every engine node runs its engine node server (mutual TLS with the installer-iss
 certificates) and every gateway node routes to all engine nodes, each reached at
 ``https://<host or name>:<engine_port>`` (a name its certificates cover, see pki.node_sans).
 One node with both roles is the single-node appliance: the gateway runs its engine in-process.
+Which model each engine node gets from a bundle carrying several: installer/node_models.py.
 
 Without a file the inventory is one local node named ``local`` labelled region=local,
 site=local, classification=internal, an evaluation on this machine: its egress firewall is

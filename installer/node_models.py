@@ -1,8 +1,10 @@
 """Which model each node of the inventory gets from a bundle that may carry several.
 
 An engine node's engine loads one model: the one its inventory entry names in ``models`` (one
-name), else the bundle's default (first) model. It gets that model's files and no other model's;
-a node with only the gateway role gets no model files (its engine nodes report their tokenizers).
+name), else the bundle's default (first) model. An SSH node receives that model's files and no
+other model's; one with only the gateway role receives no model files (its engine nodes report
+their tokenizers). The local node, the installer's own machine, keeps every model (hard links of
+the verified files, no copy): its release is the base delta bundles are verified against.
 A node naming a model the bundle does not carry, or more than one, is refused before anything is
 verified or written, naming the node, the model and the models the bundle has.
 """

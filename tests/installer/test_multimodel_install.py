@@ -1,5 +1,6 @@
-"""Installing bundles that carry several models: each engine node gets only the model its
-inventory entry names (verified against the signed digests) and an appliance.yaml that loads it,
+"""Installing bundles that carry several models: each SSH engine node receives only the model its
+inventory entry names (verified against the signed digests) and an appliance.yaml that loads it
+(the installer's own machine keeps every model: the base for delta bundles),
 the gateway lists every engine node with its model, a node naming a model the bundle lacks is a
 preflight error, and a single-model bundle built by the previous release still installs."""
 
@@ -81,23 +82,37 @@ def test_a_node_naming_a_model_the_bundle_lacks_is_a_preflight_error(
     assert check_node_models(load_inventory(None), two_model_bundle).status == "pass"
 
 
-def test_a_local_engine_node_gets_only_the_model_it_serves(
-        tmp_path: Path, two_model_bundle: Path, trusted_root: Path) -> None:
+def test_the_local_node_loads_its_model_keeps_every_model_and_takes_a_delta(
+        tmp_path: Path, two_model_bundle: Path, trusted_root: Path, keys: Path) -> None:
+    """The installer's own machine keeps every model of the release (hard links of the verified
+    files), so a later delta bundle that leaves out an unchanged model verifies against it."""
     root = tmp_path / "root"
     inv = inventory(tmp_path, {"name": "gpu-b", "labels": LABELS, "models": ["Beta"]})
     install_bundle(two_model_bundle, trusted_root, root, inv)
     release = root / "releases" / "2.0.0"
     installed = files_under(release)
-    assert {"models/Beta/model.safetensors", "models/Beta/config.json", "manifest.json"} <= installed
-    assert not [p for p in installed if p.startswith("model/")]  # Alpha's files stay out
+    assert {"models/Beta/model.safetensors", "model/model.safetensors", "manifest.json"} <= installed
     report = verify_bundle(two_model_bundle, trusted_root)
+    assert installed - {"release.json", "appliance.yaml"} == set(report.targets)
     for path in installed & set(report.targets):
         assert hashlib.sha256((release / path).read_bytes()).hexdigest() == report.targets[path].sha256, path
-    recorded = {f["dest"] for f in json.loads((release / "release.json").read_text())["files"]}
-    assert recorded == installed - {"release.json", "appliance.yaml"}
     config = yaml.safe_load((root / "current" / "appliance.yaml").read_text())
     assert config["model"] == {"name": "Beta", "path": str(release / "models" / "Beta")}
     assert config["node"]["models"] == ["Beta"]
+
+    work = tmp_path / "v2.1"
+    alpha = named_model(work / "alpha", "Alpha", b"ALPHA-WEIGHTS")  # unchanged
+    beta = named_model(work / "beta", "Beta", b"BETA-WEIGHTS-v2")  # changed
+    delta = build_bundle(work / "delta.tar", keys, "2.1.0", datetime.now(UTC) + timedelta(days=30), model_dir=alpha,
+                         model_dirs=[beta], policies_dir=default_policy_dir(), metadata_version=int(time.time()) + 1,
+                         base_manifest=release / "manifest.json")
+    omitted = json.loads(tarfile.open(delta).extractfile("targets/manifest.json").read())["delta"]["omitted"]  # type: ignore[union-attr]
+    assert "model/model.safetensors" in omitted and "models/Beta/model.safetensors" not in omitted
+    install_bundle(delta, trusted_root, root, inv, upgrade=True)
+    new = root / "releases" / "2.1.0"
+    assert (new / "models" / "Beta" / "model.safetensors").read_bytes().startswith(b"BETA-WEIGHTS-v2")
+    assert (new / "model" / "model.safetensors").read_bytes() == (release / "model" / "model.safetensors").read_bytes()
+    assert yaml.safe_load((root / "current" / "appliance.yaml").read_text())["model"]["name"] == "Beta"
 
 
 def test_without_models_a_node_serves_the_default_model(
@@ -105,7 +120,7 @@ def test_without_models_a_node_serves_the_default_model(
     root = tmp_path / "root"
     install_bundle(two_model_bundle, trusted_root, root)
     release = root / "releases" / "2.0.0"
-    assert not [p for p in files_under(release) if p.startswith("models/")]
+    assert {"model/model.safetensors", "models/Beta/model.safetensors"} <= files_under(release)  # the local node
     config = yaml.safe_load((root / "current" / "appliance.yaml").read_text())
     assert config["model"] == {"name": "Alpha", "path": str(release / "model")} and config["node"]["models"] == [
         "Alpha"]
