@@ -27,8 +27,10 @@ from appliance.audit.chain import ChainFailure, ChainWalker
 from appliance.audit.checkpoint import GLOBAL_TREE
 from appliance.audit.checkpointing import load_checkpoints, load_legacy_checkpoints, stream_names
 from appliance.audit.errors import AuditError
+from appliance.audit.export_format import record_line_parts
 from appliance.audit.keys import key_id_of
 from appliance.audit.merkle import Frontier, record_leaf
+from appliance.audit.prune_check import unaccounted_prunes
 from appliance.audit.record import AuditRecord, validate_stream
 from appliance.audit.reports import ChainReport, StreamReport
 from appliance.audit.schema import audit_events
@@ -66,7 +68,8 @@ def _verify_stream(conn: Connection, public_key: Ed25519PublicKey, name: str, cu
     rows = conn.execute(select(audit_events).where(ev.stream == name).order_by(ev.seq))
     for row in rows.yield_per(1000):
         record = AuditRecord.from_row(row)
-        walker.feed(record, pruned=row.pruned_at is not None)
+        pruned = row.pruned_at is not None
+        walker.feed(record, pruned=pruned, body_text=None if pruned else "".join(record_line_parts(row)))
         old = legacy.pop(record.seq, None)
         if old is not None and old.hash != record.hash and legacy_failure is None:
             legacy_failure = ChainFailure(name, record.seq, "checkpoint", f"hash {old.hash} (version 1 checkpoint)",
@@ -77,7 +80,10 @@ def _verify_stream(conn: Connection, public_key: Ed25519PublicKey, name: str, cu
                                       f"last record seq {walker.head.seq if walker.head else 0}")
     failure = walker.finish(require_checkpoints_covered=True)
     signed = max((c.size for c in cps), default=0)
-    failure = _first(failure, legacy_failure, _unsigned(name, walker.head, signed, cutoff, conn))
+    # a body erased behind the log's back passes the chain walk (its hash stays): every pruned
+    # record must lie in a signed retention record's range
+    erased = next(iter(unaccounted_prunes(conn, name, limit=1)), None)
+    failure = _first(failure, legacy_failure, _unsigned(name, walker.head, signed, cutoff, conn), erased)
     return StreamReport(
         stream=name, records=walker.records,
         head_seq=None if walker.head is None else walker.head.seq,

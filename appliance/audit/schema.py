@@ -148,13 +148,14 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0, create: bool = True) 
         if create:
             _create_postgresql(engine)
             return engine
-    if create:
+    if create and not set(metadata.tables) <= set(inspect(engine).get_table_names()):
         with engine.connect() as conn:
             # BEGIN IMMEDIATE (SQLite): the has-table reads and the CREATEs are one writer's, so
             # processes opening a new file together do not fail with "database is locked"
             conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 metadata.create_all(conn)
+    if create:
         _upgrade_v1(engine)
     return engine
 

@@ -292,6 +292,9 @@ def test_pruned_records_export_and_verify(audit_log: AuditLog, tmp_path: Path) -
     pruned_at = "2026-01-02T03:04:05.000006Z"
     assert raw_sql(audit_log, "UPDATE audit_events SET data = '{}', pruned_at = ? WHERE stream = 'acme' "
                    "AND seq IN (2, 3)", (pruned_at,)) == 2
+    assert not audit_log.verify("acme").ok  # a prune no signed retention record accounts for
+    audit_log.append("admin.audit_prune_started", stream="_admin", actor="test", tenant="acme",
+                     data={"first_seq": 2, "last_seq": 3, "pruned_at": pruned_at})  # as retention accounts for it
     assert audit_log.verify("acme").ok
     tar = export_stream(audit_log, "acme", None, None, tmp_path / "p.tar", proofs="all")
     pem = tmp_path / "audit.pem"

@@ -283,13 +283,15 @@ def test_pruner_refuses_bad_bounds() -> None:
 
 def test_a_body_erased_behind_the_logs_back_is_not_accounted_for(audit_log: AuditLog, tmp_path: Path) -> None:
     """An insider who empties a record and stamps it pruned passes the chain walk (a pruned
-    record's hash is not recomputed) but not the check against the signed prune records."""
+    record's hash is not recomputed) but not the check against the signed prune records, which
+    ``verify`` runs."""
     cut = moment_between(audit_log, ("acme", 3), ("acme", 3))
     Pruner(audit_log, policies(tmp_path, {"audit_days": 1}), now=lambda: cut + timedelta(days=1)).run_once()
     assert unaccounted_prunes(audit_log.engine) == []
     raw_sql(audit_log, "UPDATE audit_events SET data = '{}', pruned_at = :p WHERE stream = 'acme' AND seq = 5",
             {"p": rows(audit_log, "acme")[0][2]})
-    assert audit_log.verify().ok  # what the chain alone cannot show
+    failure = audit_log.verify().first_failure
+    assert failure is not None and (failure.stream, failure.seq, failure.check) == ("acme", 5, "pruned")
     assert unaccounted_prunes(audit_log.engine) == [
         "acme seq 5: pruned: expected a signed admin.audit_prune_started covering it "
         f"(pruned_at {rows(audit_log, 'acme')[0][2]}), found none: the body was removed outside retention"]
