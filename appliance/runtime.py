@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import torch
 
 from appliance.admins import bootstrap_admins
-from appliance.audit import AuditLog
+from appliance.audit import AuditIntegrityError, AuditLog
 from appliance.audit.anchoring import Anchoring
 from appliance.audit.content import MASTER_KEY_FILE, ContentSealer
 from appliance.audit.retention import Pruner
@@ -90,6 +90,10 @@ class Runtime:
         # the first records of this run: the reconciliation of a previous one that did not stop cleanly
         begin_run(audit, lambda: [t.name for t in tenants.list_tenants(include_deleted=True)],
                   marker_path(config.data_dir), run)
+        try:  # whatever is still unsigned (an admin command's records, a crash's tail) is signed now
+            audit.checkpoint()
+        except AuditIntegrityError as exc:  # the tree stays unsigned: verify names it; serving goes on
+            log.error("audit log: a tree does not verify and was not signed at start: %s", exc)
         try:
             runtime = cls._build(config, db, audit, tenants, policies, run, engine_overrides)
         except BaseException:

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.audit.cli_proofs import run_consistency, run_prove, run_verify_proof
-from appliance.audit.db_verify import verify_database
+from appliance.audit.db_verify import DEFAULT_UNSIGNED_GRACE_S, verify_database
 from appliance.audit.errors import AuditError, AuditIntegrityError
 from appliance.audit.export import export_with_manifest
 from appliance.audit.export_format import FORMAT_FILES, PROOF_MODES
@@ -85,7 +85,8 @@ def _record_with(db: str, key: Path, event_type: str, tenant: str | None, data: 
 
 
 def run_verify(db: str, *, key: Path | None = None, public_key: Path | None = None, stream: str | None = None,
-               as_json: bool = False, console: Console | None = None) -> int:
+               as_json: bool = False, console: Console | None = None,
+               unsigned_grace_s: float | None = DEFAULT_UNSIGNED_GRACE_S) -> int:
     """Verify every chain in ``db`` (or one stream) with the signing key's or a PEM public key."""
     out, err = _consoles(console)
     try:
@@ -96,7 +97,7 @@ def run_verify(db: str, *, key: Path | None = None, public_key: Path | None = No
         else:
             err.print("audit verify: expected --key or --public-key (checkpoints are always checked), found neither")
             return EXIT_ERROR
-        report = verify_database(make_engine(db, create=False), pub, stream)
+        report = verify_database(make_engine(db, create=False), pub, stream, unsigned_grace_s=unsigned_grace_s)
     except (AuditError, OSError, ValueError) as exc:
         err.print(f"audit verify: {exc}", markup=False)
         return EXIT_ERROR
@@ -239,10 +240,16 @@ def verify_cmd(
     key: Annotated[Path | None, typer.Option("--key", help="Audit signing key file")] = None,
     public_key: Annotated[Path | None, typer.Option("--public-key", help="Audit public key PEM")] = None,
     stream: Annotated[str | None, typer.Option("--stream", help="Only this stream")] = None,
+    unsigned_grace: Annotated[float, typer.Option(
+        "--unsigned-grace", min=0,
+        help="Seconds a record may stay unsigned: older records that no checkpoint covers fail (the "
+             "appliance signs every second; a cut log or a crash never followed by a restart leaves "
+             "them). 0 for a log that is not being written.")] = DEFAULT_UNSIGNED_GRACE_S,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify every hash chain and signed checkpoint; exit 1 on any failure."""
-    raise typer.Exit(run_verify(db, key=key, public_key=public_key, stream=stream, as_json=as_json))
+    """Verify every hash chain, Merkle tree and signed checkpoint; exit 1 on any failure."""
+    raise typer.Exit(run_verify(db, key=key, public_key=public_key, stream=stream, as_json=as_json,
+                                unsigned_grace_s=unsigned_grace))
 
 
 @app.command("export")

@@ -36,6 +36,7 @@ from appliance.audit.reports import ChainReport, StreamReport
 from appliance.audit.schema import audit_events
 
 LEGACY_CHECKPOINT_TYPE = "sovereign-audit-checkpoint/v1"
+DEFAULT_UNSIGNED_GRACE_S = 60.0  # the writer signs every second: a minute is generous
 
 
 def verify_database(engine: Engine, public_key: Ed25519PublicKey, stream: str | None = None, *,

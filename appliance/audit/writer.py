@@ -22,6 +22,7 @@ advisory lock, so writers on several hosts take turns instead of colliding.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -105,6 +106,7 @@ class GroupWriter:
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._atexit = False
         self.batches = 0
         self.events = 0
 
@@ -115,6 +117,9 @@ class GroupWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
                 self._thread.start()
+                if not self._atexit:  # a process that never calls close() still signs what it wrote
+                    atexit.register(self.close)
+                    self._atexit = True
             self._queue.put(item)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from appliance.apikeys import parse_duration, parse_expiry
+from appliance.audit.db_verify import DEFAULT_UNSIGNED_GRACE_S
 from appliance.client_info import client_fields
 from appliance.errors import TenancyError
 from appliance.gateway.deps import AdminDep, RuntimeDep
@@ -213,12 +214,12 @@ def disable_admin(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[str, 
 @router.get("/audit/verify")
 async def verify_audit(request: Request, runtime: RuntimeDep, admin: AdminDep) -> dict[str, Any]:
     """Verify the whole log; the verification and its verdict are recorded (``admin.audit_verified``)."""
-    report = await asyncio.to_thread(runtime.audit.verify)
+    report = await asyncio.to_thread(runtime.audit.verify, unsigned_grace_s=DEFAULT_UNSIGNED_GRACE_S)
     await asyncio.to_thread(_audit, runtime, admin, "audit_verified", {
         "ok": report.ok, "streams_checked": report.streams_checked, "records_checked": report.records_checked,
         "failed_streams": [s.stream for s in report.streams if not s.ok][:50], "via": "admin api",
         **client_fields(request.scope)})
-    return {"ok": report.ok, "report": repr(report)}
+    return report.to_dict()
 
 
 @router.get("/audit/export", response_model=None)

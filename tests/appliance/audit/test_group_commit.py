@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.audit import AuditError, AuditIntegrityError, AuditLog
+from appliance.audit import AuditError, AuditIntegrityError, AuditKeys, AuditLog
 from appliance.audit.checkpoint import GLOBAL_TREE
 from appliance.audit.merkle import record_leaf, root
 from appliance.audit.record import compute_record_hash
@@ -187,3 +187,25 @@ def test_a_deleted_stream_with_its_checkpoints_and_nodes_breaks_the_appliance_tr
     report = audit_log.verify()
     assert [s.stream for s in report.streams if not s.ok] == [GLOBAL_TREE]
     assert report.first_failure is not None and "deleted" in report.first_failure.found
+
+
+_NEVER_CLOSED = """
+import sys
+from pathlib import Path
+from appliance.audit import AuditLog
+log = AuditLog(sys.argv[1], Path(sys.argv[2]), checkpoint_interval_s=3600)
+log.append("admin.node_added", stream="_admin", actor="cli:someone", data={"node": "n1"})
+"""
+
+
+def test_a_process_that_never_closes_its_log_signs_at_exit(audit_url: str, key_path: Path) -> None:
+    """An admin command that appends and exits (no close, long before the timer) leaves nothing
+    unsigned: the writer signs what grew as the interpreter exits."""
+    import subprocess
+    import sys
+
+    AuditKeys(key_path)
+    subprocess.run([sys.executable, "-c", _NEVER_CLOSED, audit_url, str(key_path)], check=True, timeout=60)
+    with AuditLog(audit_url, key_path, checkpoint_every=None) as log:
+        assert [c.size for c in log.checkpoints("_admin")] == [1]
+        assert log.verify(unsigned_grace_s=0).ok
