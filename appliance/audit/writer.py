@@ -54,6 +54,9 @@ from appliance.audit.treestore import load_frontier
 
 log = logging.getLogger("appliance.audit")
 
+_EVENT_COLUMNS = ("stream", "seq", "ts", "event_type", "actor", "tenant", "request_id", "data", "prev_hash", "hash",
+                  "gidx")
+_NODE_COLUMNS = ("tree", "level", "idx", "hash")
 PG_LOCK_KEY = 0x50A7_A0D1  # pg_advisory_xact_lock key shared by every writer of one log
 
 
@@ -101,11 +104,6 @@ class GroupWriter:
         self.max_retries = max_retries
         self.on_checkpoints = on_checkpoints
         self._pg = engine.dialect.name == "postgresql"
-        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        self._insert_events = (
-            "INSERT INTO audit_events (stream, seq, ts, event_type, actor, tenant, request_id, data, prev_hash, "
-            f"hash, gidx) VALUES ({', '.join([mark] * 11)})")
-        self._insert_nodes = f"INSERT INTO audit_tree_nodes (tree, level, idx, hash) VALUES ({', '.join([mark] * 4)})"
         self._queue: queue.SimpleQueue[Pending | CheckpointRequest | None] = queue.SimpleQueue()
         self._trees: dict[str, _Tree] = {}
         self._global: _Tree | None = None
@@ -245,12 +243,10 @@ class GroupWriter:
                     events.append((record.stream, record.seq, record.ts, f["event_type"], f["actor"], f["tenant"],
                                    f["request_id"], item.data_text, record.prev_hash, record.hash, gidx))
                     records.append(record)
-                # Driver-level executemany: the rows are already plain tuples in column order, and
-                # SQLAlchemy's per-row statement machinery was a third of the writer's time.
                 if events:
-                    conn.exec_driver_sql(self._insert_events, events)
+                    self._insert(conn, audit_events, _EVENT_COLUMNS, events)
                 if nodes:
-                    conn.exec_driver_sql(self._insert_nodes, nodes)
+                    self._insert(conn, audit_tree_nodes, _NODE_COLUMNS, nodes)
                 dirty = self._dirty | set(work) | ({GLOBAL_TREE} if events else set())
                 trees = {**self._trees, **work, GLOBAL_TREE: glob}
                 signed: list[Checkpoint] = []
@@ -328,6 +324,13 @@ class GroupWriter:
                                        f"{frontier.size} records with root {frontier.root().hex()[:16]}...",
                                        check="tree")
         return None
+
+    def _insert(self, conn: Connection, table: Any, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        if self._pg:  # one multi-row INSERT per batch (SQLAlchemy's insertmanyvalues) beats psycopg's executemany
+            conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+        else:  # SQLite: the driver's executemany; SQLAlchemy's per-row machinery was a third of the writer's time
+            marks = ", ".join("?" * len(columns))
+            conn.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})", rows)
 
     def _count_due(self, work: dict[str, _Tree], glob: _Tree) -> bool:
         if self.every is None:
