@@ -286,6 +286,9 @@ def run_preflight(
                              in_service=layout.current_version() is not None))
     checks.append(check_gpus(cfg, allow_cpu=allow_cpu, expected=local.gpus if local else None))
     checks.append(check_ansible())
+    if bundle is not None and has_bundle:
+        from installer.node_models import check_node_models  # here: node_models imports this module
+        checks.append(check_node_models(inventory, bundle))
     if local is not None:
         checks.append(check_firewall(inventory, layout))
     for node in inventory.nodes:

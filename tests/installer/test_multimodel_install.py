@@ -26,6 +26,7 @@ from airgap_bundle import build_bundle, verify_bundle
 from installer import PreflightFailed, install_bundle, load_inventory
 from installer.inventory import Inventory
 from installer.node_models import check_node_models
+from installer.preflight import run_preflight
 from policies import default_policy_dir
 from tests.airgap_bundle.test_multimodel import same_weights_other_name
 from tests.installer.conftest import REPO, make_model
@@ -75,6 +76,9 @@ def test_a_node_naming_a_model_the_bundle_lacks_is_a_preflight_error(
     assert info.value.exit_code == 1 and not root.exists()  # refused before anything is written
     check = check_node_models(load_inventory(inv), two_model_bundle)
     assert check.status == "fail" and "gpu-x" in check.detail and "Gamma-7B" in check.detail
+    # and `sovereign-installer preflight --bundle` shows the same check among its others
+    report = run_preflight(root, inventory=load_inventory(inv), bundle=two_model_bundle, allow_cpu=True)
+    assert [c.detail for c in report.checks if c.name == check.name] == [check.detail]
     two = inventory(tmp_path, {"name": "gpu-y", "labels": LABELS, "models": ["Alpha", "Beta"]})
     with pytest.raises(PreflightFailed, match=r"node gpu-y: expected one model \(its engine loads one model; give "
                                               r"each model its own engine node\), found \['Alpha', 'Beta'\]"):
