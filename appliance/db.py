@@ -9,8 +9,11 @@ new database do not race to CREATE TABLE (all but one used to fail).
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -18,6 +21,21 @@ import sqlalchemy as sa
 # tables have their own, in appliance/audit/schema.py).
 SCHEMA_LOCK_KEY = 0x50A7_A0CF
 BACKENDS = ("sqlite", "postgresql")
+
+
+def enable_wal(cursor: Any, *, timeout_s: float = 10.0) -> None:
+    """``PRAGMA journal_mode=WAL`` on a DB-API SQLite cursor. Switching a new file to WAL needs its
+    exclusive lock, and SQLite can answer "database is locked" at once, without its busy handler,
+    while another process opening the same new file does the same: retried until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def open_database(url: str) -> sa.Engine:
@@ -34,9 +52,9 @@ def open_database(url: str) -> sa.Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=10000")
+            enable_wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     else:
         # pre-ping: a pooled connection cut by a server restart or failover is replaced, not handed out

@@ -86,6 +86,7 @@ def parse_verifier_key(text: str) -> Verifier:
         raise NoteError(f"verifier key: expected an Ed25519 key (type 0x01 or 0x04, 32 bytes), found "
                         f"{len(raw)} bytes of type 0x{raw[0]:02x}" if raw else "verifier key: empty key")
     verifier = Verifier(name, Ed25519PublicKey.from_public_bytes(raw[1:]), raw[0])
+    verifier_key(name, verifier.public_key, raw[0])  # validates the name
     if verifier.id != wanted:
         raise NoteError(f"verifier key {name}: key id {hex_id} does not match its key (expected {verifier.id.hex()})")
     return verifier

@@ -32,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
+from appliance.db import enable_wal
+
 # Execution option a connection carries when it will append; see ``make_engine``.
 WRITE_OPTION = "audit_write"
 # pg_advisory_lock key held while an opener creates or upgrades the tables (PostgreSQL).
@@ -193,9 +195,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            enable_wal(cursor, timeout_s=busy_timeout_s)
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()

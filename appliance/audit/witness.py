@@ -37,19 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.audit.errors import AuditError
 from appliance.audit.merkle import verify_consistency
 from appliance.audit.note import (
     SIG_COSIGNATURE,
-    SIG_ED25519,
     CheckpointBody,
     NoteError,
     NoteSigner,
     SignedNote,
     Verifier,
-    verifier_key,
+    parse_verifier_key,
 )
 from appliance.audit.publish import atomic_write
 
@@ -67,26 +66,7 @@ class WitnessError(AuditError):
 
 # -- keys ---------------------------------------------------------------------------------
 
-def parse_vkey(text: str) -> Verifier:
-    """A verifier key ``<name>+<key id hex>+<base64(type || key)>``, split at the first two '+' only
-    (base64 itself contains '+'; ``note.parse_verifier_key`` splits at every one and refuses such keys)."""
-    name, _, rest = text.strip().partition("+")
-    hex_id, sep, blob = rest.partition("+")
-    if not name or not sep:
-        raise NoteError(f"verifier key: expected <name>+<key id hex>+<base64 key>, found {text.strip()[:80]!r}")
-    try:
-        raw = base64.b64decode(blob, validate=True)
-        wanted = bytes.fromhex(hex_id)
-    except (binascii.Error, ValueError):
-        raise NoteError("verifier key: expected hex key id and base64 key, found undecodable text") from None
-    if len(raw) != 33 or raw[0] not in (SIG_ED25519, SIG_COSIGNATURE):
-        raise NoteError(f"verifier key {name}: expected an Ed25519 key (type 0x01 or 0x04, 32 bytes), "
-                        f"found {len(raw)} bytes")
-    verifier = Verifier(name, Ed25519PublicKey.from_public_bytes(raw[1:]), raw[0])
-    verifier_key(name, verifier.public_key, raw[0])  # validates the name
-    if verifier.id != wanted:
-        raise NoteError(f"verifier key {name}: key id {hex_id} does not match its key (expected {verifier.id.hex()})")
-    return verifier
+parse_vkey = parse_verifier_key  # ``<name>+<key id hex>+<base64(type || key)>`` (note.py)
 
 
 def generate_witness_key(path: Path, name: str) -> Verifier:
