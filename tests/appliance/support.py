@@ -74,10 +74,12 @@ def run_installer(vendor: VendorBundle, root: Path, port: int) -> subprocess.Com
     )
 
 
-def wait_healthy(proc: subprocess.Popen[str], url: str, ca: Path, timeout_s: float = 300) -> None:
+def wait_healthy(proc: subprocess.Popen[str] | None, url: str, ca: Path, timeout_s: float = 300) -> None:
+    """Until ``url``'s /health answers 200 over TLS with ``ca``; fails early if ``proc`` (a
+    gateway process; ``None`` for one served in this process) exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
             raise AssertionError(f"appliance exited with {proc.returncode} before becoming healthy:\n{out}")
         if ca.exists():

@@ -27,7 +27,7 @@ from appliance.gateway.edge import EdgeLimits
 from appliance.runtime import Runtime
 from appliance.server import build_server
 from tests.appliance.runtime_root import MODEL, lay_out_root
-from tests.appliance.support import free_port, tls_ctx
+from tests.appliance.support import free_port, tls_ctx, wait_healthy
 
 pytestmark = pytest.mark.slow
 WINDOW_S = 5.0
@@ -71,16 +71,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterat
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url, ca = f"https://localhost:{port}", root / "tls" / "ca.pem"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if ca.exists() and httpx.get(f"{url}/health", verify=tls_ctx(ca), timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        raise AssertionError("gateway not healthy within 300 s")
+    wait_healthy(None, url, ca)
     yield Gateway(runtime, url, ca, port, admin_key, keys)
     server.should_exit = True
     thread.join(timeout=60)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from appliance.gateway.edge import EdgeLimits
 from appliance.runtime import Runtime
 from appliance.server import build_server
 from policies import default_policy_dir
-from tests.appliance.support import free_port, tls_ctx
+from tests.appliance.support import free_port, tls_ctx, wait_healthy
 from tests.pg import fresh_database
 
 pytestmark = pytest.mark.slow
@@ -60,16 +59,7 @@ def pg_gateway(tmp_path_factory: pytest.TempPathFactory, model_dir: Path,
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         url, ca = f"https://localhost:{port}", root / "tls" / "ca.pem"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if ca.exists() and httpx.get(f"{url}/health", verify=tls_ctx(ca), timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("gateway not healthy within 300 s")
+        wait_healthy(None, url, ca)
         try:
             yield root, url, (root / "secrets" / "admin.key").read_text().strip(), db_url
         finally:
