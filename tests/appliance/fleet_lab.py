@@ -165,6 +165,14 @@ class FleetLab:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def start_all(self) -> None:
+        """Every node (started together, then waited for), then the gateway."""
+        for name in self.nodes:
+            self.start_node(name, wait=False)
+        for name in self.nodes:
+            self.wait_node(name)
+        self.start_gateway()
+
     def start_gateway(self) -> None:
         self.gateway = self._spawn(["serve", "--root", str(self.gateway_root)], self.gateway_root / "gateway.log")
         deadline = time.monotonic() + 120

@@ -48,11 +48,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[F
               {"health_interval_s": HEALTH_INTERVAL_S, "health_backoff_max_s": 2.0, "connect_timeout_s": 3.0,
                "read_timeout_s": READ_TIMEOUT_S})
     try:
-        for name in lab.nodes:
-            lab.start_node(name, wait=False)
-        for name in lab.nodes:
-            lab.wait_node(name)
-        lab.start_gateway()
+        lab.start_all()
         yield lab
     finally:
         lab.close()

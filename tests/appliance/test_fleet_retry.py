@@ -35,11 +35,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[F
               {"health_interval_s": 600.0, "health_backoff_max_s": 600.0, "connect_timeout_s": 3.0,
                "read_timeout_s": 30.0})
     try:
-        for name in lab.nodes:
-            lab.start_node(name, wait=False)
-        for name in lab.nodes:
-            lab.wait_node(name)
-        lab.start_gateway()
+        lab.start_all()
         yield lab
     finally:
         lab.close()
