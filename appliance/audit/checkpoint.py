@@ -97,11 +97,6 @@ class Checkpoint:
     def from_row(cls, row: Any) -> Checkpoint:
         return cls(tree=row.tree, size=row.size, root=row.root, ts=row.ts, key_id=row.key_id, note=row.note)
 
-    @classmethod
-    def from_note(cls, text: str, *, tree: str, ts: str, key_id: str) -> Checkpoint:
-        body = SignedNote.parse(text).checkpoint()
-        return cls(tree=tree, size=body.size, root=body.root.hex(), ts=ts, key_id=key_id, note=text)
-
 
 def sign_checkpoint(keys: AuditKeys, *, tree: str, size: int, root: bytes, ts: str) -> Checkpoint:
     body = CheckpointBody(origin_of(keys.public_key, tree), size, root).text()

@@ -26,12 +26,10 @@ def load_checkpoints(conn: Connection, tree: str) -> list[Checkpoint]:
     return [Checkpoint.from_row(row) for row in rows]
 
 
-def latest_checkpoint(conn: Connection, tree: str, *, max_size: int | None = None) -> Checkpoint | None:
-    """The newest checkpoint of ``tree`` (of at most ``max_size`` records, if given)."""
+def latest_checkpoint(conn: Connection, tree: str) -> Checkpoint | None:
+    """The newest checkpoint of ``tree``."""
     cp = audit_tree_checkpoints.c
     stmt = select(audit_tree_checkpoints).where(cp.tree == tree)
-    if max_size is not None:
-        stmt = stmt.where(cp.size <= max_size)
     row = conn.execute(stmt.order_by(cp.size.desc(), cp.id.desc()).limit(1)).first()
     return None if row is None else Checkpoint.from_row(row)
 
