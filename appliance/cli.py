@@ -89,5 +89,14 @@ def _mount_nodes() -> None:
 _mount_nodes()
 
 
+def _mount_db() -> None:
+    from appliance.db_cli import db_app
+
+    app.add_typer(db_app, name="db")
+
+
+_mount_db()
+
+
 def main() -> None:
     app()
