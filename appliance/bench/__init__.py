@@ -1,0 +1,1 @@
+"""Benchmarks of the running appliance (``python -m appliance.bench gateway --help``)."""
