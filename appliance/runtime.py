@@ -176,6 +176,7 @@ class Runtime:
         # Close every pooled connection: SQLite then merges its write-ahead log into the database
         # file and removes it, so a backup of data/appliance.db alone holds every record. The
         # pools reopen connections on demand if this runtime is started again.
+        self.usage.close()  # the usage counts still pending, before the pool closes
         self.audit.close()
         self.db.dispose()
 

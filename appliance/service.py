@@ -57,19 +57,25 @@ from engine.tokenizer.tokenizer import Tokenizer
 from policies import PolicySet
 
 AFFINITY_TOKENS = 64  # prompts sharing their first 64 tokens go to the same node while its load allows
+# prompts up to this many characters are templated and tokenized on the event loop (<1 ms here);
+# longer ones in the tokenizer threads, one job per tenant at a time
+INLINE_TOKENIZE_CHARS = 2048
 ECHO_LIMIT = 64  # characters of a client string echoed in an error or an audit record
 
 
-@dataclass(frozen=True)
-class _NoBudget:
-    max_tokens_per_day: int = 0
-    max_tokens_per_month: int = 0
-
-
-NO_BUDGET = _NoBudget()
 # the HTTP request's x-request-id and client while it is being admitted (for the records of its refusals)
 _HTTP_ID: contextvars.ContextVar[str] = contextvars.ContextVar("http_request_id", default="")
 _CLIENT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("http_client", default=None)
+
+
+def _prompt_chars(spec: InferenceSpec) -> int:
+    if spec.messages is None:
+        return len(spec.prompt or "")
+    total = 0
+    for message in spec.messages:
+        for value in message.values():
+            total += len(value) if isinstance(value, str) else INLINE_TOKENIZE_CHARS + 1  # parts, tools: thread
+    return total
 
 
 class RequestRejected(ApplianceError):
@@ -344,12 +350,14 @@ class ChatService:
                 return tokenizer.encode_chat(spec.messages, add_generation_prompt=True)
             return tokenizer.encode(spec.prompt or "", add_special_tokens=True)
 
-        async with self._tokenize_turn[tenant]:
-            try:
+        try:
+            if _prompt_chars(spec) <= INLINE_TOKENIZE_CHARS:
+                return work()  # well under a millisecond: a thread hop would cost more than the work
+            async with self._tokenize_turn[tenant]:
                 return await asyncio.get_running_loop().run_in_executor(self._pool, work)
-            except EngineError as exc:
-                raise RequestRejected(400, f"cannot build the prompt: {short(str(exc), 300)}",
-                                      "invalid_request_error", "invalid_prompt") from exc
+        except EngineError as exc:
+            raise RequestRejected(400, f"cannot build the prompt: {short(str(exc), 300)}",
+                                  "invalid_request_error", "invalid_prompt") from exc
 
     # ---- generation ---------------------------------------------------------------------
     async def _open(self, prep: Prepared) -> tuple[Any, StreamDelta]:
@@ -473,21 +481,19 @@ class ChatService:
         used = (outcome.prompt_tokens or len(prep.prompt_ids)) + outcome.completion_tokens
         self.limiter.settle(prep.ticket, used)
 
-        def settle() -> None:
-            if prep.budget is not None and self.usage is not None:
-                self.usage.settle(tenant, prep.budget, used)
-            elif self.usage is not None:  # no budget to hold: counted once, here (for /v1/usage)
-                self.usage.reserve(tenant, used, NO_BUDGET)
+        # in memory, written by the usage store's next batch (no transaction per request)
+        if prep.budget is not None and self.usage is not None:
+            self.usage.settle(tenant, prep.budget, used)
+        elif self.usage is not None:  # no budget to hold: counted once, here (for /v1/usage)
+            self.usage.count(tenant, used)
 
         async def append() -> None:
-            if self.usage is not None:
-                await asyncio.to_thread(settle)
             if self.sealer is not None and self.policies.retention.stores_content(tenant):
                 data["content"] = await asyncio.to_thread(self._sealed_content, prep, tenant, outcome.text)
             await self.audit.append_async(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
                                           request_id=prep.request_id, data=data)
 
-        # The usage in a worker thread, the record through the log's group commit. A cancelled request
+        # The record through the log's group commit. A cancelled request
         # (client gone) may be cancelled again at every await here (anyio's cancel scopes re-deliver), so
         # its record is written by a task of its own that no cancellation reaches; every other record is
         # durable before the client's final chunk.

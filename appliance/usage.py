@@ -6,11 +6,21 @@ in one transaction of conditional updates (``tokens + n <= limit``), so threads 
 processes sharing the database cannot overspend by racing a read against a write; a refused
 reservation changes nothing. The policy's ``max_tokens_per_day`` / ``max_tokens_per_month`` are
 the limits (0 = no limit); usage is counted either way, for ``GET /v1/usage``.
+
+What needs no check is counted later, in batches: ``count`` (the tokens of a request without a
+budget) and ``settle`` (what a finished request gives back of its reservation) add to an in-memory
+delta that a flusher thread writes in one transaction every ``flush_interval_s`` and at ``close``.
+That takes a write transaction (an fsync on SQLite) off every request. Giving budget back late
+never lets a tenant overspend; ``usage`` adds this process's pending deltas, so a tenant reading
+its usage from the gateway that served it sees its last request. If the process is killed, at most
+one interval of counts is lost from these counters; every request's tokens stay in its audit record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,8 +94,16 @@ def _periods(now: dt.datetime) -> tuple[str, str, dt.datetime, dt.datetime]:
 
 
 class UsageStore:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, *, flush_interval_s: float = 0.2) -> None:
         self._engine = engine
+        self._flush_interval_s = flush_interval_s
+        # (tenant, period) -> [tokens, requests] not yet written; guarded by _pending_lock
+        self._pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time (the thread's, close's)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._flusher: threading.Thread | None = None
         metadata.create_all(engine)
         inserts: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
         if engine.dialect.name not in inserts:
@@ -123,19 +141,80 @@ class UsageStore:
         return BudgetDecision(True, Reservation(tenant, tokens, day, month))
 
     def settle(self, tenant: str, reserved: Reservation, used: int) -> None:
-        """Replace the reservation by the tokens actually used, in the periods it was made in."""
+        """Replace the reservation by the tokens actually used, in the periods it was made in (written
+        with the next batch; see the module's doc)."""
         if reserved.tenant != tenant:
             raise ValueError(f"settle: expected the reservation of tenant {tenant!r}, found {reserved.tenant!r}")
         if isinstance(used, bool) or not isinstance(used, int) or used < 0:
             raise ValueError(f"tokens used: expected an int >= 0, found {used!r}")
         delta = used - reserved.tokens
-        if delta == 0:
-            return
-        c = usage_table.c
-        with self._engine.begin() as conn:
-            conn.execute(usage_table.update()
-                         .where(c.tenant == tenant, c.period.in_((reserved.day, reserved.month)))
-                         .values(tokens=sa.case((c.tokens + delta < 0, 0), else_=c.tokens + delta)))
+        if delta != 0:
+            self._add(tenant, (reserved.day, reserved.month), delta, 0)
+
+    def count(self, tenant: str, tokens: int, *, now: dt.datetime | None = None) -> None:
+        """Count one finished request of a tenant without a budget (written with the next batch)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens to count: expected an int >= 0, found {tokens!r}")
+        day, month, _, _ = _periods(now or dt.datetime.now(dt.UTC))
+        self._add(tenant, (day, month), tokens, 1)
+
+    def _add(self, tenant: str, periods: tuple[str, str], tokens: int, requests: int) -> None:
+        with self._pending_lock:
+            for period in periods:
+                entry = self._pending[(tenant, period)]
+                entry[0] += tokens
+                entry[1] += requests
+            if self._flusher is None and not self._stopping:
+                self._flusher = threading.Thread(target=self._run_flusher, name="usage-flush", daemon=True)
+                self._flusher.start()
+
+    def _run_flusher(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self._flush_interval_s)
+            try:
+                self.flush()
+            except sa.exc.SQLAlchemyError:  # the database is away: the deltas stay pending, retried
+                pass
+
+    def flush(self) -> None:
+        """Write the pending deltas in one transaction (kept pending if it fails)."""
+        with self._flush_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, defaultdict(lambda: [0, 0])
+            if not batch:
+                return
+            c = usage_table.c
+            try:
+                with self._engine.begin() as conn:
+                    for (tenant, period), (tokens, requests) in sorted(batch.items()):
+                        conn.execute(self._insert(usage_table).values(tenant=tenant, period=period, tokens=0,
+                                                                      requests=0).on_conflict_do_nothing())
+                        conn.execute(usage_table.update().where(c.tenant == tenant, c.period == period).values(
+                            tokens=sa.case((c.tokens + tokens < 0, 0), else_=c.tokens + tokens),
+                            requests=c.requests + requests))
+            except BaseException:
+                with self._pending_lock:  # back into the pending deltas, with what came meanwhile
+                    for key, (tokens, requests) in batch.items():
+                        entry = self._pending[key]
+                        entry[0] += tokens
+                        entry[1] += requests
+                raise
+
+    def close(self) -> None:
+        """Stop the flusher and write what is pending."""
+        self._stopping = True
+        self._wake.set()
+        thread, self._flusher = self._flusher, None
+        if thread is not None:
+            thread.join(timeout=10)
+        self.flush()
+        self._stopping = False
+        self._wake.clear()
+
+    def _pending_for(self, tenant: str, period: str) -> tuple[int, int]:
+        with self._pending_lock:
+            entry = self._pending.get((tenant, period))
+            return (entry[0], entry[1]) if entry else (0, 0)
 
     def release(self, tenant: str, reserved: Reservation) -> None:
         """Undo a reservation whose request was refused after it was made (admission, audit): the
@@ -157,14 +236,17 @@ class UsageStore:
         with self._engine.connect() as conn:
             rows = {r.period: r for r in conn.execute(
                 sa.select(usage_table).where(c.tenant == tenant, c.period.in_((day, month))))}
-        return tuple(  # type: ignore[return-value]
-            PeriodUsage(period[2:], int(rows[period].tokens) if period in rows else 0,
-                        int(rows[period].requests) if period in rows else 0, limit, end.isoformat())
-            for period, limit, end in ((day, policy.max_tokens_per_day, day_end),
-                                       (month, policy.max_tokens_per_month, month_end)))
+        result = []
+        for period, limit, end in ((day, policy.max_tokens_per_day, day_end),
+                                   (month, policy.max_tokens_per_month, month_end)):
+            tokens, requests = self._pending_for(tenant, period)
+            if period in rows:
+                tokens, requests = tokens + int(rows[period].tokens), requests + int(rows[period].requests)
+            result.append(PeriodUsage(period[2:], max(tokens, 0), requests, limit, end.isoformat()))
+        return result[0], result[1]
 
     def _tokens(self, tenant: str, period: str) -> int:
         with self._engine.connect() as conn:
             value = conn.execute(sa.select(usage_table.c.tokens).where(
                 usage_table.c.tenant == tenant, usage_table.c.period == period)).scalar()
-        return int(value or 0)
+        return max(int(value or 0) + self._pending_for(tenant, period)[0], 0)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from engine.errors import EngineDeadError, EngineError, RequestError
+from engine.node_http import NodeConnectionError, NodeHTTP, NodeHTTPStatus
 from engine.outputs import StreamDelta
 from engine.sampling_params import SamplingParams
 from engine.server.wire import delta_from_obj, error_from_body, params_to_wire
@@ -57,6 +58,9 @@ class RemoteEngine:
         self._timeout = httpx.Timeout(timeout_s, read=read_timeout_s)
         self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._client: httpx.AsyncClient | None = None
+        # generate and abort, the per-request path, go through the lean client (engine/node_http.py)
+        self._http = NodeHTTP(self.base_url, self._ssl, connect_timeout_s=timeout_s, read_timeout_s=read_timeout_s,
+                              max_idle=max_connections)
         self._tokenizer: Tokenizer | None = None
         self._stats: dict[str, Any] = {}
 
@@ -85,6 +89,9 @@ class RemoteEngine:
             raise
 
     async def shutdown(self) -> None:
+        await self._http.close()
+        self._http = NodeHTTP(self.base_url, self._ssl, connect_timeout_s=self._timeout.connect or 30.0,
+                              read_timeout_s=self._timeout.read, max_idle=self._limits.max_connections or 1024)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -136,29 +143,29 @@ class RemoteEngine:
         body: dict[str, Any] = {"request_id": request_id, "params": params_to_wire(params),
                                 "cache_salt": cache_salt, "priority": priority, "deadline": deadline}
         body["prompt" if isinstance(prompt, str) else "prompt_token_ids"] = prompt
+        if self._client is None:
+            raise EngineDeadError("RemoteEngine is not started: await engine.start() first")
+        lines = self._http.post_lines("/v1/generate", json.dumps(body).encode())
         try:
-            async with self.client.stream("POST", "/v1/generate", json=body) as resp:
-                if resp.status_code != 200:
-                    raise _rejection(resp.status_code, await resp.aread())
-                lines = resp.aiter_lines()
-                async for line in lines:
-                    if not line:
-                        continue
-                    obj = json.loads(line)
-                    if "error" in obj:
-                        raise error_from_body(obj["error"])
-                    delta = delta_from_obj(obj)
-                    if delta.finished:
-                        # The node ends the body right after its final line: reading it to the end
-                        # returns the connection to the pool instead of closing it (no new TLS
-                        # handshake for the next request).
-                        async for _ in lines:
-                            pass
-                        yield delta
-                        return
+            async for line in lines:
+                obj = json.loads(line)
+                if "error" in obj:
+                    raise error_from_body(obj["error"])
+                delta = delta_from_obj(obj)
+                if delta.finished:
+                    # The node ends the body right after its final line: reading it to the end
+                    # returns the connection to the pool (no new TLS handshake for the next request).
+                    async for _ in lines:
+                        pass
                     yield delta
-        except httpx.HTTPError as exc:
-            raise EngineDeadError(f"node {self.base_url}: {exc!r}") from exc
+                    return
+                yield delta
+        except NodeHTTPStatus as exc:
+            raise _rejection(exc.status, exc.body) from None
+        except NodeConnectionError as exc:
+            raise EngineDeadError(f"node {self.base_url}: {exc}") from exc
+        finally:
+            await lines.aclose()
 
     async def abort(self, request_id: str) -> None:
         try:

@@ -1,9 +1,10 @@
 """Request dependencies: the runtime, and who is calling.
 
 The key is checked by ``auth.AuthMiddleware`` before the body is read; these dependencies read
-what it put in the request's state. On an app without the middleware they check the key
-themselves with the same rules (in FastAPI's worker threads: these are plain functions), so a
-route never runs for a caller the middleware would have refused.
+what it put in the request's state, on the event loop (a plain-function dependency would cost
+every request a hop to a worker thread and back). On an app without the middleware they check the
+key themselves with the same rules, in a worker thread (a database read), so a route never runs
+for a caller the middleware would have refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from appliance.apikeys import KeyCheck
 from appliance.gateway.auth import AUTH_CHECKED, accepted, bearer, refusal, required_scopes
@@ -19,7 +21,7 @@ from appliance.runtime import Runtime
 from appliance.service import RequestRejected
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -43,16 +45,21 @@ def _check_here(request: Request) -> None:
         setattr(request.state, name, value)
 
 
-def get_principal(request: Request) -> Principal:
-    _check_here(request)
+async def _checked(request: Request) -> None:
+    if not getattr(request.state, AUTH_CHECKED, False):
+        await run_in_threadpool(_check_here, request)
+
+
+async def get_principal(request: Request) -> Principal:
+    await _checked(request)
     principal = getattr(request.state, "principal", None)
     if not isinstance(principal, Principal):
         raise RequestRejected(403, "this route needs a tenant key", "permission_denied", "insufficient_scope")
     return principal
 
 
-def require_admin(request: Request) -> AdminPrincipal:
-    _check_here(request)
+async def require_admin(request: Request) -> AdminPrincipal:
+    await _checked(request)
     admin = getattr(request.state, "admin", None)
     if not isinstance(admin, AdminPrincipal):
         raise RequestRejected(403, "this route needs a key with scope 'admin'", "permission_denied",

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.node_http import KEEP_ALIVE_S
 from engine.server.app import build_app
 
 
@@ -64,6 +65,7 @@ def uvicorn_config(app: FastAPI, config: ServeConfig) -> Any:
         app, host=config.host, port=config.port, log_level="warning",
         ssl_certfile=str(config.tls_cert), ssl_keyfile=str(config.tls_key),
         ssl_ca_certs=str(config.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED,
+        timeout_keep_alive=int(KEEP_ALIVE_S),  # gateways reuse their connections (engine/node_http.py)
     )
 
 

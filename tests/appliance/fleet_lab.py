@@ -59,9 +59,11 @@ class FleetLab:
         from installer.layout import RootLayout
         from installer.pki import prepare_pki
 
-        inventory = Inventory(nodes=[InventoryNode(name=name, connection="ssh", host="127.0.0.1", labels=labels)
-                                     for name, labels in {"gw": {"region": "x", "site": "x", "classification": "x"},
-                                                          **node_labels}.items()])
+        inventory = Inventory(nodes=[
+            InventoryNode(name="gw", connection="ssh", host="127.0.0.1", roles=["gateway"],
+                          labels={"region": "x", "site": "x", "classification": "x"}),
+            *(InventoryNode(name=name, connection="ssh", host="127.0.0.1", roles=["engine"], labels=labels)
+              for name, labels in node_labels.items())])
         pki = prepare_pki(RootLayout(self.base / "controller"), inventory)
         policies = self.base / "policies"
         from policies import default_policy_dir

@@ -98,3 +98,52 @@ def test_tenants_have_separate_counters_and_bad_values_are_refused(url: str) -> 
     assert decision.reservation is not None
     with pytest.raises(ValueError, match="reservation of tenant 'a'"):
         store.settle("a", decision.reservation, 1)
+
+
+def test_counts_and_settlements_are_written_in_batches_and_seen_at_once_by_their_store(url: str) -> None:
+    """No transaction per request: ``count``/``settle`` go into an in-memory delta that the flusher
+    thread writes; the store that took them shows them at once, another store after the flush."""
+    import time
+
+    writer = UsageStore(open_database(url), flush_interval_s=0.05)
+    reader = UsageStore(open_database(url))
+    limits = Limits(max_tokens_per_day=1000)
+    held = writer.reserve("acme", 300, limits, now=NOON)
+    assert held.reservation is not None
+    writer.settle("acme", held.reservation, 100)
+    for _ in range(5):
+        writer.count("acme", 7, now=NOON)
+    day, month = writer.usage("acme", limits, now=NOON)
+    assert (day.tokens, day.requests, month.tokens) == (135, 6, 135)  # its own pending deltas included
+    deadline = time.monotonic() + 10
+    while reader.usage("acme", limits, now=NOON)[0].tokens != 135:  # the flusher writes them
+        assert time.monotonic() < deadline, "pending usage was not written by the flusher"
+        time.sleep(0.02)
+    assert reader.usage("acme", limits, now=NOON)[0].requests == 6
+    writer.count("acme", 5, now=NOON)
+    writer.close()  # what is pending is written at close
+    assert reader.usage("acme", limits, now=NOON)[0].tokens == 140
+    with pytest.raises(ValueError, match="expected an int >= 0"):
+        writer.count("acme", -1)
+
+
+def test_pending_usage_survives_a_failed_flush(url: str) -> None:
+    """The database refusing a batch keeps its deltas pending for the next one (nothing lost)."""
+    import sqlalchemy as sa
+
+    engine = open_database(url)
+    store = UsageStore(engine, flush_interval_s=3600)
+    store.count("acme", 9, now=NOON)
+    store.flush()
+    with engine.begin() as conn:  # the database refuses every update of the counters
+        conn.execute(sa.text("CREATE TRIGGER no_updates BEFORE UPDATE ON token_usage "
+                             "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+    store.count("acme", 4, now=NOON)
+    with pytest.raises(sa.exc.DatabaseError, match="disk says no"):
+        store.flush()
+    store.count("acme", 1, now=NOON)
+    assert store.usage("acme", Limits(), now=NOON)[0].tokens == 14  # still pending, not lost
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER no_updates"))
+    store.close()
+    assert UsageStore(open_database(url)).usage("acme", Limits(), now=NOON)[0].tokens == 14

@@ -93,6 +93,7 @@ def test_usage_reserve_settle_and_no_overspending_across_two_stores(store_url: s
         one = stores[0].reserve("acme", 100, limits, now=NOON)
         assert one.allowed and one.reservation is not None
         stores[1].settle("acme", one.reservation, 40)  # settled by the other store: same rows
+        stores[1].flush()  # (settlements are written in batches)
         day, month = stores[0].usage("acme", limits, now=NOON)
         assert (day.tokens, month.tokens, day.requests) == (40, 40, 1)
 
