@@ -68,12 +68,13 @@ def create_appliance_tables(engine: sa.Engine, *, attempts: int = 5) -> None:
     its own, but processes opening a new database at once would collide (both see no table, the
     second CREATE fails): on PostgreSQL they take turns under an advisory lock; on SQLite a
     collision is retried, and the retry finds the other's tables."""
-    from appliance import admins, nodes, tenancy, usage  # they import nothing from here
+    from appliance import admins, limit_ledger, nodes, tenancy, usage  # they import nothing from here
 
     for attempt in range(attempts):
         try:
             with schema_lock(engine):
-                for metadata in (tenancy.metadata, admins.metadata, nodes.metadata, usage.metadata):
+                for metadata in (tenancy.metadata, admins.metadata, nodes.metadata, usage.metadata,
+                                 limit_ledger.metadata):
                     metadata.create_all(engine)
             return
         except sa.exc.OperationalError as exc:
