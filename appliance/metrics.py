@@ -49,6 +49,11 @@ class GatewayMetrics:
             "appliance_audit_free_bytes", "Free bytes on the filesystem of the audit store (data/).",
             registry=self.registry,
         )
+        self.loop_db_calls = Counter(
+            "appliance_loop_db_calls_total",
+            "Database statements run on the event loop while serving (counted only with SOVEREIGN_LOOP_GUARD=1).",
+            registry=self.registry,
+        )
         self.audit_publish_errors = Counter(
             "appliance_audit_publish_errors_total", "Checkpoint publications to audit.publish_dir that failed.",
             registry=self.registry,

@@ -26,6 +26,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
+from appliance import loopguard
 from appliance.admins import bootstrap_admins
 from appliance.audit import AuditIntegrityError, AuditLog
 from appliance.audit.anchoring import Anchoring
@@ -37,6 +38,7 @@ from appliance.diskguard import DiskGuard
 from appliance.errors import ConfigError
 from appliance.fleet import EngineClient, Fleet
 from appliance.journal_import import import_journal
+from appliance.loopguard import LoopGuard
 from appliance.metrics import GatewayMetrics
 from appliance.nodes import INPROCESS, Node, NodeRegistry
 from appliance.policy_audit import record_policy_load
@@ -70,6 +72,7 @@ class Runtime:
     pruner: Pruner | None = None  # retention: prunes old tenant record bodies every hour while serving
     prune_task: asyncio.Task[None] | None = None
     anchoring: Anchoring = field(default_factory=Anchoring)  # checkpoints published / witnessed off the box
+    loop_guard: LoopGuard | None = None  # SOVEREIGN_LOOP_GUARD=1: database calls on the loop reported
 
     @property
     def run_id(self) -> str:
@@ -155,8 +158,14 @@ class Runtime:
                                 "run_id": self.run_id, "pid": self.run.pid, "policy_digest": self.policies.digest})
         if self.pruner is not None:
             self.prune_task = asyncio.create_task(self.pruner.run_every(PRUNE_INTERVAL_S), name="audit-prune")
+        if loopguard.enabled():  # armed once started: serving from here on
+            self.loop_guard = LoopGuard([self.db, self.audit.engine], self.service.metrics.loop_db_calls.inc)
+            self.loop_guard.arm(asyncio.get_running_loop())
 
     async def stop(self) -> None:
+        if self.loop_guard is not None:  # the stop records are written from the loop, on purpose
+            self.loop_guard.close()
+            self.loop_guard = None
         await self.service.drain()
         await self.fleet.stop()
         if self.engine is not None:
