@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import ssl
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -182,14 +183,16 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                     for w in s.workers:
                         port = lab.free_port()
                         log(f"starting LiteLLM {env.version}: {w} worker(s)")
-                        proc = lab.spawn(litellm_env.proxy_command(env, config, port, w), base / f"litellm-{w}.log")
+                        argv = litellm_env.proxy_command(env, config, port, w, (pki / "server.pem", pki / "server.key"))
+                        proc = lab.spawn(argv, base / f"litellm-{w}.log", litellm_env.OFFLINE_ENV)
                         procs.append(proc)
-                        lab.wait_http(proc, f"http://127.0.0.1:{port}/health/liveliness", False,
+                        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+                        lab.wait_http(proc, f"https://127.0.0.1:{port}/health/liveliness", ctx,
                                       base / f"litellm-{w}.log", 240)
                         entries.append(Entry(Target(
                             f"LiteLLM {env.version} ({w}w)", "127.0.0.1", port, "/v1/chat/completions",
-                            {"authorization": f"Bearer {litellm_env.MASTER_KEY}"}, _chat(True), _chat(False)),
-                            "litellm", w, "none"))
+                            {"authorization": f"Bearer {litellm_env.MASTER_KEY}"}, _chat(True), _chat(False),
+                            ctx, "127.0.0.1"), "litellm", w, "none"))
             else:
                 notes.append("LiteLLM not measured (--no-litellm)")
 
@@ -203,6 +206,10 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
         finally:
             for proc in reversed(procs):
                 lab.stop(proc)
+        for log_file in sorted(base.glob("litellm-*.log")):  # the offline settings must have held
+            text = log_file.read_text(errors="replace")
+            if "Failed to fetch remote" in text or "Name or service not known" in text:
+                notes.append(f"LiteLLM tried to reach the network ({log_file.name}): check its offline settings")
         load_after = [round(x, 2) for x in os.getloadavg()]
     return _result(entries, s, machine, load_after, notes)
 

@@ -85,10 +85,10 @@ def node_client_ssl(pki: Path) -> ssl.SSLContext:
     return ctx
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **CHILD_ENV}, start_new_session=True)
+                            env={**os.environ, **CHILD_ENV, **(env or {})}, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:

@@ -90,6 +90,12 @@ def write_config(path: Path, model: str, upstream_port: int) -> Path:
     return path
 
 
-def proxy_command(env: LiteLLMEnv, config: Path, port: int, workers: int) -> list[str]:
-    return [str(env.executable), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-            "--num_workers", str(workers)]
+def proxy_command(env: LiteLLMEnv, config: Path, port: int, workers: int,
+                  tls: tuple[Path, Path] | None = None) -> list[str]:
+    """The proxy on loopback with ``workers`` uvicorn workers; ``tls``: (certificate, key) it serves
+    HTTPS with, so that clients pay for TLS as they do with our gateway."""
+    argv = [str(env.executable), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", str(workers), "--telemetry", "False"]
+    if tls is not None:
+        argv += ["--ssl_certfile_path", str(tls[0]), "--ssl_keyfile_path", str(tls[1])]
+    return argv
