@@ -31,6 +31,7 @@ from airgap_bundle import (
 )
 from airgap_bundle.bundle_models import models_in_manifest
 from installer.ansible_runner import PlaybookResult, run_playbook
+from installer.database import database_vars
 from installer.display import ByteProgress, playbook_progress
 from installer.errors import (
     BundleContentError,
@@ -258,6 +259,16 @@ def _node_release(stage: Path, files: list[dict[str, str]], plan: ModelPlan, inv
             "sovereign_release_model_by_node": {n.name: plan.appliance_model(n.name) for n in inv.nodes}}
 
 
+def _database_vars(inv: Inventory, layout: RootLayout, work: Path) -> dict[str, Any]:
+    """The shared database's per-node URLs and files, the migrating node, the audit settings
+    (installer/database.py); InventoryError when the password file cannot be read."""
+    roots = {n.name: inv.node_root(n, layout.root) for n in inv.gateway_nodes}
+    try:
+        return database_vars(inv.database, inv.audit, roots, [n.name for n in inv.gateway_nodes], work)
+    except ValueError as exc:
+        raise InventoryError(f"{inv.source}: {exc}") from None
+
+
 def _check_release(layout: RootLayout, report: VerificationReport, upgrade: bool) -> None:
     """Refuse a version installed from another bundle, and for upgrade a non-newer version."""
     if not any(p.startswith(("model/", "models/")) for p in report.targets):
@@ -384,7 +395,7 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
     # only for verified, installable content: a refused bundle leaves no CA behind
     try:  # the installation CA and node certificates; the nodes' egress rules (ssh hosts resolved)
         pki = prepare_pki(layout, inv)
-        node_security_vars = {**tls_vars(pki), **firewall_vars(inv)}
+        node_security_vars = {**tls_vars(pki), **firewall_vars(inv), **_database_vars(inv, layout, work)}
     except (PkiError, InventoryError) as exc:
         journal("refused", str(exc))
         raise

@@ -7,6 +7,11 @@ YAML format::
       mode: auto                                # auto | systemd | supervisor (auto: systemd if PID 1)
       start_timeout_s: 300                      # wait this long for HTTPS /health after a start
       stop_timeout_s: 30                        # SIGTERM, then SIGKILL after this long
+    database:                                   # optional; one PostgreSQL for every gateway node (required
+      url: postgresql+psycopg://sovereign@db.example:5432/sovereign   # with more than one gateway node);
+      ca: /etc/sovereign/db-ca.pem              # ca, client_cert/client_key, password_file: see
+      password_file: /etc/sovereign/db.pw       # installer/database.py (without it: SQLite per gateway)
+    audit: {publish_dir: /srv/checkpoints}      # optional; written into appliance.yaml's audit: as given
     firewall:                                   # optional; egress firewall of every node
       mode: auto                                # auto | enforce | render (auto: enforce if nft and root)
       allow_egress:                             # besides loopback, replies and the other nodes
@@ -19,6 +24,7 @@ YAML format::
         gpus: 1                                 # optional; expected NVIDIA GPU count
         labels: {region: eu-west, site: dc1, classification: confidential}   # all three required
         roles: [gateway, engine]                # optional; default both (see "Several nodes" below)
+        gateway_workers: 2                      # optional, gateway role only; gateway processes (default 1)
       - name: gpu-2
         connection: ssh
         host: 10.0.0.12                          # required for ssh
@@ -38,6 +44,8 @@ every engine node runs its engine node server (mutual TLS with the installer-iss
 certificates) and every gateway node routes to all engine nodes, each reached at
 ``https://<host or name>:<engine_port>`` (a name its certificates cover, see pki.node_sans).
 One node with both roles is the single-node appliance: the gateway runs its engine in-process.
+More than one node with the gateway role needs ``database:``: each gateway would otherwise keep
+its own SQLite file, and tenants, keys and limits would not be shared.
 Which model each engine node gets from a bundle carrying several: installer/node_models.py.
 
 Without a file the inventory is one local node named ``local`` labelled region=local,
@@ -68,6 +76,7 @@ from pydantic import (
     model_validator,
 )
 
+from installer.database import AuditSettings, DatabaseSettings
 from installer.errors import InventoryError
 
 REQUIRED_LABELS = ("region", "site", "classification")
@@ -75,6 +84,7 @@ DEFAULT_LABELS = {"region": "local", "site": "local", "classification": "interna
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ROLES = ("gateway", "engine")
 DEFAULT_ENGINE_PORT = 9443
+MAX_GATEWAY_WORKERS = 64
 
 Label = Annotated[StrictStr, Field(min_length=1, max_length=128)]
 Role = Literal["gateway", "engine"]
@@ -159,6 +169,7 @@ class InventoryNode(BaseModel):
     root: StrictStr | None = None
     ssh_key: StrictStr | None = None
     known_hosts: StrictStr | None = None
+    gateway_workers: Annotated[StrictInt, Field(ge=1, le=MAX_GATEWAY_WORKERS)] | None = None
 
     @field_validator("roles")
     @classmethod
@@ -209,6 +220,9 @@ class InventoryNode(BaseModel):
                                  f"{self.connection} node")
             if value is not None and not value.startswith("/"):
                 raise ValueError(f"an absolute {field_name} path on this machine, found {value!r}")
+        if self.gateway_workers is not None and "gateway" not in self.roles:
+            raise ValueError(f"gateway_workers only on a node with the gateway role, found gateway_workers "
+                             f"{self.gateway_workers} on a node with roles {self.roles}")
         if self.models is not None and "engine" not in self.roles:
             raise ValueError(f"models only on a node with the engine role, found models {self.models} on a node "
                              f"with roles {self.roles}")
@@ -217,6 +231,11 @@ class InventoryNode(BaseModel):
     @property
     def is_gateway(self) -> bool:
         return "gateway" in self.roles
+
+    @property
+    def workers(self) -> int:
+        """Gateway processes on this node (``gateway: {workers: N}`` in its appliance.yaml)."""
+        return self.gateway_workers or 1
 
     @property
     def is_engine(self) -> bool:
@@ -257,6 +276,8 @@ class Inventory(BaseModel):
     gateway: GatewaySettings = GatewaySettings()
     service: ServiceSettings = ServiceSettings()
     firewall: FirewallSettings = FirewallSettings()
+    database: DatabaseSettings | None = None
+    audit: AuditSettings | None = None
     source: str = "<default>"
 
     @model_validator(mode="after")
@@ -281,6 +302,11 @@ class Inventory(BaseModel):
                 raise ValueError(f"each node its own install root, found {node.name} and {places[place]} both "
                                  f"at {place[1]} on {place[0]}")
             places[place] = node.name
+        gateways = [n.name for n in self.nodes if n.is_gateway]
+        if len(gateways) > 1 and self.database is None:
+            raise ValueError(f"database: (a PostgreSQL URL shared by the gateway nodes) with more than one gateway "
+                             f"node: each would keep its own SQLite file and tenants, keys and limits would not be "
+                             f"shared, found no database for gateway nodes {gateways}")
         return self
 
     @property
@@ -335,6 +361,7 @@ class Inventory(BaseModel):
                 "sovereign_node_models": list(node.models or []),
                 "sovereign_node_engine_port": node.engine_port,
                 "sovereign_service_exe": node.appliance_command(),
+                "sovereign_node_gateway_workers": node.workers,
             }
             if root is not None:
                 hostvars["sovereign_root"] = self.node_root(node, root)
@@ -407,6 +434,7 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: <top level>: expected a mapping with 'nodes', found {type(data).__name__}")
     try:
-        return Inventory.model_validate({**data, "source": os.fspath(path)})
+        return Inventory.model_validate({**data, "source": os.fspath(path)},
+                                        context={"base_dir": os.fspath(path.parent.resolve())})
     except ValidationError as exc:
         raise InventoryError(_describe(exc, os.fspath(path))) from exc

@@ -17,7 +17,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -179,15 +179,20 @@ def run_installer(*args: str, timeout: float = 1800) -> subprocess.CompletedProc
 
 @contextmanager
 def installed_fleet(tmp: Path, keys: Path, model_dir: Path, wheelhouse: Path,
-                    specs: tuple[NodeSpec, ...] = FLEET_3) -> Iterator[Fleet]:
+                    specs: tuple[NodeSpec, ...] = FLEET_3,
+                    configure: Callable[[SshHosts, dict[str, Any]], None] | None = None) -> Iterator[Fleet]:
     """SSH hosts for ``specs``, the fleet installed on them in one CLI run (asserted to succeed);
-    every process on the hosts is stopped and the hosts removed on exit."""
+    every process on the hosts is stopped and the hosts removed on exit. ``configure`` may change
+    the inventory (a dict, as fleet_inventory makes it) once the hosts are up, before it is written."""
     with ssh_hosts(tmp / "ssh", [s.name for s in specs]) as hosts:
         started = time.monotonic()
         bundle = fleet_bundle(tmp, keys, model_dir, wheelhouse)
         bundle_s = time.monotonic() - started
         inventory = tmp / "inventory.yaml"
-        inventory.write_text(yaml.safe_dump(fleet_inventory(hosts, specs), sort_keys=False))
+        document = fleet_inventory(hosts, specs)
+        if configure is not None:
+            configure(hosts, document)
+        inventory.write_text(yaml.safe_dump(document, sort_keys=False))
         fleet = Fleet(hosts=hosts, specs=specs, controller_root=tmp / "controller", inventory=inventory,
                       bundle=bundle, trusted_root=keys / "root.json", install={}, install_s=0.0)
         started = time.monotonic()

@@ -5,6 +5,7 @@ certificates' names checked against the URLs the gateway is given."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 
 from airgap_bundle.bundle_models import BundleModel
 from installer import InventoryError, load_inventory
+from installer.database import database_vars
 from installer.inventory import Inventory
 from installer.node_models import plan_node_models
 from installer.pki import node_sans
@@ -22,10 +24,11 @@ from installer.status import PLAYBOOK_DIR
 RELEASE_ROLE = PLAYBOOK_DIR / "roles" / "sovereign_release"
 LABELS_A = {"region": "eu", "site": "a", "classification": "internal"}
 LABELS_B = {"region": "eu", "site": "b", "classification": "internal"}
+SHARED_DB = {"url": "postgresql+psycopg://sovereign@db.example:5432/sovereign"}  # gw-1 and gpu-2 are gateways
 
 
 def fleet() -> Inventory:
-    return Inventory.model_validate({"gateway": {"host": "0.0.0.0", "port": 8443}, "nodes": [
+    return Inventory.model_validate({"gateway": {"host": "0.0.0.0", "port": 8443}, "database": SHARED_DB, "nodes": [
         {"name": "gw-1", "connection": "ssh", "host": "10.0.0.10", "roles": ["gateway"], "labels": LABELS_A,
          "root": "/srv/gw"},
         {"name": "gpu-1", "connection": "ssh", "host": "10.0.0.11", "roles": ["engine"], "labels": LABELS_A,
@@ -56,6 +59,11 @@ def render(inv: Inventory, node: str, model: str = "SmolLM2-135M-Instruct") -> d
     variables["sovereign_release_dir"] = f"{variables['sovereign_root']}/releases/0.1.0"
     variables["sovereign_release_node_roles"] = hostvars["sovereign_node_roles"]
     variables["sovereign_release_node_models"] = hostvars["sovereign_node_models"] or [loads["name"]]
+    with tempfile.TemporaryDirectory() as work:  # a password file's libpq file goes there
+        roots = {n.name: inv.node_root(n, "/opt/sovereign") for n in inv.gateway_nodes}
+        shared = database_vars(inv.database, inv.audit, roots, [n.name for n in inv.gateway_nodes], Path(work))
+    variables["sovereign_release_database_url"] = shared["sovereign_database_urls"].get(node, "")
+    variables["sovereign_release_audit"] = shared["sovereign_audit_settings"]
     text = (RELEASE_ROLE / "templates" / "appliance.yaml.j2").read_text()
     return dict(yaml.safe_load(env.from_string(text).render(variables)))
 

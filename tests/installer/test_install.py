@@ -63,7 +63,7 @@ def test_appliance_yaml_follows_the_contract(installed: Path, bundle_v1: Path, t
         "policies_dir": str(release / "policies"),
         "node": {"name": "local", "labels": {"region": "local", "site": "local", "classification": "internal"},
                  "roles": ["gateway", "engine"], "models": ["SmolLM2-tiny"]},
-        "gateway": {"host": "127.0.0.1", "port": 8443},
+        "gateway": {"host": "127.0.0.1", "port": 8443, "workers": 1},  # one gateway process (the default)
     }  # one node with both roles: no engine_node and no fleet section (the engine runs in-process)
     from policies import load_policy_set
 

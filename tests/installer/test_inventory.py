@@ -9,6 +9,7 @@ from tests.installer.conftest import run_cli
 
 GOOD = """
 gateway: {host: 0.0.0.0, port: 9443}
+database: {url: "postgresql+psycopg://sovereign@db.example:5432/sovereign"}  # two gateway nodes share it
 nodes:
   - name: local
     labels: {region: eu-west, site: dc1, classification: confidential, rack: r7}
@@ -47,7 +48,7 @@ def test_valid_inventory_to_ansible(tmp_path: Path) -> None:
         "ansible_host": "10.0.0.12", "ansible_port": 22, "ansible_user": "deploy",
         "sovereign_service_exe": "/usr/bin/appliance",  # next to the node's python by default
         "sovereign_node_roles": ["gateway", "engine"], "sovereign_node_models": [],
-        "sovereign_node_engine_port": 9443,
+        "sovereign_node_engine_port": 9443, "sovereign_node_gateway_workers": 1,
     }
     # given the installer's --root, every node gets its install root as a host var
     rooted = inv.to_ansible(tmp_path / "tmp", "/srv/app")["sovereign_nodes"]["hosts"]

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 
 from engine.remote import client_ssl_context
 from installer import EXIT_REFUSED, Inventory, InventoryNode, RootLayout
+from installer.database import DatabaseSettings
 from installer.errors import PkiError
 from installer.inventory import GatewaySettings
 from installer.pki import PkiConfig, node_sans, prepare_pki, tls_vars
@@ -25,8 +26,11 @@ from installer.pki import PkiConfig, node_sans, prepare_pki, tls_vars
 LABELS = {"region": "eu", "site": "dc1", "classification": "internal"}
 
 
+SHARED_DB = DatabaseSettings(url="postgresql+psycopg://sovereign@db.example:5432/sovereign")  # two gateway nodes
+
+
 def inventory(gateway_host: str = "127.0.0.1", remote_host: str = "10.0.0.12") -> Inventory:
-    return Inventory(gateway=GatewaySettings(host=gateway_host, port=9443), nodes=[
+    return Inventory(gateway=GatewaySettings(host=gateway_host, port=9443), database=SHARED_DB, nodes=[
         InventoryNode(name="node-1", connection="local", labels=LABELS),
         InventoryNode(name="gpu-2", connection="ssh", host=remote_host, labels=LABELS)])
 

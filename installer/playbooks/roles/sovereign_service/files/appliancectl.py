@@ -26,6 +26,9 @@ success, 1 on failure.
           On a gateway node: `EXE nodes drain NAME --root R --wait S --json` (or undrain), with
           EXE chosen as for start; skipped (ok, "skipped": true) when the gateway is not running
           (no live pidfile and no healthy https://H:P/health).
+  db      --root R --exe APPLIANCE --action migrate|check [--timeout S]
+          On a gateway node: `EXE db migrate --root R --json` (or check), EXE chosen as for start:
+          creates or upgrades the tables of the database R/current/appliance.yaml names.
 
 Every command but nodes takes --kind: "gateway" (default; `appliance serve`, R/run/appliance.pid,
 R/logs/appliance.log, /health over HTTPS trusting R/tls/ca.pem) or "engine" (the engine node
@@ -412,6 +415,38 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 message=f"{args.action}ed {args.node} on the gateway in {elapsed:.1f} s")
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    paths = Paths(args.root, "gateway")
+    exe, runtime = release_exe(paths, args.exe)
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return emit(False, changed=False, runtime=runtime, message=missing_exe(exe, runtime))
+    argv = [exe, "db", args.action, "--root", str(paths.root), "--json"]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=str(paths.root),
+                              env=child_env(exe), timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return emit(False, changed=False, action=args.action,
+                    message=f"`appliance db {args.action}` did not return within {args.timeout:.0f} s")
+    elapsed = round(time.monotonic() - started, 3)
+    try:
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        report = {}
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if done.returncode != 0 or not isinstance(schema, dict):
+        why = report.get("message") if isinstance(report, dict) and report.get("message") else last_error(
+            done.stderr or done.stdout)
+        return emit(False, changed=False, action=args.action, rc=done.returncode, seconds=elapsed,
+                    message=f"`appliance db {args.action}` exited {done.returncode}: {why}")
+    created = report.get("created_tables") or []
+    what = (f"created {len(created)} tables" if created else "added columns" if report.get("changed")
+            else "nothing to change")
+    return emit(True, changed=bool(report.get("changed")), action=args.action, seconds=elapsed, schema=schema,
+                message=f"database {schema.get('database')}: {what}, schema {schema.get('state')} "
+                        f"({elapsed:.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliancectl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -435,9 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=300.0)
     p.add_argument("--host", default="127.0.0.1")  # the gateway's listen address, for its health probe
     p.add_argument("--port", type=int, default=8443)
+    p = sub.add_parser("db")
+    p.add_argument("--root", required=True)
+    p.add_argument("--exe", required=True)
+    p.add_argument("--action", choices=("migrate", "check"), required=True)
+    p.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     handler = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "health": cmd_health,
-               "exec": cmd_exec, "nodes": cmd_nodes}[args.command]
+               "exec": cmd_exec, "nodes": cmd_nodes, "db": cmd_db}[args.command]
     return handler(args)
 
 
