@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -218,37 +219,51 @@ class KeyCheck:
 
 class KeyCache:
     """Valid key checks for ``ttl_s`` seconds, keyed by sha256 of the presented key (the key
-    itself is not kept). Revocation and tenant changes in this process drop entries at once;
-    those made by another process (the CLI) are seen within ``ttl_s``."""
+    itself is not kept). Revocation and tenant changes in this process drop entries at once.
+
+    Changes made by another process (another gateway worker or host, the CLI) are seen at once
+    when ``events`` is set (``appliance.key_events.attach``): every entry is stored with the key
+    epoch read *before* its database lookup and is used only while ``epoch()`` still gives that
+    number; ``None`` (the epoch cannot be known now) bypasses the cache. Without ``events`` the
+    epoch is always 0 and such changes are seen within ``ttl_s``."""
 
     def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.events: Any = None  # an appliance.key_events.KeyEvents: current() -> int | None
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, KeyCheck]] = {}
+        self._entries: dict[str, tuple[float, int, KeyCheck]] = {}
 
     @staticmethod
     def fingerprint(presented: str) -> str:
         return hashlib.sha256(presented.encode()).hexdigest()
 
-    def get(self, fingerprint: str) -> KeyCheck | None:
+    def epoch(self) -> int | None:
+        """The key epoch now: read it before a lookup and pass it to ``get`` and ``put``."""
+        events = self.events
+        return 0 if events is None else events.current()  # type: ignore[no-any-return]
+
+    def get(self, fingerprint: str, epoch: int | None = 0) -> KeyCheck | None:
+        if epoch is None:
+            return None
         with self._lock:
             entry = self._entries.get(fingerprint)
-        if entry is None or entry[0] < time.monotonic() or not entry[1].still_valid(now_utc()):
+        if entry is None or entry[0] < time.monotonic() or entry[1] != epoch or not entry[2].still_valid(now_utc()):
             return None
-        return entry[1]
+        return entry[2]
 
-    def put(self, fingerprint: str, check: KeyCheck) -> None:
-        if not check.ok or self.ttl_s <= 0:
+    def put(self, fingerprint: str, check: KeyCheck, epoch: int | None = 0) -> None:
+        """Keep ``check``, looked up after ``epoch`` was read (None: not kept)."""
+        if not check.ok or self.ttl_s <= 0 or epoch is None:
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
-            self._entries[fingerprint] = (time.monotonic() + self.ttl_s, check)
+            self._entries[fingerprint] = (time.monotonic() + self.ttl_s, epoch, check)
 
     def drop(self, *, key_id: str | None = None, tenant: str | None = None, admin: str | None = None) -> None:
         with self._lock:
-            for fp, (_, check) in list(self._entries.items()):
+            for fp, (_, _, check) in list(self._entries.items()):
                 if ((key_id is not None and check.key_id == key_id) or (tenant is not None and check.tenant == tenant)
                         or (admin is not None and check.admin == admin)):
                     del self._entries[fp]

@@ -53,14 +53,27 @@ def quickstart(
 
 
 @app.command()
-def serve(root: RootOpt = Path("var"), host: str | None = None, port: int | None = None) -> None:
+def serve(root: RootOpt = Path("var"), host: str | None = None, port: int | None = None,
+          workers: Annotated[int | None, typer.Option(
+              "--workers", help="Gateway processes accepting on the port (default: gateway.workers in "
+                                "appliance.yaml, else 1). More than 1 needs engine nodes (fleet: in appliance.yaml)."
+          )] = None) -> None:
     """Serve an installed appliance (ROOT/current) over HTTPS."""
+    from appliance.config import load_config
+    from appliance.gateway_roles import apply_roles
     from appliance.runtime import Runtime
     from appliance.server import build_server
+    from appliance.workers import check_can_run_workers, serve_workers
 
     logging.basicConfig(level=logging.WARNING)
     try:
+        config = load_config(root)
+        count = config.gateway_workers if workers is None else workers
+        check_can_run_workers(config, count)
+        if count > 1:
+            raise typer.Exit(serve_workers(root, host, port, count, say=console.print))
         runtime = Runtime.open(root)
+        apply_roles(runtime, 0)
         server = build_server(runtime, host or runtime.config.host, port or runtime.config.port)
     except ApplianceError as exc:
         raise _fail(exc) from None

@@ -14,6 +14,7 @@ import yaml
 from appliance.errors import ConfigError
 
 ROLES = ("gateway", "engine")
+MAX_WORKERS = 64  # gateway.workers
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class ApplianceConfig:
     audit_min_free_bytes: int = 256 << 20  # below this free space in data/ requests are refused (503)
     audit_anchors: AuditAnchorSettings = field(default_factory=AuditAnchorSettings)
     database_url: str = ""  # database.url: tenants, keys, nodes, usage and audit; empty: data/appliance.db
+    gateway_workers: int = 1  # gateway.workers: gateway processes sharing the port (appliance/workers.py)
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -185,6 +187,10 @@ def load_config(root: Path) -> ApplianceConfig:
     port = gateway.get("port", 8443)
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"{path}: gateway.port must be an integer in 1..65535, found {port!r}")
+    workers = gateway.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{path}: gateway.workers must be an integer in 1..{MAX_WORKERS} (gateway processes "
+                          f"sharing the port), found {workers!r}")
     engine = doc.get("engine") or {}
     if not isinstance(engine, dict) or set(engine) - {"device", "dtype", "kv_cache_bytes", "max_num_seqs"}:
         raise ConfigError(f"{path}: engine must be a mapping of device, dtype, kv_cache_bytes, max_num_seqs; "
@@ -206,6 +212,7 @@ def load_config(root: Path) -> ApplianceConfig:
         audit_min_free_bytes=_min_free(doc.get("audit") or {}, path),
         audit_anchors=_audit_anchors(doc.get("audit") or {}, path),
         database_url=_database_url(doc.get("database") or {}, path),
+        gateway_workers=workers,
     )
 
 

@@ -1,4 +1,5 @@
-"""Run the gateway over HTTPS with uvicorn, after checking the port is free."""
+"""Run the gateway over HTTPS with uvicorn, after checking the port is free (or on a listening
+socket handed down by the worker supervisor, ``appliance/workers.py``)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import functools
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from appliance.config import ApplianceConfig
 from appliance.errors import PortInUseError
 from appliance.gateway.edge import EdgeLimits
 from appliance.gateway.protocol import deadline_protocol
@@ -39,14 +41,15 @@ def check_port_free(host: str, port: int) -> None:
             raise PortInUseError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
 
 
-def tls_for(runtime: Runtime, host: str) -> TlsFiles:
+def tls_for(runtime: Runtime | ApplianceConfig, host: str) -> TlsFiles:
     """The installer-issued material when ROOT/tls holds it (checked, used as it is: a problem is a
     TlsError, never a silent replacement), else a self-made CA and certificate (development)."""
-    issued = installer_tls(runtime.config.tls_dir, host)
+    config = runtime if isinstance(runtime, ApplianceConfig) else runtime.config
+    issued = installer_tls(config.tls_dir, host)
     if issued is not None:
         return issued
     hosts = sorted({host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"})
-    return ensure_tls(runtime.config.tls_dir, hosts)
+    return ensure_tls(config.tls_dir, hosts)
 
 
 class GracefulServer(uvicorn.Server):
@@ -59,6 +62,15 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, tls_handshake_timeout_s: float = 60.0) -> None:
         super().__init__(config)
         self.tls_handshake_timeout_s = tls_handshake_timeout_s
+        self.on_started: Callable[[], None] | None = None  # called once the app's startup is done and it accepts
+        self.on_stopped: list[Callable[[], None]] = []  # called (in a thread) after the server has stopped
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().serve(sockets)
+        finally:
+            for stopped in self.on_stopped:
+                await asyncio.to_thread(stopped)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's startup, with a deadline on each TLS handshake: uvicorn does not pass one to
@@ -72,6 +84,8 @@ class GracefulServer(uvicorn.Server):
             await super().startup(sockets)
         finally:
             del loop.create_server  # the loop's own method again
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -93,16 +107,26 @@ def configured_limits(runtime: Runtime) -> EdgeLimits:
     return limits if isinstance(limits, EdgeLimits) else EdgeLimits()
 
 
-def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | None = None) -> uvicorn.Server:
+def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | None = None, *,
+                 inherited_socket: bool = False) -> GracefulServer:
     """uvicorn over TLS with the edge limits on the sockets: a deadline for each request head (the
     protocol), a connection cap, a concurrency cap, a keep-alive timeout and a cap on the size of
-    a request head; the app adds the body and request limits."""
+    a request head; the app adds the body and request limits.
+
+    ``inherited_socket``: the caller runs it with ``server.run(sockets=[...])`` on a socket that is
+    already listening (a worker of ``appliance/workers.py``), so the port is not checked here.
+    The database's key events are attached to the key cache (``appliance/key_events.py``) and
+    closed when the server stops."""
+    from appliance import key_events
     from appliance.gateway import create_app
     from appliance.gateway.refusal_audit import install as install_refusal_audit
 
     limits = limits or configured_limits(runtime)
-    check_port_free(host, port)
+    if not inherited_socket:
+        check_port_free(host, port)
     tls = tls_for(runtime, host)
+    cache = runtime.tenants.cache
+    events = None if cache.events is not None else key_events.attach(runtime.db, cache)
     app = create_app(runtime, limits=limits)
     install_refusal_audit(app)  # outermost, so that the edge's own refusals are recorded too
     config = uvicorn.Config(
@@ -115,4 +139,7 @@ def build_server(runtime: Runtime, host: str, port: int, limits: EdgeLimits | No
         timeout_keep_alive=max(1, round(limits.keep_alive_timeout_s)),
         h11_max_incomplete_event_size=limits.max_head_bytes,
     )
-    return GracefulServer(config, tls_handshake_timeout_s=limits.tls_handshake_timeout_s)
+    server = GracefulServer(config, tls_handshake_timeout_s=limits.tls_handshake_timeout_s)
+    if events is not None:
+        server.on_stopped.append(events.close)
+    return server

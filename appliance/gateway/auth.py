@@ -3,6 +3,9 @@
 
 - The key is looked up in a worker thread (never on the event loop); valid keys are cached for a
   few seconds (``TenantStore.cache``), so a busy key costs no database round trip per request.
+  A served gateway (``server.build_server``) attaches the database's key events to that cache
+  (``appliance/key_events.py``): a revocation, suspension or expiry change made by any process on
+  the same database ends the key's use here at once, not after the cache's few seconds.
 - Refusals are answered here, in the OpenAI envelope, without reading the body: 401
   ``missing_api_key`` / ``invalid_api_key`` / ``expired_api_key`` (with ``WWW-Authenticate:
   Bearer``), 403 ``tenant_disabled`` / ``admin_disabled`` / ``insufficient_scope`` (naming the scope
@@ -133,12 +136,13 @@ class AuthMiddleware:
         else:
             cache: KeyCache = store.cache
             fingerprint = cache.fingerprint(token)
-            cached = cache.get(fingerprint)
+            epoch = cache.epoch()  # before the lookup: a change committed after it outdates what we keep
+            cached = cache.get(fingerprint, epoch)
             if cached is None:
                 check = await asyncio.to_thread(store.check, token)
                 if check.code == "invalid_api_key" and needed == (ADMIN,) and self._first_admin_waiting(runtime):
                     check = await asyncio.to_thread(self._enrol_first_admin, runtime, token)
-                cache.put(fingerprint, check)
+                cache.put(fingerprint, check, epoch)
             else:
                 check = cached
         state = scope.setdefault("state", {})
