@@ -69,6 +69,7 @@ class NodeHandle:
     in_flight: int = 0
     failures: int = 0
     next_probe: float = 0.0
+    probing: bool = False  # a probe of it is in flight (a concurrent refresh leaves it alone)
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -180,7 +181,10 @@ class Fleet:
             except Exception:  # the loop must outlive a database hiccup
                 log.exception("fleet refresh failed")
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, probe: bool = True) -> None:
+        """Take in the registry's nodes and states, probe the nodes that are due (``probe``), and
+        mark drained nodes. The lock is held only while the handles change, never across a probe:
+        an admin's drain (which refreshes with ``probe=False``) never waits for a slow node."""
         async with self._lock:
             nodes = {n.name: n for n in await asyncio.to_thread(self.registry.all)}
             for name in [n for n in self._handles if n not in nodes]:
@@ -198,10 +202,19 @@ class Fleet:
                         continue
                     handle = self._handles[name] = NodeHandle(node, client)
                 handle.node = node
-            now = time.monotonic()
-            due = [h for h in self._handles.values() if h.next_probe <= now]
+            due: list[NodeHandle] = []
+            if probe:
+                now = time.monotonic()
+                due = [h for h in self._handles.values() if h.next_probe <= now and not h.probing]
+                for handle in due:
+                    handle.probing = True
+        try:
             await asyncio.gather(*(self._probe(h) for h in due))
-            for handle in self._handles.values():
+        finally:
+            for handle in due:
+                handle.probing = False
+        async with self._lock:
+            for handle in list(self._handles.values()):
                 await self._finish_drain(handle)
                 self.metrics.set_node_state(handle.name, handle.node.display_state)
 

@@ -85,7 +85,7 @@ async def drain_node(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[st
             await _audit(runtime, admin, "node_draining", {"node": name})
     except NodeError as exc:
         raise _refused(exc) from exc
-    await runtime.fleet.refresh()
+    await runtime.fleet.refresh(probe=False)  # the new state at once; probes stay with the health loop
     refreshed = await asyncio.to_thread(runtime.nodes.require, name)
     return refreshed.public()
 
@@ -99,5 +99,5 @@ async def undrain_node(name: str, runtime: RuntimeDep, admin: AdminDep) -> dict[
             await _audit(runtime, admin, "node_undrained", {"node": name, "was": node.state})
     except NodeError as exc:
         raise _refused(exc) from exc
-    await runtime.fleet.refresh()
+    await runtime.fleet.refresh(probe=False)  # the new state at once; probes stay with the health loop
     return (await asyncio.to_thread(runtime.nodes.require, name)).public()

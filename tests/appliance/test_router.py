@@ -109,3 +109,45 @@ def test_registry_refuses_bad_nodes_with_what_was_expected(tmp_path: Path) -> No
         registry.require("zz")
     changes = registry.sync([], "admin")  # the admin's nodes are removed only by their own source
     assert {c["node"] for c in changes} == {"a1", "a2", "b1"}
+
+
+def test_a_slow_probe_never_holds_up_a_drain(tmp_path: Path) -> None:
+    """The health loop probing a node that hangs (up to its connect timeout) must not delay an
+    admin's drain of another node: refresh holds its lock only while the handles change."""
+    from appliance.db import open_database
+
+    registry = NodeRegistry(open_database(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    for name in ("slow", "other"):
+        registry.add(name, f"https://{name}:9443", {"region": "eu", "site": "a", "classification": "x"}, ["m1"])
+
+    async def main() -> None:
+        release = asyncio.Event()
+        probing = asyncio.Event()
+
+        async def prober(client: Any, _timeout: float) -> dict[str, Any]:
+            if client.name == "slow" and release.is_set() is False and probing.is_set() is False:
+                probing.set()
+                await release.wait()  # a node that does not answer
+            return {"waiting": 0, "running": 0}
+
+        class Named:
+            is_running = True
+
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+        fleet = Fleet(registry, FleetSettings(), lambda node: Named(node.name), lambda e, d: None,  # type: ignore[arg-type,return-value]
+                      GatewayMetrics(), prober=prober)
+        health_loop = asyncio.create_task(fleet.refresh())
+        await asyncio.wait_for(probing.wait(), 10)
+        registry.set_state("other", "draining", expect=("active",))
+        await asyncio.wait_for(fleet.refresh(probe=False), 5)  # did not wait for the hanging probe
+        other = fleet.handle("other")
+        assert other is not None and other.node.state == "drained"  # nothing in flight: drained at once
+        assert not health_loop.done()
+        release.set()
+        await asyncio.wait_for(health_loop, 5)
+        slow = fleet.handle("slow")
+        assert slow is not None and slow.routable and not slow.probing
+
+    asyncio.run(main())
