@@ -44,6 +44,7 @@ leases_table = sa.Table(
     sa.Column("requests", sa.BigInteger, nullable=False),
     sa.Column("tokens", sa.BigInteger, nullable=False),
     sa.Column("expires_at", sa.Double, nullable=False),  # the row counts in the window until then
+    sa.Column("returned_by", sa.Double, nullable=False),  # its holder gives back what is unused by then
     sa.Index("ix_rate_limit_leases_tenant_expires", "tenant", "expires_at"),
 )
 
@@ -58,7 +59,8 @@ holders_table = sa.Table(
 
 @dataclass(frozen=True)
 class RowWrite:
-    """New values of one lease row; ``requests == tokens == 0``: the row is deleted."""
+    """New values of one lease row, once its holder gave it back; ``requests == tokens == 0``: the
+    row is deleted."""
 
     row: int
     requests: int
@@ -154,7 +156,7 @@ class LeaseLedger:
         if kept:
             conn.execute(leases_table.update().where(c.id == sa.bindparam("row_id")).values(
                 requests=sa.bindparam("n_requests"), tokens=sa.bindparam("n_tokens"),
-                expires_at=sa.bindparam("n_expires")),
+                expires_at=sa.bindparam("n_expires"), returned_by=0.0),  # written once given back
                 [{"row_id": w.row, "n_requests": w.requests, "n_tokens": w.tokens, "n_expires": w.expires_at}
                  for w in kept])
 
@@ -188,16 +190,17 @@ class LeaseLedger:
                     sa.func.min(sa.case((c.tokens > 0, c.expires_at))),
                     sa.func.count(sa.distinct(c.holder)),
                     sa.func.max(sa.case((c.holder == self.holder, 1), else_=0)),
+                    sa.func.min(sa.case((sa.and_(c.holder != self.holder, c.returned_by > now), c.returned_by))),
                 ).where(c.tenant == ask.tenant, c.expires_at > now)).one()
                 used_requests, used_tokens = int(window[0]), int(window[1])
                 holders = int(window[4]) + (0 if window[5] else 1)
                 if ask.rpm > 0 and used_requests + 1 > ask.rpm:
                     return Grant(f"rate limit of {ask.rpm} requests per minute reached",
-                                 "rate_limit_exceeded", self._wait(window[2], now))
+                                 "rate_limit_exceeded", self._wait(window[2], window[6], now))
                 need = ask.need_tokens or 0
                 if ask.need_tokens is not None and ask.tpm > 0 and used_tokens + need > ask.tpm:
                     return Grant(f"token limit of {ask.tpm} tokens per minute reached ({used_tokens} used, "
-                                 f"{need} requested)", "rate_limit_exceeded", self._wait(window[3], now))
+                                 f"{need} requested)", "rate_limit_exceeded", self._wait(window[3], window[6], now))
                 requests = share(ask.rpm - used_requests, 1, holders) if ask.rpm > 0 else 0
                 left = ask.tpm - used_tokens
                 tokens = share(left, need, holders) if ask.tpm > 0 and left >= need else 0
@@ -217,11 +220,18 @@ class LeaseLedger:
             if ask.lease:
                 row = int(conn.execute(leases_table.insert().values(
                     tenant=ask.tenant, holder=self.holder, requests=requests, tokens=tokens,
-                    expires_at=now + ask.lease_life_s + self.window_s).returning(leases_table.c.id)).scalar_one())
+                    expires_at=now + ask.lease_life_s + self.window_s, returned_by=now + ask.lease_life_s,
+                ).returning(leases_table.c.id)).scalar_one())
             return Grant(row=row, requests=requests, tokens=tokens, granted_at=now, slots=slots)
 
-    def _wait(self, oldest_expiry: float | None, now: float) -> int:
-        return max(1, math.ceil((oldest_expiry if oldest_expiry is not None else now + self.window_s) - now))
+    def _wait(self, oldest_expiry: float | None, first_return: float | None, now: float) -> int:
+        """Retry-After: until the oldest counted row expires, as the in-memory limiter says, or,
+        sooner, until another holder's lease gives back what it did not use (its grant was checked
+        against the same window, so part of it may be free again then)."""
+        wait = (oldest_expiry if oldest_expiry is not None else now + self.window_s) - now
+        if first_return is not None:
+            wait = min(wait, first_return - now + 1)
+        return max(1, math.ceil(wait))
 
     def write(self, writes: Sequence[RowWrite], slots: dict[str, int]) -> None:
         """Give back and settle (``writes``), and set this holder's slots per tenant (a heartbeat)."""

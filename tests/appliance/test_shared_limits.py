@@ -149,14 +149,16 @@ def test_a_lease_held_by_one_gateway_goes_back_after_its_life(pair: list[SharedR
     leased = one.totals("t")[0]
     assert leased > 1  # a slice, not a request: the next ones here need no transaction
     taken_by_two = 0
-    while two.reserve_blocking("t", tpm=0, tokens=1, rpm=10).allowed:
+    while (decision := two.reserve_blocking("t", tpm=0, tokens=1, rpm=10)).allowed:
         taken_by_two += 1
     assert taken_by_two == 10 - leased
+    assert decision.retry_after_s == 2  # not the minute: the other lease gives back what it did not use
     clock.now += 1.01  # the lease's life is over: the flusher gives back its unused part
     one.flush()
-    while two.reserve_blocking("t", tpm=0, tokens=1, rpm=10).allowed:
+    while (decision := two.reserve_blocking("t", tpm=0, tokens=1, rpm=10)).allowed:
         taken_by_two += 1
     assert taken_by_two == 9 and one.totals("t")[0] == 10
+    assert decision.retry_after_s == 59  # now the oldest request's minute
 
 
 def test_a_dead_gateways_slots_are_reclaimed_after_its_heartbeat_expires(engines: list[sa.Engine],
