@@ -14,9 +14,11 @@ import contextlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from tests.appliance.support import BIN, free_port, tls_ctx
 NODE_LABELS = {"region": "eu", "site": "a", "classification": "internal"}
 
 
-def policy(tenants: dict[str, dict[str, object]]) -> dict[str, object]:
+def policy(tenants: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
     """A site policy: every tenant may use every model on any node (the shipped rule ``anywhere``)."""
     return {"tenants": {name: {"allowed_models": ["*"], "residency": "anywhere", **limits}
                         for name, limits in tenants.items()}}
@@ -58,7 +60,7 @@ class GatewaysLab:
     def __post_init__(self) -> None:
         self.fleet = FleetLab(self.base, self.model_dir)
 
-    def build(self, tenants: dict[str, dict[str, object]], *, gateways: int = 2, workers: int = 1) -> None:
+    def build(self, tenants: Mapping[str, Mapping[str, object]], *, gateways: int = 2, workers: int = 1) -> None:
         self.fleet.build({"n1": NODE_LABELS}, policy(tenants),
                          {"health_interval_s": 0.5, "health_backoff_max_s": 2.0, "connect_timeout_s": 3.0,
                           "read_timeout_s": 15.0})
@@ -121,7 +123,7 @@ class GatewaysLab:
         path = self.gateways[i].root / "gateway.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
-    def tls(self) -> object:
+    def tls(self) -> ssl.SSLContext:
         return tls_ctx(self.gateways[0].root / "tls" / "ca.pem")
 
     def client(self, i: int, key: str, timeout: float = 60) -> openai.OpenAI:
@@ -129,7 +131,7 @@ class GatewaysLab:
                              http_client=httpx.Client(verify=self.tls(), timeout=timeout))  # type: ignore[arg-type]
 
     def admin(self, i: int, admin_key: str) -> httpx.Client:
-        return httpx.Client(base_url=self.gateways[i].url, verify=self.tls(),  # type: ignore[arg-type]
+        return httpx.Client(base_url=self.gateways[i].url, verify=self.tls(),
                             headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
 
     def appliance(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -170,7 +170,7 @@ def test_workers_share_the_port_a_killed_worker_is_replaced_and_sigterm_stops_al
         verified = lab.appliance("audit", "verify", "--db", db_url, "--key",
                                  str(lab.gateways[0].root / "secrets" / "audit-signing.key"))
         assert verified.returncode == 0, verified.stdout + verified.stderr
-        with httpx.Client(verify=lab.tls()) as client, pytest.raises(httpx.ConnectError):  # type: ignore[arg-type]
+        with httpx.Client(verify=lab.tls()) as client, pytest.raises(httpx.ConnectError):
             client.get(f"{lab.gateways[0].url}/health")
     finally:
         lab.close()
