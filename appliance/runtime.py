@@ -148,6 +148,23 @@ class Runtime:
         return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet, run,
                    Pruner(audit, policies))
 
+    def replace_policies(self, new: PolicySet) -> PolicySet:
+        """Put ``new`` in force for every request admitted from now on; returns the set it replaces.
+
+        Call it on the event loop: the assignments below run in one step (nothing awaits between
+        them), so no request sees one holder's set and another's. Requests already admitted keep
+        the tenant policy and class they were admitted under. Holders: this runtime (the tenant
+        API's reads), the chat service (admission, limits, residency, content sealing) and the
+        retention pruner (its next run). The router and admission control take what they need
+        from the service per request and hold no set.
+        """
+        old = self.policies
+        self.policies = new
+        self.service.policies = new
+        if self.pruner is not None and not callable(self.pruner._policies):
+            self.pruner._policies = new
+        return old
+
     async def start(self) -> None:
         if self.engine is not None:
             await self.engine.start()
