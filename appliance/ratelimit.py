@@ -9,6 +9,11 @@ another tenant's budget. The gateway uses it in two steps:
    plus its ``max_tokens`` against tokens-per-minute, returning a ticket; ``settle(ticket, used)``
    replaces the reservation by what the request really used. A refused request takes nothing of
    either budget (floods of refusals are the refusal budget's business, appliance/gateway/refusals.py).
+
+This class keeps the state in this process's memory: the contract, and the reference the tests hold
+the shared limiter to. The gateway uses ``appliance.limit_leases.SharedRateLimiter``, the same
+contract with the budgets in the database, so that every gateway process and host sharing it
+holds one limit per tenant (its ``enter`` and ``reserve`` are coroutines).
 """
 
 from __future__ import annotations
