@@ -5,7 +5,7 @@ Imports nothing of ours. Entry points: ``load_policy_set`` and ``PolicySet.evalu
 
 from policies.documents import WILDCARD, ResidencyRule, RetentionPolicy, SLAClass, TenantPolicy
 from policies.errors import PolicyError, PolicyNotFoundError, PolicyProblem, PolicyValidationError
-from policies.loader import default_policy_dir, load_policy_set
+from policies.loader import default_policy_dir, load_policy_files, load_policy_set, read_policy_files
 from policies.policy_set import DEFAULT_TENANT_NAME, PolicySet
 from policies.request import DECISION_CODES, Decision, NodeInfo, RequestContext
 
@@ -26,5 +26,7 @@ __all__ = [
     "SLAClass",
     "TenantPolicy",
     "default_policy_dir",
+    "load_policy_files",
     "load_policy_set",
+    "read_policy_files",
 ]

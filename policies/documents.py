@@ -8,9 +8,9 @@ rather than tuples because YAML yields lists; instances are still immutable (fro
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic.dataclasses import dataclass
 
 WILDCARD = "*"
@@ -63,22 +63,44 @@ class ResidencyRule:
         )
 
 
+OVERLOAD_ACTIONS = ("shed", "queue")
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class SLAClass:
-    """A latency class. Lower ``priority`` runs first; ``ttft_target_ms`` <= ``deadline_ms``."""
+    """A latency class: the promise admission control and the engine schedule for.
+
+    ``priority``: lower runs first (0..1000). ``ttft_ms``: time to first token and ``tpot_ms``:
+    time per output token after the first (``None``: no TPOT target), both met by ``percentile``
+    per cent of requests (e.g. 99 = p99). ``on_overload``: when the target cannot be met now,
+    ``shed`` refuses at once (429/503 with Retry-After) and ``queue`` waits for room.
+    ``deadline_ms``: an unfinished request is ended after it. ``ttft_target_ms`` is the old name of
+    ``ttft_ms``, still accepted in files and kept as a read-only attribute.
+    """
 
     name: Name
     priority: Annotated[StrictInt, Field(ge=0, le=1000)]
-    ttft_target_ms: PositiveInt
+    ttft_ms: Annotated[StrictInt, Field(ge=1, validation_alias=AliasChoices("ttft_ms", "ttft_target_ms"))]
     deadline_ms: PositiveInt
+    tpot_ms: PositiveInt | None = None
+    percentile: Annotated[float, Field(strict=True, gt=0, le=100)] = 99.0
+    on_overload: Literal["shed", "queue"] = "shed"
 
     @model_validator(mode="after")
-    def _ttft_within_deadline(self) -> SLAClass:
-        if self.ttft_target_ms > self.deadline_ms:
+    def _targets_within_deadline(self) -> SLAClass:
+        if self.ttft_ms > self.deadline_ms:
+            raise ValueError(f"ttft_ms <= deadline_ms ({self.deadline_ms}), found ttft_ms={self.ttft_ms}")
+        if self.tpot_ms is not None and self.ttft_ms + self.tpot_ms > self.deadline_ms:
             raise ValueError(
-                f"ttft_target_ms <= deadline_ms ({self.deadline_ms}), found ttft_target_ms={self.ttft_target_ms}"
+                f"ttft_ms + tpot_ms <= deadline_ms ({self.deadline_ms}: a second token must fit before the deadline), "
+                f"found ttft_ms + tpot_ms={self.ttft_ms + self.tpot_ms}"
             )
         return self
+
+    @property
+    def ttft_target_ms(self) -> int:
+        """The old name of ``ttft_ms`` (callers written before TPOT targets existed)."""
+        return self.ttft_ms
 
 
 @dataclass(frozen=True, config=_CONFIG)

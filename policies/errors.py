@@ -15,15 +15,31 @@ class PolicyNotFoundError(PolicyError):
 
 @dataclass(frozen=True)
 class PolicyProblem:
-    """One thing wrong with a policy document: where it is, what was expected and what was found."""
+    """One thing wrong with a policy document: where it is, what was expected and what was found.
+
+    ``field`` is the place (``tenants.acme.sla_class``); ``line`` and ``column`` (1-based) the
+    position in ``file`` of that value, or of the nearest enclosing one when the value is missing
+    (``None`` when the problem concerns no single file, e.g. a section no file defines).
+    """
 
     file: str
     field: str
     expected: str
     found: str
+    line: int | None = None
+    column: int | None = None
 
     def __str__(self) -> str:
         return f"{self.file}: {self.field}: expected {self.expected}, found {self.found}"
+
+    def located(self) -> str:
+        """Like ``str`` with the position: ``FILE:LINE:COLUMN: place: expected ..., found ...``."""
+        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.field}: expected {self.expected}, found {self.found}"
+
+    def to_dict(self) -> dict[str, str | int | None]:
+        return {"file": self.file, "line": self.line, "column": self.column, "place": self.field,
+                "expected": self.expected, "found": self.found}
 
 
 class PolicyValidationError(PolicyError, ValueError):

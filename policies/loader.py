@@ -3,7 +3,8 @@
 A policy path is one YAML file or a directory of ``*.yaml``/``*.yml`` files (not recursive),
 read in name order. Each file is a mapping whose keys are sections:
 
-- ``sla_classes``: name -> {priority, ttft_target_ms, deadline_ms}
+- ``sla_classes``: name -> {priority, ttft_ms (old name ttft_target_ms), tpot_ms, percentile,
+  on_overload, deadline_ms}
 - ``residency``: name -> {regions, sites, classifications}  (named rules tenants refer to)
 - ``default_tenant``: the template for tenants not listed (required, exactly once)
 - ``tenants``: name -> tenant policy; fields left out are inherited from ``default_tenant``
@@ -12,12 +13,17 @@ read in name order. Each file is a mapping whose keys are sections:
 
 A tenant's ``residency`` is either the name of a rule under ``residency`` or an inline mapping.
 Mapping sections may be spread over files; one name defined twice is an error, as is any
-duplicate key inside a file. Every problem names the file, the field, what was expected and
-what was found; all problems are reported together.
+duplicate key inside a file. Every problem names the file, its line and column, the field,
+what was expected and what was found; all problems are reported together.
+
+``load_policy_files`` validates in-memory file contents (``appliance policy apply`` and the admin
+API check a new set before anything is written); its digest equals the one the same bytes under
+the same names give when loaded from disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from importlib import resources
 from pathlib import Path
@@ -28,12 +34,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from policies.documents import ResidencyRule, RetentionPolicy, SLAClass, TenantPolicy
 from policies.errors import PolicyNotFoundError, PolicyProblem, PolicyValidationError
+from policies.marks import Position, locate, node_marks
 from policies.policy_set import DEFAULT_TENANT_NAME, PolicySet
 
 SECTIONS = ("sla_classes", "residency", "default_tenant", "tenants", "retention")
 _MAPPING_SECTIONS = ("sla_classes", "residency", "tenants")
 _SINGLE_SECTIONS = ("default_tenant", "retention")
 _MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = _MAX_FILE_BYTES  # one policy file's size limit
 
 T = TypeVar("T")
 
@@ -116,30 +124,40 @@ class _Builder:
         self.entries: dict[str, dict[str, tuple[str, Any]]] = {s: {} for s in SECTIONS}
         # SLA class names defined anywhere (valid or not), so a bad class is reported once
         self._sla_names: set[str] = set()
+        self._marks: dict[str, dict[str, Position]] = {}  # file -> place -> (line, column)
 
-    def add_file(self, path: Path) -> bytes:
-        file = str(path)
-        data = path.read_bytes()
+    def add_file(self, file: str, data: bytes) -> None:
         if len(data) > _MAX_FILE_BYTES:
             self.problems.append(PolicyProblem(file, "<file>", f"at most {_MAX_FILE_BYTES} bytes", f"{len(data)}"))
-            return data
+            return
         try:
             doc = yaml.load(data, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
             problem = getattr(exc, "problem", None) or str(exc)
-            self.problems.append(PolicyProblem(file, where, "valid YAML", str(problem)))
-            return data
+            self.problems.append(PolicyProblem(file, where, "valid YAML", str(problem),
+                                               mark.line + 1 if mark else None, mark.column + 1 if mark else None))
+            return
+        self._marks[file] = node_marks(data)
         if doc is None:
-            return data
+            return
         if not isinstance(doc, dict):
             self.problems.append(PolicyProblem(file, "<top level>", f"a mapping of sections {list(SECTIONS)}",
-                                               type(doc).__name__))
-            return data
+                                               type(doc).__name__, 1, 1))
+            return
         for section, body in doc.items():
             self._add_section(file, section, body)
-        return data
+
+    def located(self) -> list[PolicyProblem]:
+        """The problems, each with the line and column of its place in its file where known."""
+        out = []
+        for problem in self.problems:
+            position = locate(self._marks.get(problem.file, {}), problem.field) if problem.line is None else None
+            if position is not None:
+                problem = dataclasses.replace(problem, line=position[0], column=position[1])
+            out.append(problem)
+        return out
 
     def _add_section(self, file: str, section: Any, body: Any) -> None:
         if section not in SECTIONS:
@@ -165,6 +183,12 @@ class _Builder:
             return
         if not isinstance(body, dict):
             self.problems.append(PolicyProblem(file, where, "a mapping", _found(body)))
+            return
+        if section == "sla_classes" and "ttft_ms" in body and "ttft_target_ms" in body:
+            self.problems.append(PolicyProblem(file, f"{where}.ttft_target_ms",
+                                               "ttft_ms or its old name ttft_target_ms, not both",
+                                               f"both (ttft_ms={_found(body['ttft_ms'])}, "
+                                               f"ttft_target_ms={_found(body['ttft_target_ms'])})"))
             return
         self.entries[section][name] = (file, body)
 
@@ -244,7 +268,7 @@ class _Builder:
             retention = self.validate(RetentionPolicy, file, "retention", body)
 
         if self.problems or default is None or retention is None:
-            raise PolicyValidationError(self.problems or [PolicyProblem(origin, "<policy set>", "valid", "invalid")])
+            raise PolicyValidationError(self.located() or [PolicyProblem(origin, "<policy set>", "valid", "invalid")])
         return PolicySet(tenants=tenants, default_tenant=default, sla_classes=sla_classes, retention=retention,
                          residency=residency, sources=tuple(sources), digest=digest)
 
@@ -264,17 +288,33 @@ def _as_fields(tenant: TenantPolicy) -> dict[str, Any]:
     }
 
 
+def read_policy_files(path: Path | str | None = None) -> list[tuple[str, bytes]]:
+    """The policy files at ``path`` (``None``: the shipped defaults) as (path, bytes), in load order."""
+    root = default_policy_dir() if path is None else Path(path)
+    return [(str(file), file.read_bytes()) for file in _policy_files(root)]
+
+
+def load_policy_files(files: list[tuple[str, bytes]], origin: str = "<policy set>") -> PolicySet:
+    """Validate a policy set from (file name, contents) pairs, in the order given.
+
+    ``origin`` names the set in problems that concern no single file (a missing section).
+    Raises PolicyNotFoundError when ``files`` is empty and PolicyValidationError otherwise.
+    """
+    if not files:
+        raise PolicyNotFoundError(f"{origin}: expected at least one policy file, found none")
+    builder = _Builder()
+    digest = hashlib.sha256()
+    for file, data in files:
+        builder.add_file(file, data)
+        digest.update(Path(file).name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return builder.build([file for file, _ in files], "sha256:" + digest.hexdigest(), origin)
+
+
 def load_policy_set(path: Path | str | None = None) -> PolicySet:
     """Load and validate a policy set from a file or directory (``None``: the shipped defaults).
 
     Raises PolicyNotFoundError when there is nothing to load and PolicyValidationError listing
-    every problem (file, field, expected, found) otherwise.
+    every problem (file, line, column, field, expected, found) otherwise.
     """
     root = default_policy_dir() if path is None else Path(path)
-    files = _policy_files(root)
-    builder = _Builder()
-    digest = hashlib.sha256()
-    for file in files:
-        data = builder.add_file(file)
-        digest.update(file.name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return builder.build([str(f) for f in files], "sha256:" + digest.hexdigest(), str(root))
+    return load_policy_files(read_policy_files(root), str(root))

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from appliance.gateway import admin_api, auth, nodes_api, refusal_audit, tenant_api
+from appliance.gateway import admin_api, auth, nodes_api, policy_api, refusal_audit, tenant_api
 from appliance.gateway.edge import EdgeLimits, EdgeMiddleware
 from appliance.gateway.errors import install_error_handlers
 from appliance.gateway.openapi import install_openapi
@@ -45,6 +45,7 @@ def create_app(runtime: Runtime, *, manage_lifecycle: bool = True, limits: EdgeL
     app.include_router(tenant_api.router)
     app.include_router(admin_api.router)
     app.include_router(nodes_api.router)
+    app.include_router(policy_api.router)
     auth.install(app)  # key checked before the body is read (innermost middleware); /v1/usage, /v1/audit/export
     install_openapi(app)
     # Added last, so it is the outermost of the app's middleware: it sees every request and response.

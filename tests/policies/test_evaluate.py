@@ -128,7 +128,7 @@ def test_policy_set_built_in_code_is_cross_checked() -> None:
 
 
 def test_documents_validate_on_construction() -> None:
-    with pytest.raises(ValueError, match="ttft_target_ms <= deadline_ms"):
+    with pytest.raises(ValueError, match="ttft_ms <= deadline_ms"):
         SLAClass("x", 0, 100, 10)
     with pytest.raises(ValueError):
         SLAClass("x", -1, 1, 10)

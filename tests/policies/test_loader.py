@@ -107,8 +107,8 @@ def test_cross_field_rules(policy_dir: Path) -> None:
     with pytest.raises(PolicyValidationError) as info:
         load_policy_set(policy_dir)
     fields = {p.field: p for p in info.value.problems}
-    assert fields["sla_classes.standard"].expected == "ttft_target_ms <= deadline_ms (100)"
-    assert fields["sla_classes.standard"].found == "ttft_target_ms=500"
+    assert fields["sla_classes.standard"].expected == "ttft_ms <= deadline_ms (100)"
+    assert fields["sla_classes.standard"].found == "ttft_ms=500"
     assert fields["tenants.acme"].found == "max_tokens_per_request=5000"
 
 

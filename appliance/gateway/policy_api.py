@@ -1,0 +1,128 @@
+"""Admin API for the policy set in force: read it, its schema, and apply a new one without restart.
+
+``POST /admin/v1/policies`` takes policy files and lays them over the policy directory the
+gateway loads at start (``policies_dir`` in appliance.yaml): each file replaces the one of the
+same name there or is added (``policies.apply``). The body is either one file's YAML text
+(``Content-Type: application/yaml``, its name in ``?name=``, default ``site.yaml``) or JSON
+``{"files": {"NAME.yaml": "TEXT", ...}}``, at most ``MAX_APPLY_BYTES`` in all. In order:
+
+1. the set the directory would hold is validated; any problem: 400 ``invalid_policy`` with every
+   problem (file, line, column, place, expected, found) under ``problems``; nothing changes;
+2. the files are written, each atomically, so the next start loads the same set;
+3. ``admin.policy_applied`` (old and new digest, the admin and key id, the files) is made durable;
+   if that fails the files are put back and the answer is 503: no unrecorded change;
+4. the set is swapped in one step on the event loop (``Runtime.replace_policies``): requests
+   admitted from then on use it, requests in flight keep theirs.
+
+Applies are serialised per process. With several gateway workers only the worker that answers
+swaps at once; the others load the written files at their next start (see the admin guide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.gateway.deps import AdminDep, RuntimeDep
+from appliance.openai_schema import error_body
+from appliance.policy_audit import record_policy_applied
+from appliance.service import RequestRejected
+from policies.apply import MAX_FILES, overlay, restore_policy_files, write_policy_files
+from policies.errors import PolicyError, PolicyValidationError
+from policies.schema import policy_file_schema
+
+router = APIRouter(prefix="/admin/v1")
+MAX_APPLY_BYTES = 1 << 20  # all files of one apply together
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
+_LOCK = "policy_apply_lock"
+
+
+class PolicyFiles(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    files: dict[str, str] = Field(min_length=1, max_length=MAX_FILES)
+
+
+def invalid_policy_response(exc: PolicyValidationError) -> JSONResponse:
+    problems = [p.to_dict() for p in exc.problems]
+    first = exc.problems[0].located()
+    more = f" (and {len(problems) - 1} more problem(s): see problems)" if len(problems) > 1 else ""
+    body = error_body(f"invalid policy, nothing applied: {first}{more}", "invalid_request_error", "invalid_policy")
+    return JSONResponse({**body, "problems": problems}, status_code=400)
+
+
+async def _read_files(request: Request, name: str) -> dict[str, bytes]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_APPLY_BYTES:
+        raise RequestRejected(413, f"policy body too large: expected at most {MAX_APPLY_BYTES} bytes, "
+                                   f"found {declared}", "invalid_request_error", "request_too_large")
+    raw = await request.body()
+    if len(raw) > MAX_APPLY_BYTES:
+        raise RequestRejected(413, f"policy body too large: expected at most {MAX_APPLY_BYTES} bytes, "
+                                   f"found {len(raw)}", "invalid_request_error", "request_too_large")
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind == "application/json":
+        try:
+            parsed = PolicyFiles.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise RequestRejected(400, f"policy body: expected {{\"files\": {{\"NAME.yaml\": \"YAML text\"}}}} "
+                                       f"({where}: {first['msg']})", "invalid_request_error", "invalid_request",
+                                  param=where) from None
+        return {file: text.encode() for file, text in parsed.files.items()}
+    if kind in YAML_TYPES:
+        return {name: raw}
+    raise RequestRejected(400, f"policy body: expected Content-Type application/yaml (one file, named by ?name=) "
+                               f"or application/json ({{\"files\": {{...}}}}), found {kind[:64] or 'none'!r}",
+                          "invalid_request_error", "unsupported_media_type")
+
+
+@router.get("/policies")
+def get_policies(runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
+    """The policy set in force: digest, source files and every document."""
+    return runtime.policies.to_dict()
+
+
+@router.get("/policies/schema")
+def get_policy_schema(_admin: AdminDep) -> dict[str, Any]:
+    """The JSON Schema of one policy file (also in docs/policy.schema.json)."""
+    return policy_file_schema()
+
+
+_BODY = {"requestBody": {"required": True, "content": {
+    "application/yaml": {"schema": {"type": "string", "description": "One policy file's YAML text, named by ?name="}},
+    "application/json": {"schema": PolicyFiles.model_json_schema()}}}}
+
+
+@router.post("/policies", response_model=None, openapi_extra=_BODY)
+async def apply_policies(request: Request, runtime: RuntimeDep, admin: AdminDep,
+                         name: str = "site.yaml") -> dict[str, Any] | JSONResponse:
+    files = await _read_files(request, name)
+    lock: asyncio.Lock = getattr(request.app.state, _LOCK, None) or asyncio.Lock()
+    setattr(request.app.state, _LOCK, lock)
+    policy_dir = runtime.config.policies_dir
+    async with lock:
+        try:
+            new = await asyncio.to_thread(overlay, policy_dir, files)
+        except PolicyValidationError as exc:
+            return invalid_policy_response(exc)
+        except PolicyError as exc:
+            raise RequestRejected(400, str(exc), "invalid_request_error", "invalid_policy") from None
+        old = runtime.policies
+        before = await asyncio.to_thread(write_policy_files, policy_dir, files)
+        try:
+            await asyncio.to_thread(
+                record_policy_applied, runtime.audit, old, new, sorted(files), runtime.config.data_dir, admin.actor,
+                {"via": "admin api", "by_key_id": admin.key_id, "running": True, "changed": new.digest != old.digest,
+                 "run_id": runtime.run_id})
+        except Exception as exc:
+            await asyncio.to_thread(restore_policy_files, policy_dir, before)
+            raise RequestRejected(503, "audit log unavailable: the policy was not applied", "server_error",
+                                  "audit_unavailable") from exc
+        runtime.replace_policies(new)
+    return {"applied": True, "running": True, "changed": new.digest != old.digest, "old_digest": old.digest,
+            "new_digest": new.digest, "files": sorted(files), "policies_dir": str(policy_dir)}
