@@ -111,5 +111,14 @@ def _mount_db() -> None:
 _mount_db()
 
 
+def _mount_policy() -> None:
+    from appliance.policy_cli import policy_app
+
+    app.add_typer(policy_app, name="policy")
+
+
+_mount_policy()
+
+
 def main() -> None:
     app()

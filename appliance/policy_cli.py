@@ -1,0 +1,217 @@
+"""``appliance policy``: the policy files' schema, their validation, and applying them.
+
+- ``schema`` prints the JSON Schema of one policy file (``policies.schema``).
+- ``validate FILE_OR_DIR...`` checks files as the gateway would load them and prints every problem
+  as ``FILE:LINE:COLUMN: place: expected ..., found ...``; exit 1 on any problem, 0 with a summary.
+  The files are the whole set unless ``--root`` (or ``--over DIR``) lays them over a policy
+  directory, as ``apply`` would.
+- ``apply FILE_OR_DIR... --root R`` validates the same way, then: when the root's gateway is
+  running (its run marker names a live process), sends the files to its admin API
+  (``POST /admin/v1/policies`` with the root's admin key, ROOT/secrets/admin.key, over TLS checked
+  against ROOT/tls/ca.pem), which writes them and swaps its policy without restart; otherwise
+  writes them into the root's policy directory for the next start and records
+  ``admin.policy_applied``. It says which it did. Exit 0 applied, 1 invalid, 2 could not apply.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from appliance.errors import ApplianceError
+from policies import PolicySet, load_policy_files, load_policy_set
+from policies.apply import overlay, write_policy_files
+from policies.errors import PolicyError, PolicyValidationError
+from policies.schema import policy_schema_json
+
+EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
+policy_app = typer.Typer(help="Policy files: schema, validate, apply without restart.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+PathsArg = Annotated[list[Path], typer.Argument(help="Policy YAML files or directories of them.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+
+def _collect(paths: list[Path]) -> dict[str, tuple[Path, bytes]]:
+    """name -> (path, bytes) of every policy file named or inside a directory named (not recursive)."""
+    found: dict[str, tuple[Path, bytes]] = {}
+    for path in paths:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            if not files:
+                raise typer.BadParameter(f"{path}: expected *.yaml files in the directory, found none")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise typer.BadParameter(f"{path}: expected a policy file or directory, found nothing there")
+        for file in files:
+            if file.name in found and found[file.name][0].resolve() != file.resolve():
+                raise typer.BadParameter(f"{file}: expected one file per name (a set holds one {file.name}), "
+                                         f"found a second beside {found[file.name][0]}")
+            found[file.name] = (file, file.read_bytes())
+    return found
+
+
+def _print_problems(exc: PolicyValidationError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"valid": False, "problems": [p.to_dict() for p in exc.problems]}, indent=2))
+        return
+    for problem in exc.problems:
+        console.print(problem.located(), markup=False, highlight=False)
+    files = {p.file for p in exc.problems}
+    err.print(f"invalid: {len(exc.problems)} problem(s) in {len(files)} file(s)", markup=False)
+
+
+def _summary(policies: PolicySet) -> dict[str, Any]:
+    return {"valid": True, "digest": policies.digest, "files": [Path(s).name for s in policies.sources],
+            "sla_classes": sorted(policies.sla_classes), "tenants": sorted(policies.tenants)}
+
+
+def _base_dir(root: Path | None, over: Path | None) -> Path | None:
+    if root is not None and over is not None:
+        raise typer.BadParameter("expected --root or --over, found both")
+    if root is not None:
+        from appliance.config import load_config
+
+        return load_config(root).policies_dir
+    return over
+
+
+@policy_app.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON Schema (draft 2020-12) of one policy file."""
+    print(policy_schema_json(), end="")
+
+
+@policy_app.command("validate")
+def validate_cmd(
+    paths: PathsArg,
+    root: Annotated[Path | None, typer.Option("--root", help="Validate laid over this install root's policies, "
+                                                           "as `apply` would.")] = None,
+    over: Annotated[Path | None, typer.Option("--over", help="Validate laid over this policy directory.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check policy files; print every problem with file, line and column. Exit 1 if any."""
+    try:
+        files = _collect(paths)
+        base = _base_dir(root, over)
+        if base is not None:
+            policies = overlay(base, {name: data for name, (_, data) in files.items()})
+        else:
+            ordered = sorted(((str(path), data) for path, data in files.values()), key=lambda f: Path(f[0]).name)
+            policies = load_policy_files(ordered, ", ".join(str(p) for p in paths))
+    except PolicyValidationError as exc:
+        _print_problems(exc, as_json)
+        raise typer.Exit(EXIT_INVALID) from None
+    except (PolicyError, ApplianceError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    summary = _summary(policies)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"valid: {len(summary['files'])} file(s), {len(summary['sla_classes'])} SLA class(es) "
+                  f"{summary['sla_classes']}, {len(summary['tenants'])} tenant(s), digest {policies.digest}",
+                  markup=False, highlight=False)
+
+
+@policy_app.command("apply")
+def apply_cmd(
+    paths: PathsArg,
+    root: Annotated[Path, typer.Option("--root", help="Install root of the appliance.")] = Path("var"),
+    admin_key_file: Annotated[Path | None, typer.Option(
+        "--admin-key-file", help="An admin key for the running gateway (default ROOT/secrets/admin.key).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply policy files: to the running gateway without restart, else for the next start."""
+    from appliance.config import load_config
+
+    try:
+        config = load_config(root)
+        files = {name: data for name, (_, data) in _collect(paths).items()}
+        overlay(config.policies_dir, files)  # checked here first: problems with lines, nothing sent
+        if _gateway_running(config.data_dir):
+            result = _apply_running(config, files, admin_key_file or config.secrets_dir / "admin.key")
+        else:
+            result = _apply_stopped(config, files)
+    except PolicyValidationError as exc:
+        _print_problems(exc, as_json)
+        raise typer.Exit(EXIT_INVALID) from None
+    except (PolicyError, ApplianceError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    where = ("applied to the running gateway at " + result["gateway"] + " (in force for new requests now)"
+             if result["running"] else
+             f"no gateway running: wrote {', '.join(result['files'])} to {result['policies_dir']} "
+             "(in force at the next start)")
+    console.print(f"{where}; policy digest {result['old_digest']} -> {result['new_digest']}",
+                  markup=False, highlight=False)
+
+
+def _gateway_running(data_dir: Path) -> bool:
+    from appliance.runmarker import holder_is_alive, marker_path, read_marker
+
+    try:
+        marker = read_marker(marker_path(data_dir))
+    except ValueError:
+        return False
+    return marker is not None and holder_is_alive(marker)
+
+
+def _apply_stopped(config: Any, files: dict[str, bytes]) -> dict[str, Any]:
+    from appliance.audit import AuditLog
+    from appliance.audit.cli import cli_actor
+    from appliance.policy_audit import record_policy_applied
+
+    try:
+        old: str | None = load_policy_set(config.policies_dir).digest
+    except PolicyError:
+        old = None  # the directory in place does not load: the record says there was no valid set
+    new = overlay(config.policies_dir, files)
+    audit = AuditLog(config.db_url, config.audit_key_path)
+    try:
+        write_policy_files(config.policies_dir, files)
+        record_policy_applied(audit, old, new, sorted(files), config.data_dir, cli_actor(),
+                              {"via": "cli", "running": False, "changed": new.digest != old})
+    finally:
+        audit.close()
+    return {"applied": True, "running": False, "changed": new.digest != old, "old_digest": old,
+            "new_digest": new.digest, "files": sorted(files), "policies_dir": str(config.policies_dir)}
+
+
+def _apply_running(config: Any, files: dict[str, bytes], key_file: Path) -> dict[str, Any]:
+    import httpx
+
+    if not key_file.is_file():
+        raise ApplianceError(f"the gateway is running but no admin key was found: expected {key_file} "
+                             "(or pass --admin-key-file)")
+    key = key_file.read_text().strip()
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+    url = f"https://{host}:{config.port}"
+    ctx = ssl.create_default_context(cafile=str(config.tls_dir / "ca.pem"))
+    body = {"files": {name: data.decode("utf-8", errors="replace") for name, data in files.items()}}
+    try:
+        answer = httpx.post(f"{url}/admin/v1/policies", json=body, headers={"Authorization": f"Bearer {key}"},
+                            verify=ctx, timeout=60)
+    except httpx.HTTPError as exc:
+        raise ApplianceError(f"the gateway is running (its run marker names a live process) but {url} did not "
+                             f"answer: {type(exc).__name__}; nothing applied") from None
+    doc = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else {}
+    if answer.status_code == 400 and doc.get("problems"):
+        from policies.errors import PolicyProblem
+
+        raise PolicyValidationError([PolicyProblem(p["file"], p["place"], p["expected"], p["found"],
+                                                   p.get("line"), p.get("column")) for p in doc["problems"]])
+    if answer.status_code != 200:
+        message = (doc.get("error") or {}).get("message", answer.text[:200])
+        raise ApplianceError(f"the gateway at {url} refused the policy: {answer.status_code} {message}")
+    return {**doc, "gateway": url}
