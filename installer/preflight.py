@@ -250,6 +250,30 @@ def check_firewall(inventory: Inventory, layout: RootLayout) -> PreflightCheck:
                           FIX_NOT_ENFORCED.replace("ROOT/", f"{layout.root}/"))
 
 
+def check_database(inventory: Inventory) -> PreflightCheck | None:
+    """The gateways' shared database (inventory database:): a TCP connection from this machine when
+    it is a gateway node; remote gateway nodes check it themselves at the start of install, before
+    any node changes (installer/playbooks/install.yml). None without a database."""
+    database = inventory.database
+    if database is None:
+        return None
+    name, where = "database", f"{database.host}:{database.port}"
+    local = inventory.local_node()
+    remote = [n.name for n in inventory.gateway_nodes if n.connection != "local"]
+    later = f"; gateway nodes {remote} check it at the start of install" if remote else ""
+    if local is None or not local.is_gateway:
+        return PreflightCheck(name, WARN, f"not checked from here (no gateway on this machine){later}")
+    try:
+        with socket.create_connection((database.host, database.port), timeout=database.connect_timeout_s):
+            pass
+    except OSError as exc:
+        return PreflightCheck(name, FAIL, f"expected the database server at {where} to accept a connection, found "
+                              f"{exc.strerror or exc}", "check database.url in the inventory, the route and the "
+                              "server's firewall")
+    return PreflightCheck(name, PASS, f"the database server at {where} accepts connections from {local.name}"
+                          f"{later}")
+
+
 def check_ansible() -> PreflightCheck:
     try:
         from ansible.release import __version__ as version
@@ -289,6 +313,9 @@ def run_preflight(
     if bundle is not None and has_bundle:
         from installer.node_models import check_node_models  # here: node_models imports this module
         checks.append(check_node_models(inventory, bundle))
+    database = check_database(inventory)
+    if database is not None:
+        checks.append(database)
     if local is not None:
         checks.append(check_firewall(inventory, layout))
     for node in inventory.nodes:

@@ -156,3 +156,28 @@ def test_the_appliance_reads_what_the_installer_writes(tmp_path: Path) -> None:
     config = load_config(root)
     assert config.db_url == f"{URL}?sslmode=verify-full&sslrootcert=/opt/sovereign/tls/database/ca.pem"
     assert config.audit_anchors.publish_dir == Path("/srv/cp")
+
+
+def test_preflight_checks_the_database_from_a_local_gateway_node(tmp_path: Path) -> None:
+    import socket
+
+    from installer.preflight import FAIL, PASS, WARN, check_database
+
+    def inventory(port: int) -> Path:
+        remote = nodes(2).replace("gw-1, connection: ssh, host: 10.0.0.1", "here")  # gw-2 and gpu-1 over SSH
+        return write(tmp_path, f"database: {{url: 'postgresql+psycopg://sovereign@127.0.0.1:{port}/sovereign', "
+                               f"connect_timeout_s: 3}}\n{remote}")
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        check = check_database(load_inventory(inventory(port)))
+        assert check is not None and check.status == PASS, check
+        assert f"127.0.0.1:{port} accepts connections from here; gateway nodes ['gw-2'] check it" in check.detail
+    check = check_database(load_inventory(inventory(port)))  # nothing listens there now
+    assert check is not None and check.status == FAIL, check
+    assert check.detail.startswith(f"expected the database server at 127.0.0.1:{port} to accept a connection, "
+                                   "found "), check.detail
+    remote_only = write(tmp_path, f"database: {{url: '{URL}'}}\n{nodes(2)}")
+    check = check_database(load_inventory(remote_only))
+    assert check is not None and check.status == WARN and "check it at the start of install" in check.detail
+    assert check_database(load_inventory(write(tmp_path, nodes(1)))) is None
