@@ -98,9 +98,9 @@ class Supervisor:
     # ---- the whole life -------------------------------------------------------------------
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM; the process's exit code."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        self._sock = listening_socket(self.host, self.port)
         tls_for(self.config, self.host)  # made once here (a development root), not raced by N workers
+        self._sock = listening_socket(self.host, self.port)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for index in range(self.count):
                 if not self._start_and_wait(index):

@@ -174,3 +174,25 @@ def test_workers_share_the_port_a_killed_worker_is_replaced_and_sigterm_stops_al
             client.get(f"{lab.gateways[0].url}/health")
     finally:
         lab.close()
+
+
+def test_ctrl_c_stops_every_worker_with_exit_0_and_a_busy_port_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'lab' / 'gw' / 'data' / 'appliance.db'}"
+    lab = GatewaysLab(tmp_path / "lab", model_dir, db_url)
+    lab.build(TENANTS, gateways=1)
+    try:
+        lab.start_node()
+        supervisor = lab.start_gateway(0, "--workers", "3").proc
+        assert supervisor is not None
+        _wait_for("three workers serving", lambda: "with 3 workers" in lab.log(0))
+        workers = _live_children(supervisor.pid)
+        assert len(workers) == 3
+        taken = _serve(lab.gateways[0].root, "--workers", "2", "--port", str(lab.gateways[0].port))
+        said = " ".join((taken.stdout + taken.stderr).split())
+        assert taken.returncode == 1 and f"port {lab.gateways[0].port} on 127.0.0.1 is already in use" in said, said
+        os.killpg(supervisor.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground process group
+        assert supervisor.wait(timeout=90) == 0, lab.log(0)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its supervisor"
+        assert len(_admin_records(db_url, "admin.appliance_stopped")) == 3
+    finally:
+        lab.close()
