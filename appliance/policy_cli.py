@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 from pathlib import Path
@@ -58,14 +59,21 @@ def _collect(paths: list[Path]) -> dict[str, tuple[Path, bytes]]:
     return found
 
 
-def _print_problems(exc: PolicyValidationError, as_json: bool) -> None:
+def _print_problems(exc: PolicyValidationError, as_json: bool, renamed: dict[str, str] | None = None) -> None:
+    """Every problem, one a line; ``renamed`` maps a file's place in the policy directory back to
+    the path the user gave."""
+    problems = [dataclasses.replace(p, file=(renamed or {}).get(p.file, p.file)) for p in exc.problems]
     if as_json:
-        print(json.dumps({"valid": False, "problems": [p.to_dict() for p in exc.problems]}, indent=2))
+        print(json.dumps({"valid": False, "problems": [p.to_dict() for p in problems]}, indent=2))
         return
-    for problem in exc.problems:
-        console.print(problem.located(), markup=False, highlight=False)
-    files = {p.file for p in exc.problems}
-    err.print(f"invalid: {len(exc.problems)} problem(s) in {len(files)} file(s)", markup=False)
+    for problem in problems:
+        print(problem.located())
+    files = {p.file for p in problems}
+    err.print(f"invalid: {len(problems)} problem(s) in {len(files)} file(s)", markup=False)
+
+
+def _renamed(base: Path | None, files: dict[str, tuple[Path, bytes]]) -> dict[str, str]:
+    return {} if base is None else {str(base / name): str(path) for name, (path, _) in files.items()}
 
 
 def _summary(policies: PolicySet) -> dict[str, Any]:
@@ -98,6 +106,8 @@ def validate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Check policy files; print every problem with file, line and column. Exit 1 if any."""
+    files: dict[str, tuple[Path, bytes]] = {}
+    base: Path | None = None
     try:
         files = _collect(paths)
         base = _base_dir(root, over)
@@ -107,7 +117,7 @@ def validate_cmd(
             ordered = sorted(((str(path), data) for path, data in files.values()), key=lambda f: Path(f[0]).name)
             policies = load_policy_files(ordered, ", ".join(str(p) for p in paths))
     except PolicyValidationError as exc:
-        _print_problems(exc, as_json)
+        _print_problems(exc, as_json, _renamed(base, files))
         raise typer.Exit(EXIT_INVALID) from None
     except (PolicyError, ApplianceError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
@@ -116,9 +126,8 @@ def validate_cmd(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    console.print(f"valid: {len(summary['files'])} file(s), {len(summary['sla_classes'])} SLA class(es) "
-                  f"{summary['sla_classes']}, {len(summary['tenants'])} tenant(s), digest {policies.digest}",
-                  markup=False, highlight=False)
+    print(f"valid: {len(summary['files'])} file(s), {len(summary['sla_classes'])} SLA class(es) "
+          f"{summary['sla_classes']}, {len(summary['tenants'])} tenant(s), digest {policies.digest}")
 
 
 @policy_app.command("apply")
@@ -132,16 +141,20 @@ def apply_cmd(
     """Apply policy files: to the running gateway without restart, else for the next start."""
     from appliance.config import load_config
 
+    collected: dict[str, tuple[Path, bytes]] = {}
+    base: Path | None = None
     try:
         config = load_config(root)
-        files = {name: data for name, (_, data) in _collect(paths).items()}
+        base = config.policies_dir
+        collected = _collect(paths)
+        files = {name: data for name, (_, data) in collected.items()}
         overlay(config.policies_dir, files)  # checked here first: problems with lines, nothing sent
         if _gateway_running(config.data_dir):
             result = _apply_running(config, files, admin_key_file or config.secrets_dir / "admin.key")
         else:
             result = _apply_stopped(config, files)
     except PolicyValidationError as exc:
-        _print_problems(exc, as_json)
+        _print_problems(exc, as_json, {**_renamed(base, collected), **{n: str(p) for n, (p, _) in collected.items()}})
         raise typer.Exit(EXIT_INVALID) from None
     except (PolicyError, ApplianceError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
@@ -153,8 +166,7 @@ def apply_cmd(
              if result["running"] else
              f"no gateway running: wrote {', '.join(result['files'])} to {result['policies_dir']} "
              "(in force at the next start)")
-    console.print(f"{where}; policy digest {result['old_digest']} -> {result['new_digest']}",
-                  markup=False, highlight=False)
+    print(f"{where}; policy digest {result['old_digest']} -> {result['new_digest']}")
 
 
 def _gateway_running(data_dir: Path) -> bool:

@@ -34,7 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from policies.documents import ResidencyRule, RetentionPolicy, SLAClass, TenantPolicy
 from policies.errors import PolicyNotFoundError, PolicyProblem, PolicyValidationError
-from policies.marks import Position, locate, node_marks
+from policies.marks import Position, first_key, key_place, locate, node_marks
 from policies.policy_set import DEFAULT_TENANT_NAME, PolicySet
 
 SECTIONS = ("sla_classes", "residency", "default_tenant", "tenants", "retention")
@@ -115,6 +115,22 @@ def _problems_from(error: ValidationError, file: str, prefix: str) -> list[Polic
     return problems
 
 
+def _yaml_problem(file: str, data: bytes, exc: yaml.YAMLError) -> PolicyProblem:
+    """A parser's error as a problem; a duplicate key names its place and its first definition."""
+    mark = getattr(exc, "problem_mark", None)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    problem = str(getattr(exc, "problem", None) or exc)
+    if line is not None and column is not None and problem.startswith("found duplicate key"):
+        place = key_place(data, line, column)
+        first = first_key(data, place) if place is not None else None
+        if place is not None and first is not None:
+            return PolicyProblem(file, place, f"each key once in a mapping (first defined at line {first[0]}, "
+                                              f"column {first[1]})", f"a second {place.rsplit('.', 1)[-1]!r}",
+                                 line, column)
+    where = f"line {line}, column {column}" if line is not None else "<file>"
+    return PolicyProblem(file, where, "valid YAML", problem, line, column)
+
+
 class _Builder:
     """Collects sections from files, validates them and accumulates problems."""
 
@@ -133,11 +149,7 @@ class _Builder:
         try:
             doc = yaml.load(data, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
-            problem = getattr(exc, "problem", None) or str(exc)
-            self.problems.append(PolicyProblem(file, where, "valid YAML", str(problem),
-                                               mark.line + 1 if mark else None, mark.column + 1 if mark else None))
+            self.problems.append(_yaml_problem(file, data, exc))
             return
         self._marks[file] = node_marks(data)
         if doc is None:
@@ -153,7 +165,10 @@ class _Builder:
         """The problems, each with the line and column of its place in its file where known."""
         out = []
         for problem in self.problems:
-            position = locate(self._marks.get(problem.file, {}), problem.field) if problem.line is None else None
+            by_key = problem.expected in ("only known fields", "a second definition") or problem.found == (
+                "an unknown section") or problem.expected.startswith("one definition")
+            position = (locate(self._marks.get(problem.file, {}), problem.field, key=by_key)
+                        if problem.line is None else None)
             if position is not None:
                 problem = dataclasses.replace(problem, line=position[0], column=position[1])
             out.append(problem)
@@ -254,8 +269,12 @@ class _Builder:
                 self.problems.append(PolicyProblem(file, f"tenants.{name}", "the template under default_tenant",
                                                    "a tenant named 'default'"))
                 continue
-            if inherited is None:
-                continue  # the template is broken; its problems are already reported
+            if inherited is None:  # the template is broken (reported): check what the tenant names itself
+                sla = body.get("sla_class")
+                if isinstance(sla, str) and sla not in self._sla_names:
+                    self.problems.append(PolicyProblem(file, f"tenants.{name}.sla_class",
+                                                       f"one of {sorted(self._sla_names)}", repr(sla)))
+                continue
             tenant = self.tenant(file, f"tenants.{name}", name, body, inherited, residency)
             if tenant is not None:
                 tenants[name] = tenant

@@ -12,6 +12,7 @@ from __future__ import annotations
 import yaml
 
 Position = tuple[int, int]
+KEY_SUFFIX = "\0key"  # marks[place + KEY_SUFFIX]: where the key itself starts (an unknown field's name)
 
 
 def _mark(mark: yaml.Mark) -> Position:
@@ -33,6 +34,7 @@ def node_marks(data: bytes | str) -> dict[str, Position]:
                 place = f"{prefix}.{key}" if prefix else key
                 scalar = isinstance(value_node, yaml.ScalarNode)
                 marks.setdefault(place, _mark(value_node.start_mark if scalar else key_node.start_mark))
+                marks.setdefault(place + KEY_SUFFIX, _mark(key_node.start_mark))
                 walk(value_node, place)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
@@ -45,8 +47,11 @@ def node_marks(data: bytes | str) -> dict[str, Position]:
     return marks
 
 
-def locate(marks: dict[str, Position], place: str) -> Position | None:
-    """The position of ``place``, else of the nearest enclosing place found, else None."""
+def locate(marks: dict[str, Position], place: str, *, key: bool = False) -> Position | None:
+    """The position of ``place`` (of its key when ``key``), else of the nearest enclosing place
+    found, else None."""
+    if key and place + KEY_SUFFIX in marks:
+        return marks[place + KEY_SUFFIX]
     while place:
         if place in marks:
             return marks[place]
@@ -54,4 +59,44 @@ def locate(marks: dict[str, Position], place: str) -> Position | None:
         if cut < 0:
             return None
         place = place[:cut]
+    return None
+
+
+def key_place(data: bytes | str, line: int, column: int) -> str | None:
+    """The dotted place of the mapping key that starts at ``line``/``column`` (1-based), if any."""
+    try:
+        root = yaml.compose(data, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    todo: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while todo:
+        node, prefix = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                place = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                if _mark(key_node.start_mark) == (line, column):
+                    return place
+                todo.append((value_node, place))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, f"{prefix}.{i}") for i, item in enumerate(node.value))
+    return None
+
+
+def first_key(data: bytes | str, place: str) -> Position | None:
+    """Where the first of several equal keys at ``place`` starts (a duplicate's first definition)."""
+    parent, _, key = place.rpartition(".")
+    try:
+        root = yaml.compose(data, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    todo: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while todo:
+        node, prefix = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if prefix == parent and str(key_node.value) == key:
+                    return _mark(key_node.start_mark)
+                todo.append((value_node, f"{prefix}.{key_node.value}" if prefix else str(key_node.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, f"{prefix}.{i}") for i, item in enumerate(node.value))
     return None

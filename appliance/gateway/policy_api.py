@@ -21,6 +21,8 @@ swaps at once; the others load the written files at their next start (see the ad
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -46,9 +48,12 @@ class PolicyFiles(BaseModel):
     files: dict[str, str] = Field(min_length=1, max_length=MAX_FILES)
 
 
-def invalid_policy_response(exc: PolicyValidationError) -> JSONResponse:
-    problems = [p.to_dict() for p in exc.problems]
-    first = exc.problems[0].located()
+def invalid_policy_response(exc: PolicyValidationError, policy_dir: Path, names: list[str]) -> JSONResponse:
+    """400 with every problem; a file posted is named as posted (its name), not by its place on disk."""
+    posted = {str(policy_dir / name): name for name in names}
+    located = [dataclasses.replace(p, file=posted.get(p.file, p.file)) for p in exc.problems]
+    problems = [p.to_dict() for p in located]
+    first = located[0].located()
     more = f" (and {len(problems) - 1} more problem(s): see problems)" if len(problems) > 1 else ""
     body = error_body(f"invalid policy, nothing applied: {first}{more}", "invalid_request_error", "invalid_policy")
     return JSONResponse({**body, "problems": problems}, status_code=400)
@@ -109,7 +114,7 @@ async def apply_policies(request: Request, runtime: RuntimeDep, admin: AdminDep,
         try:
             new = await asyncio.to_thread(overlay, policy_dir, files)
         except PolicyValidationError as exc:
-            return invalid_policy_response(exc)
+            return invalid_policy_response(exc, policy_dir, list(files))
         except PolicyError as exc:
             raise RequestRejected(400, str(exc), "invalid_request_error", "invalid_policy") from None
         old = runtime.policies

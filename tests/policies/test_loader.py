@@ -129,7 +129,7 @@ def test_cross_field_rules(policy_dir: Path) -> None:
          "one definition (already defined in"),
         ("retention:\n  audit_days: 7\n", "retention", "one definition"),
         ("- just\n- a list\n", "<top level>", "a mapping of sections"),
-        ("tenants:\n  acme: {rate_limit_rpm: 1}\n  acme: {rate_limit_rpm: 2}\n", "line 3, column 3", "valid YAML"),
+        ("tenants:\n  acme: {rate_limit_rpm: 1}\n  acme: {rate_limit_rpm: 2}\n", "tenants.acme", "each key once"),
         ("tenants: [oops\n", "line 2, column 1", "valid YAML"),
     ],
 )
