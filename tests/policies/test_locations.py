@@ -74,6 +74,7 @@ def test_a_tenant_mapped_to_a_class_that_is_missing(policy_dir: Path) -> None:
     template = problems[("tenants.yaml", "default_tenant.sla_class")]
     assert (template.expected, template.found) == ("one of ['interactive']", "'standard'")
     text = (policy_dir / "tenants.yaml").read_text().splitlines()
+    assert template.line is not None and template.column is not None
     assert text[template.line - 1][template.column - 1:].startswith("standard")  # the value itself
     beta = problems[(SITE, "tenants.beta.sla_class")]
     assert (beta.line, beta.column, beta.found) == (5, 16, "'gold'")
