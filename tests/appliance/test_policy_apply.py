@@ -28,7 +28,7 @@ from tests.appliance.fleet_lab import MODEL, NODE_ENV, FleetLab
 from tests.appliance.support import BIN, tls_ctx
 
 QUESTION = [{"role": "user", "content": "Say hello."}]
-POLICY = {"tenants": {"acme": {"allowed_models": ["*"], "rate_limit_rpm": 2}}}
+POLICY: dict[str, object] = {"tenants": {"acme": {"allowed_models": ["*"], "rate_limit_rpm": 2}}}
 
 
 def _site(rpm: int, sla_class: str = "interactive") -> str:
