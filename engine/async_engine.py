@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore
+from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence
 from engine.errors import DuplicateRequestError, EngineDeadError, EngineError
 from engine.outputs import StreamDelta
@@ -40,21 +41,22 @@ class _Sink:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, scheduling: SchedulingPolicy | None = None) -> None:
         self.config = config
+        self.scheduling = scheduling
         self._core: EngineCore | None = None
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self._active: set[str] = set()
-        self._stats: dict[str, float | int] = {}
+        self._stats: dict[str, Any] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self._core = await asyncio.to_thread(EngineCore, self.config)
+        self._core = await asyncio.to_thread(EngineCore, self.config, self.scheduling)
         self._stats = self._core.stats()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -81,7 +83,7 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._dead is None and not self._stop.is_set()
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, Any]:
         return dict(self._stats)
 
     # ---- requests -----------------------------------------------------------------------
@@ -94,14 +96,17 @@ class AsyncEngine:
         cache_salt: str | None = None,
         priority: int = 0,
         deadline: float | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """Stream deltas for one request. Raises a RequestError subclass for a bad request."""
+        """Stream deltas for one request. Raises a RequestError subclass for a bad request. A
+        request unfinished at its deadline ends with finish_reason "deadline"; ``tenant`` is whose
+        fair share its tokens count against (engine.core.fairness)."""
         if not self.is_running:
             raise EngineDeadError(f"engine is not serving: {self._dead or 'not started or shut down'}")
         if request_id in self._active:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         seq = self.core.make_sequence(
-            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline
+            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant
         )
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._active.add(request_id)

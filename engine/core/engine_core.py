@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Any
 
 import torch
 
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
+from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.errors import (
     DuplicateRequestError,
@@ -28,7 +31,7 @@ from engine.worker.sampler import Sampler
 class EngineCore:
     """Not thread-safe: one thread drives it (LLM directly, AsyncEngine from its loop thread)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, scheduling: SchedulingPolicy | None = None) -> None:
         self.config = config
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
@@ -36,7 +39,7 @@ class EngineCore:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, scheduling)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -53,8 +56,13 @@ class EngineCore:
         cache_salt: str | None = None,
         priority: int = 0,
         deadline: float | None = None,
+        tenant: str | None = None,
     ) -> Sequence:
         """Tokenize and validate; raises RequestError for a request that can never run."""
+        if deadline is not None and not math.isfinite(deadline):
+            raise RequestError(f"request {request_id}: deadline must be a finite time.time() value; got {deadline}")
+        if tenant is not None and not 1 <= len(tenant) <= 256:
+            raise RequestError(f"request {request_id}: tenant must be 1 to 256 characters; got {len(tenant)}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise EmptyPromptError(f"request {request_id}: prompt has 0 tokens; expected at least 1")
@@ -87,6 +95,7 @@ class EngineCore:
             cache_salt=cache_salt,
             priority=priority,
             deadline=deadline,
+            tenant=tenant,
             max_total_tokens=total,
             logprobs=[] if params.logprobs is not None else None,
             generator=gen,
@@ -120,9 +129,10 @@ class EngineCore:
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """One iteration. Returns sequences that produced a token or finished this step."""
+        expired = self._expire(self.scheduler.expire())
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return expired
         logits, sampled = self.runner.execute(out.scheduled)
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -145,7 +155,14 @@ class EngineCore:
         self.num_steps += 1
         if self.config.check_integrity:
             self.check_integrity()
-        return touched
+        return expired + touched
+
+    def _expire(self, seqs: list[Sequence]) -> list[Sequence]:
+        """End requests the scheduler took out at their deadline (their blocks are already free)."""
+        for seq in seqs:
+            self.requests.pop(seq.request_id, None)
+            self._finish(seq, "deadline")
+        return seqs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -202,8 +219,11 @@ class EngineCore:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, Any]:
+        """Numbers, plus three maps: preemptions by reason, deadline misses by the state the request
+        was in, and tokens served per named tenant (computed prompt tokens + generated tokens)."""
         bm = self.block_manager
+        sched = self.scheduler
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -213,7 +233,11 @@ class EngineCore:
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "prefix_cache_hits": bm.prefix_cache_hits,
             "prefix_cache_queries": bm.prefix_cache_queries,
-            "num_preemptions": self.scheduler.num_preemptions,
+            "num_preemptions": sched.num_preemptions,
+            "preemptions_by_reason": dict(sched.preemptions_by_reason),
+            "num_deadline_misses": sched.num_deadline_misses,
+            "deadline_misses_by_state": dict(sched.deadline_misses_by_state),
+            "tenant_served_tokens": {t: n for t, n in sched.fair.served.items() if t},
             "num_steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,

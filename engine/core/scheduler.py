@@ -1,19 +1,41 @@
 """Continuous-batching scheduler: decides which sequences run this step; never touches tensors.
 
 Each step has a token budget (max_num_batched_tokens). Running sequences are served first in
-priority order (a decode costs 1 token, an unfinished prefill costs its next chunk); then waiting
+their order (a decode costs 1 token, an unfinished prefill costs its next chunk); then waiting
 sequences are admitted, with their prefix-cache hit, while budget, sequence slots and KV blocks
-last. When a running sequence cannot get a KV block, the lowest-priority (latest) running
-sequence is preempted by recompute: its blocks are freed and it goes back to waiting, keeping
-its generated tokens, to be prefilled again later.
+last. When a running sequence cannot get a KV block, the last running sequence in that order is
+preempted by recompute: its blocks are freed (its full computed blocks stay in the prefix cache,
+so its re-prefill hits them) and it goes back to waiting, keeping its generated tokens and its
+place (arrival order, and it goes before the others of its class).
+
+The order and the SLA rules come from the SchedulingPolicy (see engine.core.scheduling_policy):
+under "sla" (the default) requests order by effective priority (aging raises it), preempted
+first, fair-share counter of their tenant (engine.core.fairness), deadline, arrival; a waiting
+request of a better class preempts running requests of a worse class when slots or blocks are
+short; expire() takes out requests past their deadline (the engine calls it before each step and
+ends them). Under "fcfs" the order is arrival alone.
+Requests that carry no priority, deadline or tenant are scheduled FCFS under either mode.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.core.block_manager import BlockManager
+from engine.core.fairness import FairShare
+from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+
+# preemption reasons (stats): a running sequence needed a KV block; a waiting request of a better
+# class needed a sequence slot; it needed KV blocks
+PREEMPT_KV_CACHE, PREEMPT_PRIORITY_SLOT, PREEMPT_PRIORITY_KV = "kv_cache", "priority_slot", "priority_kv_cache"
+
+
+def tenant_of(seq: Sequence) -> str:
+    return seq.tenant or ""
 
 
 @dataclass(frozen=True)
@@ -42,17 +64,34 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: SchedulingPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,  # Sequence.arrival_time's clock (aging)
+        wall_clock: Callable[[], float] = time.time,  # Sequence.deadline's clock
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy if policy is not None else SchedulingPolicy()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.fair = FairShare(self.policy.input_weight, self.policy.output_weight)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.preemptions_by_reason: Counter[str] = Counter()
+        self.num_deadline_misses = 0
+        self.deadline_misses_by_state: Counter[str] = Counter()  # "waiting" | "running" when it expired
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self.fair.activate(tenant_of(seq))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -66,20 +105,66 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            self.block_manager.free(seq)
+            return
         self.block_manager.free(seq)
+        self.fair.deactivate(tenant_of(seq))
 
-    def _preempt(self, seq: Sequence) -> None:
+    # ---- order --------------------------------------------------------------------------
+    def _running_key(self, seq: Sequence) -> tuple[int, bool, float, int]:
+        return seq.sort_key() if self.policy.sla else (0, False, 0.0, seq.arrival_index)
+
+    def _waiting_key(self, seq: Sequence) -> tuple[int, bool, float, float, int]:
+        if not self.policy.sla:
+            return (0, False, 0.0, 0.0, seq.arrival_index)
+        return (seq.effective_priority, seq.num_preemptions == 0, self.fair.counter(tenant_of(seq)),
+                seq.deadline_key, seq.arrival_index)
+
+    def _age(self) -> None:
+        """Raise a waiting request one class per full max_wait_s it has waited since arrival."""
+        if self.policy.max_wait_s is None:
+            return
+        now = self.clock()
+        for seq in self.waiting:
+            levels = int((now - seq.arrival_time) // self.policy.max_wait_s)
+            if levels > seq.priority_boost:
+                seq.priority_boost = levels
+
+    def expire(self) -> list[Sequence]:
+        """Take out every request whose deadline has passed (waiting or running), freeing its blocks;
+        the engine ends them with finish reason "deadline". Nothing expires under "fcfs"."""
+        if not self.policy.sla:
+            return []
+        now = self.wall_clock()
+        expired: list[Sequence] = []
+        for queue, state in ((self.running, "running"), (self.waiting, "waiting")):
+            late = [s for s in queue if s.deadline is not None and s.deadline <= now]
+            for seq in late:
+                queue.remove(seq)
+                self.block_manager.free(seq)
+                self.fair.deactivate(tenant_of(seq))
+                expired.append(seq)
+                self.num_deadline_misses += 1
+                self.deadline_misses_by_state[state] += 1
+        return expired
+
+    def _preempt(self, seq: Sequence, reason: str) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self.num_preemptions += 1
+        self.preemptions_by_reason[reason] += 1
 
+    # ---- the step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.policy.sla:
+            self._age()
         budget = self.max_num_batched_tokens
-        queue = sorted(self.running, key=Sequence.sort_key)
+        queue = sorted(self.running, key=self._running_key)
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
@@ -88,8 +173,8 @@ class Scheduler:
                 kept.append(seq)  # out of budget this step; keeps its blocks
                 continue
             while not self.block_manager.allocate_slots(seq, num_new):
-                victim = queue.pop() if queue else seq  # lowest priority / latest arrival
-                self._preempt(victim)
+                victim = queue.pop() if queue else seq  # last in order: lowest class, latest
+                self._preempt(victim, PREEMPT_KV_CACHE)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
@@ -100,23 +185,65 @@ class Scheduler:
             budget -= num_new
         self.running = kept
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out)
+        self._charge(out)
         # decodes first, then prefill chunks: the runner's batch layout
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        self.waiting.sort(key=Sequence.sort_key)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        while self.waiting:
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if budget <= 0:
+                return
+            seq = min(self.waiting, key=self._waiting_key)
             cached = bm.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
-            if not bm.can_admit(seq, cached, num_new):
-                break
-            bm.admit(seq, cached, num_new)
-            self.waiting.pop(0)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            if len(self.running) < self.max_num_seqs and bm.can_admit(seq, cached, num_new):
+                bm.admit(seq, cached, num_new)
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+            elif not (self.policy.sla and self._make_room(seq, out)):
+                return
+
+    def _make_room(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Preempt running requests of a worse class than seq, worst first, until seq fits a slot
+        and KV blocks; True if it fits now. Nothing is preempted when even all of them would not
+        free enough blocks."""
+        bm = self.block_manager
+        victims = sorted((r for r in self.running if r.effective_priority > seq.effective_priority),
+                         key=self._running_key)
+        if not victims:
+            return False
+        cached = bm.find_cached_prefix(seq)
+        most = min(seq.num_tokens - len(cached) * bm.block_size, self.max_num_batched_tokens)
+        freeable = bm.num_free_blocks + sum(len(v.block_table) for v in victims)
+        if bm.blocks_needed(len(cached) * bm.block_size + most) - len(cached) > freeable:
+            return False
+        while victims:
+            victim = victims.pop()
+            slot_short = len(self.running) >= self.max_num_seqs
+            self.running.remove(victim)
+            out.scheduled = [s for s in out.scheduled if s.seq is not victim]  # its tokens go back to the budget
+            self._preempt(victim, PREEMPT_PRIORITY_SLOT if slot_short else PREEMPT_PRIORITY_KV)
+            out.preempted.append(victim)
+            cached = bm.find_cached_prefix(seq)
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
+            if len(self.running) < self.max_num_seqs and bm.can_admit(seq, cached, num_new):
+                return True
+        return False
+
+    def _charge(self, out: SchedulerOutput) -> None:
+        """Count this step's service per tenant: prompt tokens computed for the first time (not
+        prefix-cache hits, not recompute after preemption) and the token each sampling chunk makes."""
+        for item in out.scheduled:
+            seq = item.seq
+            start = max(seq.num_computed_tokens, seq.num_prompt_tokens_charged)
+            end = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
+            prompt = max(0, end - start)
+            seq.num_prompt_tokens_charged = max(seq.num_prompt_tokens_charged, end)
+            self.fair.charge(tenant_of(seq), prompt, 1 if item.samples else 0)

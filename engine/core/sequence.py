@@ -33,6 +33,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_index: int = field(default_factory=lambda: next(_arrival_counter))
     max_total_tokens: int = 0  # prompt + output cap (min of max_model_len and prompt + max_tokens)
+    tenant: str | None = None  # fair share between tenants of one priority (engine.core.fairness)
+    priority_boost: int = 0  # classes gained by waiting (aging); never shrinks, kept while running
 
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -41,6 +43,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full token blocks
     num_cached_tokens: int = 0  # prefix-cache hit at the last admission
     num_preemptions: int = 0
+    num_prompt_tokens_charged: int = 0  # prompt tokens already counted as served (recompute is free)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] | None = None
@@ -86,10 +89,20 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    def sort_key(self) -> tuple[int, float, int]:
-        """Scheduling order: priority, then earliest deadline, then arrival (FCFS)."""
-        deadline = self.deadline if self.deadline is not None else float("inf")
-        return (self.priority, deadline, self.arrival_index)
+    @property
+    def effective_priority(self) -> int:
+        """The class it is scheduled in: its priority raised by aging, never above class 0 (or its
+        own priority when that is already below 0)."""
+        return max(self.priority - self.priority_boost, min(self.priority, 0))
+
+    @property
+    def deadline_key(self) -> float:
+        return self.deadline if self.deadline is not None else float("inf")
+
+    def sort_key(self) -> tuple[int, bool, float, int]:
+        """Scheduling order: effective priority, then a preempted request before the others of its
+        class (it keeps its place), then earliest deadline, then arrival (FCFS)."""
+        return (self.effective_priority, self.num_preemptions == 0, self.deadline_key, self.arrival_index)
 
     def take_new_tokens(self) -> list[int]:
         new = self.output_token_ids[self._emitted_tokens :]

@@ -26,7 +26,8 @@ class GenerateBody(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)  # SamplingParams fields
     cache_salt: str | None = Field(default=None, max_length=1024)
     priority: int = 0
-    deadline: float | None = None  # absolute time.time()
+    deadline: float | None = Field(default=None, allow_inf_nan=False)  # absolute time.time()
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)  # fair share between tenants
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateBody:
