@@ -107,7 +107,7 @@ class _Tenant:
 @dataclass(frozen=True)
 class _Ticket:
     tenant: str
-    lease: _Lease | None
+    lease: _Lease
     tokens: int
 
 
@@ -187,7 +187,7 @@ class SharedRateLimiter:
         _limits(used=used)
         with self._lock:
             held = self._tickets.pop(ticket, None)
-            if held is not None and held.lease is not None:
+            if held is not None:
                 held.lease.used_tokens += used - held.tokens
                 held.lease.tickets.discard(ticket)
 
@@ -195,7 +195,7 @@ class SharedRateLimiter:
         """Take back a reservation whose request was refused after it (its request and tokens)."""
         with self._lock:
             held = self._tickets.pop(ticket, None)
-            if held is not None and held.lease is not None:
+            if held is not None:
                 held.lease.used_requests -= 1
                 held.lease.used_tokens -= held.tokens
                 held.lease.tickets.discard(ticket)
@@ -241,8 +241,8 @@ class SharedRateLimiter:
             lease.used_tokens += tokens
             lease.last_use = self._clock()
         ticket = next(self._ids)
-        self._tickets[ticket] = _Ticket(tenant, lease, tokens)
-        if lease is not None:
+        if lease is not None:  # without limits there is nothing to settle or cancel
+            self._tickets[ticket] = _Ticket(tenant, lease, tokens)
             lease.tickets.add(ticket)
         return ticket
 
@@ -261,7 +261,7 @@ class SharedRateLimiter:
                 with self._lock:
                     done = here(self._state(tenant))
                 if not done:
-                    if self._closed:
+                    if self._closed:  # the pool is shut down
                         raise LimitsUnavailable("tenant limits: the limiter is closed; request refused")
                     refused = await loop.run_in_executor(self._pool, acquire)
                     if refused is not None:
@@ -293,6 +293,8 @@ class SharedRateLimiter:
                  ) -> RateDecision | None:
         """Ask the ledger for a new lease and/or a slot, unless a grant made meanwhile already serves
         the request; None when there is something to take now, else the refusal."""
+        if self._closed:  # nothing would give a new grant back
+            raise LimitsUnavailable("tenant limits: the limiter is closed; request refused")
         with self._lock:
             st, turn = self._state(tenant), self._turns[tenant]
         with turn:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+COLLECT_AFTER_S = 30.0  # expired lease rows are deleted this long after they stopped counting
+
 metadata = sa.MetaData()
 
 tenants_table = sa.Table(  # one row per tenant: what a grant locks on PostgreSQL
@@ -178,8 +180,8 @@ class LeaseLedger:
             self._lock_tenant(conn, ask.tenant)
             now = self._now(conn)
             self._write_rows(conn, ask.writes)
-            if ask.collect:
-                conn.execute(leases_table.delete().where(c.tenant == ask.tenant, c.expires_at <= now))
+            if ask.collect:  # rows expired a while ago: their holders write them no more (no lock waits)
+                conn.execute(leases_table.delete().where(c.tenant == ask.tenant, c.expires_at <= now - COLLECT_AFTER_S))
                 conn.execute(holders_table.delete().where(
                     h.tenant == ask.tenant, h.holder != self.holder, h.heartbeat <= now - self.holder_expiry_s))
             requests = tokens = 0

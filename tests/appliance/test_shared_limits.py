@@ -201,6 +201,8 @@ def test_close_gives_everything_back(pair: list[SharedRateLimiter]) -> None:
     one.leave("t")
     one.close()
     assert two.totals("t") == (1, 100, 0)
+    with pytest.raises(LimitsUnavailable, match="closed"):  # a grant now would never be given back
+        one.reserve_blocking("t", tpm=1000, tokens=100, rpm=10)
 
 
 def test_the_event_loop_never_runs_a_query_and_leases_spare_transactions(store_url: str) -> None:
