@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -70,6 +71,7 @@ class Entry:
     kind: str  # "ours", "node-direct", "litellm", "upstream-direct"
     workers: int | None = None
     store: str | None = None
+    pgid: int | None = None  # the target's own processes (its process group), for their CPU time
     phases: dict[str, list[PhaseResult]] = field(default_factory=lambda: {"plain": [], "stream": []})
 
 
@@ -108,10 +110,14 @@ async def _run_rounds(entries: list[Entry], s: Settings, log: Any) -> None:
         for mode in ("plain", "stream"):
             for e in order:
                 conns = s.concurrency if mode == "plain" else s.streams
-                res = await closed_loop(e.target, conns, s.seconds, mode == "stream", s.warmup_s)
+                probe_cpu = None if e.pgid is None else functools.partial(lab.group_cpu_seconds, e.pgid)
+                res = await closed_loop(e.target, conns, s.seconds, mode == "stream", s.warmup_s,
+                                        server_cpu=probe_cpu)
                 e.phases[mode].append(res)
+                server = "-" if res.server_cpu_s is None else f"{res.server_cpu_s:.1f}"
                 log(f"round {r + 1}/{s.rounds} {mode:6} {e.target.name:28} {res.ok / res.wall_s:8.1f} req/s  "
-                    f"errors {sum(res.errors.values())}  client CPU {res.client_cpu_s:.1f} s")
+                    f"errors {sum(res.errors.values())}  CPU s: client {res.client_cpu_s:.1f} server {server}  "
+                    f"warm-up {res.warmup_s:.1f} s")
 
 
 def run(s: Settings, log: Any = print) -> dict[str, Any]:
@@ -141,9 +147,9 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                 "node direct", "127.0.0.1", node_port, "/v1/generate", {},
                 _body({"request_id": "bench", "prompt_token_ids": ids, "params": {"max_tokens": TOKENS}}),
                 _body({"request_id": "bench", "prompt_token_ids": ids, "params": {"max_tokens": TOKENS}}),
-                node_ssl, "127.0.0.1"), "node-direct"))
+                node_ssl, "127.0.0.1"), "node-direct", pgid=node.pid))
             entries.append(Entry(Target("upstream direct", "127.0.0.1", up_port, "/v1/chat/completions", {},
-                                        _chat(True), _chat(False)), "upstream-direct"))
+                                        _chat(True), _chat(False)), "upstream-direct", pgid=upstream.pid))
 
             workers_flag = lab.serve_supports_workers()
             gw_workers = s.workers
@@ -168,7 +174,7 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                     entries.append(Entry(Target(
                         f"our gateway ({store}, {w}w)", "127.0.0.1", gw.port, "/v1/chat/completions",
                         {"authorization": f"Bearer {gw.key}"}, _chat(True), _chat(False), gw.ssl(), "127.0.0.1"),
-                        "ours", w, store))
+                        "ours", w, store, gw.proc.pid if gw.proc else None))
 
             if s.litellm:
                 env = litellm_env.find_env(s.cache_dir)
@@ -192,7 +198,7 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                         entries.append(Entry(Target(
                             f"LiteLLM {env.version} ({w}w)", "127.0.0.1", port, "/v1/chat/completions",
                             {"authorization": f"Bearer {litellm_env.MASTER_KEY}"}, _chat(True), _chat(False),
-                            ctx, "127.0.0.1"), "litellm", w, "none"))
+                            ctx, "127.0.0.1"), "litellm", w, "none", proc.pid))
             else:
                 notes.append("LiteLLM not measured (--no-litellm)")
 

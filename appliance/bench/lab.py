@@ -91,6 +91,21 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                             env={**os.environ, **CHILD_ENV, **(env or {})}, start_new_session=True)
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in process group ``pgid`` (a server and its
+    workers, each started in its own session), from /proc; 0.0 where /proc is absent."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # fields[0] is the state; pgrp is the 5th field of stat
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM to the process group, SIGKILL after 20 s."""
     if proc is None or proc.poll() is not None:

@@ -14,6 +14,7 @@ import asyncio
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FIRST_TOKEN = re.compile(rb'"(?:content|text)": ?"[^"]')
@@ -49,7 +50,9 @@ class PhaseResult:
     ttft_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    warmup_s: float = 0.0  # how long it took until every client had completed a request
     client_cpu_s: float = 0.0
+    server_cpu_s: float | None = None  # the target's processes, where a probe was given
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -138,28 +141,54 @@ class Connection:
 
 
 async def closed_loop(target: Target, connections: int, seconds: float, stream: bool,
-                      warmup_s: float = 0.5) -> PhaseResult:
-    """``connections`` clients each sending one request after another: the requests that complete
-    within a window of ``seconds`` (after a warm-up of ``warmup_s``) are counted, with their latencies.
-    Requests still running at the end are awaited (at most ``seconds + 60`` s more) but not counted."""
+                      warmup_s: float = 0.5, max_warmup_s: float = 60.0,
+                      server_cpu: Callable[[], float] | None = None) -> PhaseResult:
+    """``connections`` clients each sending one request after another. The measured window of
+    ``seconds`` opens once every client has completed a request (so every connection is open and the
+    loop is in its steady state) and at least ``warmup_s`` have passed, at the latest after
+    ``max_warmup_s``; the requests that complete inside it are counted, with their latencies.
+    Requests still running when it closes are awaited (bounded) but not counted. ``server_cpu``: a
+    probe of the target's CPU seconds, read when the window opens and closes."""
     payload = target.request(stream)
     result = PhaseResult()
     conns = [Connection(target) for _ in range(connections)]
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    measure_from, stop_at = t0 + warmup_s, t0 + warmup_s + seconds
+    window: list[float] = []  # [opened at, closes at] once open
+    cpu: list[float] = []  # the generator's CPU time at the window's start and end
+    served: list[float] = []  # the target's, the same
+    warmed: set[int] = set()
 
-    async def client(conn: Connection) -> None:
-        while loop.time() < stop_at:
+    def open_window() -> None:
+        if not window:
+            now = loop.time()
+            window.extend((now, now + seconds))
+            sample()
+            loop.call_at(now + seconds, sample)
+
+    def sample() -> None:
+        cpu.append(time.process_time())
+        if server_cpu is not None:
+            served.append(server_cpu())
+
+    def warmed_up(i: int) -> None:
+        warmed.add(i)
+        if len(warmed) == connections and not window:
+            loop.call_at(t0 + warmup_s, open_window)
+
+    async def client(i: int, conn: Connection) -> None:
+        while not window or loop.time() < window[1]:
             try:
                 status, first, total = await conn.exchange(payload)
             except (OSError, ServerClosed, asyncio.IncompleteReadError, ValueError) as exc:
-                if measure_from <= loop.time() <= stop_at:
+                if window and window[0] <= loop.time() <= window[1]:
                     result.error(type(exc).__name__)
                 conn.close()
                 await asyncio.sleep(0.05)
                 continue
-            if not measure_from <= loop.time() <= stop_at:
+            if i not in warmed:
+                warmed_up(i)
+            if not window or not window[0] <= loop.time() <= window[1]:
                 continue  # finished in the warm-up or after the window: not counted
             if status != 200:
                 result.error(f"HTTP {status}")
@@ -169,18 +198,20 @@ async def closed_loop(target: Target, connections: int, seconds: float, stream: 
             if stream:
                 result.ttft_s.append(first if first else total)
 
-    cpu: list[float] = []  # the generator's CPU time at the window's start and end
-    loop.call_at(measure_from, lambda: cpu.append(time.process_time()))
-    loop.call_at(stop_at, lambda: cpu.append(time.process_time()))
+    loop.call_at(t0 + max(warmup_s, max_warmup_s), open_window)
     try:
-        await asyncio.wait_for(asyncio.gather(*(client(c) for c in conns)), warmup_s + 2 * seconds + 60)
+        await asyncio.wait_for(asyncio.gather(*(client(i, c) for i, c in enumerate(conns))),
+                               max(warmup_s, max_warmup_s) + 2 * seconds + 60)
     finally:
         for conn in conns:
             conn.close()
     while len(cpu) < 2:  # every client finished before the window closed (all failing fast)
-        await asyncio.sleep(max(0.0, stop_at - loop.time()) + 0.01)
+        await asyncio.sleep(0.01)
     result.wall_s = seconds
+    result.warmup_s = window[0] - t0
     result.client_cpu_s = cpu[1] - cpu[0]
+    if len(served) == 2:
+        result.server_cpu_s = served[1] - served[0]
     return result
 
 

@@ -24,6 +24,7 @@ def summarize(phases: list[PhaseResult], stream: bool) -> dict[str, Any]:
     ok = sum(p.ok for p in phases)
     wall = sum(p.wall_s for p in phases)
     cpu = sum(p.client_cpu_s for p in phases)
+    server = [p.server_cpu_s for p in phases if p.server_cpu_s is not None]
     errors: dict[str, int] = {}
     for p in phases:
         for what, n in p.errors.items():
@@ -31,10 +32,13 @@ def summarize(phases: list[PhaseResult], stream: bool) -> dict[str, Any]:
     total = [t for p in phases for t in p.total_s]
     out: dict[str, Any] = {
         "requests": ok, "errors": errors, "seconds": round(wall, 3),
+        "warmup_s_max": round(max((p.warmup_s for p in phases), default=0.0), 2),
         "requests_per_s": round(ok / wall, 1) if wall else None,
         "total_p50_ms": pct(total, 0.5), "total_p99_ms": pct(total, 0.99),
         "client_cpu_ms_per_request": round(cpu / ok * 1000.0, 3) if ok else None,
         "client_cores": round(cpu / wall, 2) if wall else None,
+        "server_cpu_ms_per_request": round(sum(server) / ok * 1000.0, 3) if ok and server else None,
+        "server_cores": round(sum(server) / wall, 2) if wall and server else None,
     }
     if stream:
         ttft = [t for p in phases for t in p.ttft_s]
@@ -90,12 +94,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result.get('load_average_after')} after; commit {m['commit']}"
         f"{' + uncommitted changes' if m['dirty_paths'] else ''}; {m['started_utc']} UTC.",
         f"Non-streaming: closed loop of {s['concurrency']} keep-alive connections; streaming: {s['streams']} "
-        f"concurrent streams; {s['rounds']} rounds x {s['seconds']} s per phase after {s['warmup_s']} s warm-up, "
-        "targets alternating.",
+        f"concurrent streams; {s['rounds']} rounds x {s['seconds']} s per phase, measured once every connection has "
+        f"completed a request (and {s['warmup_s']} s at least), targets alternating. CPU ms/req: non-stream / "
+        "stream; server = the target's own processes (not the node, upstream or PostgreSQL behind it).",
         "",
         "| target | workers | store | non-stream req/s | stream TTFT p50 / p99 ms | added TTFT p50 / p99 ms "
-        "| stream end p50 / p99 ms | added end p50 / p99 ms | errors | client CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stream end p50 / p99 ms | added end p50 / p99 ms | errors | server CPU ms/req | client CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in result["targets"]:
         plain, stream, add = t["plain"], t["stream"], t.get("added") or {}
@@ -106,7 +111,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_pair(add.get('ttft_p50_ms'), add.get('ttft_p99_ms')) if add else 'baseline'} "
             f"| {_pair(stream.get('total_p50_ms'), stream.get('total_p99_ms'))} "
             f"| {_pair(add.get('total_p50_ms'), add.get('total_p99_ms')) if add else 'baseline'} "
-            f"| {errors} | {_ms(plain['client_cpu_ms_per_request'])} / {_ms(stream['client_cpu_ms_per_request'])} |")
+            f"| {errors} | {_pair(plain['server_cpu_ms_per_request'], stream['server_cpu_ms_per_request'])} "
+            f"| {_pair(plain['client_cpu_ms_per_request'], stream['client_cpu_ms_per_request'])} |")
     if result.get("notes"):
         lines += ["", *(f"- {note}" for note in result["notes"])]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ def _check_row(row: dict[str, Any]) -> None:
     assert 0 < stream["ttft_p50_ms"] <= stream["ttft_p99_ms"], row
     assert stream["ttft_p50_ms"] <= stream["total_p50_ms"] <= stream["total_p99_ms"], row
     assert plain["client_cpu_ms_per_request"] > 0 and stream["client_cpu_ms_per_request"] > 0, row
+    assert plain["server_cpu_ms_per_request"] > 0 and stream["server_cpu_ms_per_request"] > 0, row
 
 
 def test_benchmark_measures_our_gateway_against_the_node_directly(model_dir: Path, tmp_path: Path) -> None:
