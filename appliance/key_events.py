@@ -118,6 +118,20 @@ class SqliteKeyEpoch:
             self._conn.close()
 
 
+def _readable(fd: int, timeout_s: float) -> bool | None:
+    """Whether ``fd`` has bytes to read within ``timeout_s`` (poll: no limit on the fd's number);
+    None when it cannot be asked (closed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        events = poller.poll(timeout_s * 1000)
+    except (OSError, ValueError):
+        return None
+    if any(mask & (select.POLLNVAL | select.POLLERR) for _, mask in events):
+        return None
+    return bool(events)
+
+
 class PostgresKeyListener:
     """``LISTEN sovereign_key_events`` on a connection and a thread of its own (see module doc)."""
 
@@ -149,11 +163,8 @@ class PostgresKeyListener:
             fd, busy, epoch = self._fd, self._busy, self._epoch
         if fd is None or busy:
             return None
-        try:  # bytes on the socket the thread has not read yet may be a notification: do not trust the cache
-            readable, _, _ = select.select([fd], [], [], 0)
-        except (OSError, ValueError):
-            return None
-        return None if readable else epoch
+        return None if _readable(fd, 0) is not False else epoch  # unread bytes may be a notification
+
 
     def close(self) -> None:
         self._stop.set()
@@ -201,7 +212,9 @@ class PostgresKeyListener:
         pgconn = conn.pgconn  # type: ignore[attr-defined]
         beat = time.monotonic()
         while not self._stop.is_set():
-            readable, _, _ = select.select([pgconn.socket], [], [], min(1.0, self.heartbeat_s))
+            readable = _readable(pgconn.socket, min(1.0, self.heartbeat_s))
+            if readable is None:
+                raise ConnectionError("listener socket closed")
             if readable:
                 with self._lock:
                     self._busy = True
