@@ -28,14 +28,11 @@ from engine.core.block_manager import BlockManager
 from engine.core.fairness import FairShare
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.wait_queue import WaitQueue, tenant_of
 
 # preemption reasons (stats): a running sequence needed a KV block; a waiting request of a better
 # class needed a sequence slot; it needed KV blocks
 PREEMPT_KV_CACHE, PREEMPT_PRIORITY_SLOT, PREEMPT_PRIORITY_KV = "kv_cache", "priority_slot", "priority_kv_cache"
-
-
-def tenant_of(seq: Sequence) -> str:
-    return seq.tenant or ""
 
 
 @dataclass(frozen=True)
@@ -193,21 +190,48 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
-        while self.waiting:
-            budget = self.max_num_batched_tokens - out.num_batched_tokens
-            if budget <= 0:
-                return
-            seq = min(self.waiting, key=self._waiting_key)
+        sla = self.policy.sla
+        budget = self.max_num_batched_tokens - out.num_batched_tokens
+        queue: WaitQueue | None = None  # SLA order, built at the first admission: a blocked step stays O(n)
+        if not sla:
+            self.waiting.sort(key=self._waiting_key)  # arrival order; nearly sorted already
+        while self.waiting and budget > 0:
+            if not sla:
+                seq: Sequence | None = self.waiting[0]
+            else:
+                seq = min(self.waiting, key=self._waiting_key) if queue is None else queue.peek()
+            if seq is None:
+                break
             cached = bm.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if len(self.running) < self.max_num_seqs and bm.can_admit(seq, cached, num_new):
+                if not sla:
+                    self.waiting.pop(0)
+                else:
+                    if queue is None:
+                        queue = WaitQueue(self.waiting, self.fair.counter)
+                        queue.peek()
+                    queue.pop(seq)  # later picks see the tenant's counter with this admission in it
+                    samples = len(cached) * bm.block_size + num_new == seq.num_tokens
+                    queue.charge(tenant_of(seq), self.policy.input_weight * num_new
+                                 + (self.policy.output_weight if samples else 0.0))
                 bm.admit(seq, cached, num_new)
-                self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
-            elif not (self.policy.sla and self._make_room(seq, out)):
+                budget -= num_new
+                continue
+            if not sla:
                 return
+            self._drop_admitted()
+            if not self._make_room(seq, out):
+                return
+            queue = None  # the victims joined the waiting list
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+        self._drop_admitted()
+
+    def _drop_admitted(self) -> None:
+        self.waiting = [s for s in self.waiting if s.status is SequenceStatus.WAITING]
 
     def _make_room(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Preempt running requests of a worse class than seq, worst first, until seq fits a slot

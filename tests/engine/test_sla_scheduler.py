@@ -264,6 +264,29 @@ def test_vtc_alternates_tenants_of_one_class_and_lifts_a_new_tenant() -> None:
     assert sched.fair.counter("A") == 4 * (4 + 2 * 2)
 
 
+def test_vtc_alternates_tenants_within_one_step_and_skips_prefix_cache_hits() -> None:
+    sched = _sched(max_num_seqs=4, budget=64)
+    for i in range(4):
+        sched.add(_seq(f"A{i}", n=4, tenant="A", max_tokens=2, deadline=1100.0 + i))
+    for i in range(2):
+        sched.add(_seq(f"B{i}", n=4, tenant="B", max_tokens=2, deadline=1200.0 + i))
+    # four slots in one step: admissions alternate, although every A has the earlier deadline
+    assert list(_step(sched)) == ["A0", "B0", "A1", "B1"]
+    assert sched.fair.served == {"A": 2 * (4 + 1), "B": 2 * (4 + 1)}
+
+    # a prefix-cache hit is not service: a second request with the same 9-token prompt computes
+    # only the token after its 2 cached blocks
+    sched = _sched()
+    first = make_seq("first", list(range(9)), tenant="C", params=SamplingParams(max_tokens=1))
+    sched.add(first)
+    _step(sched)
+    again = make_seq("again", list(range(9)), tenant="C", params=SamplingParams(max_tokens=1))
+    sched.add(again)
+    assert _step(sched) == {"again": 1} and again.num_cached_tokens == 8
+    assert sched.fair.served["C"] == (9 + 1) + (1 + 1)
+    assert sched.fair.counter("C") == (9 + 2) + (1 + 2)
+
+
 def test_vtc_bounds_service_difference_between_backlogged_tenants() -> None:
     """Tenant A queues 30 requests before B's 30 arrive: under VTC their weighted service stays
     within the bound 2 * (w_in * prompt + w_out * max_tokens) * max_num_seqs at every step; under FCFS
