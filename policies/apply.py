@@ -40,14 +40,14 @@ def check_file_names(files: dict[str, bytes]) -> None:
             problems.append(PolicyProblem(name, "<file>", f"at most {MAX_FILE_BYTES} bytes", str(len(data))))
         elif _empty(data):  # an empty body is a mistake far more often than a wish to empty a file
             problems.append(PolicyProblem(name, "<file>", "at least one section (to empty a file, apply "
-                                          "its sections empty, e.g. 'tenants: {}')", "no YAML document", 1, 1))
+                                          "its sections empty, e.g. 'tenants: {}')", "no section", 1, 1))
     if problems:
         raise PolicyValidationError(problems)
 
 
 def _empty(data: bytes) -> bool:
     try:
-        return yaml.safe_load(data) is None
+        return yaml.safe_load(data) in (None, {})
     except yaml.YAMLError:
         return False  # the loader reports it, with its line and column
 

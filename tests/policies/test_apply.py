@@ -55,6 +55,7 @@ def test_an_invalid_overlay_names_the_new_file_and_its_line(policy_dir: Path) ->
         ({".hidden.yaml": SITE}, "a plain file name ending in .yaml"),
         ({"site.yaml": b""}, "at least one section"),
         ({"site.yaml": b"# only a comment\n"}, "at least one section"),
+        ({"site.yaml": b"{}\n"}, "at least one section"),
         ({"site.yaml": b"#" * (MAX_FILE_BYTES + 1)}, f"at most {MAX_FILE_BYTES} bytes"),
         ({}, "at least one policy file"),
         ({f"f{i}.yaml": SITE for i in range(MAX_FILES + 1)}, f"at most {MAX_FILES} files"),
