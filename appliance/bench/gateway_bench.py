@@ -71,7 +71,7 @@ class Entry:
     kind: str  # "ours", "node-direct", "litellm", "upstream-direct"
     workers: int | None = None
     store: str | None = None
-    pgid: int | None = None  # the target's own processes (its process group), for their CPU time
+    pid: int | None = None  # the target's main process: its process tree's CPU time is measured
     phases: dict[str, list[PhaseResult]] = field(default_factory=lambda: {"plain": [], "stream": []})
 
 
@@ -110,7 +110,7 @@ async def _run_rounds(entries: list[Entry], s: Settings, log: Any) -> None:
         for mode in ("plain", "stream"):
             for e in order:
                 conns = s.concurrency if mode == "plain" else s.streams
-                probe_cpu = None if e.pgid is None else functools.partial(lab.group_cpu_seconds, e.pgid)
+                probe_cpu = None if e.pid is None else functools.partial(lab.tree_cpu_seconds, e.pid)
                 res = await closed_loop(e.target, conns, s.seconds, mode == "stream", s.warmup_s,
                                         server_cpu=probe_cpu)
                 e.phases[mode].append(res)
@@ -147,9 +147,9 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                 "node direct", "127.0.0.1", node_port, "/v1/generate", {},
                 _body({"request_id": "bench", "prompt_token_ids": ids, "params": {"max_tokens": TOKENS}}),
                 _body({"request_id": "bench", "prompt_token_ids": ids, "params": {"max_tokens": TOKENS}}),
-                node_ssl, "127.0.0.1"), "node-direct", pgid=node.pid))
+                node_ssl, "127.0.0.1"), "node-direct", pid=node.pid))
             entries.append(Entry(Target("upstream direct", "127.0.0.1", up_port, "/v1/chat/completions", {},
-                                        _chat(True), _chat(False)), "upstream-direct", pgid=upstream.pid))
+                                        _chat(True), _chat(False)), "upstream-direct", pid=upstream.pid))
 
             workers_flag = lab.serve_supports_workers()
             gw_workers = s.workers

@@ -91,18 +91,28 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
                             env={**os.environ, **CHILD_ENV, **(env or {})}, start_new_session=True)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes in process group ``pgid`` (a server and its
-    workers, each started in its own session), from /proc; 0.0 where /proc is absent."""
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of ``root_pid`` and its live descendants (a server and its workers),
+    from /proc; 0.0 where /proc is absent."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone meanwhile
-        if int(fields[2]) == pgid:  # fields[0] is the state; pgrp is the 5th field of stat
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])  # fields[0] is the state, then ppid; utime and stime are 11 and 12
+        cpu[pid] = int(fields[11]) + int(fields[12])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0)
+        todo.extend(children.get(pid, ()))
     return total / tick
 
 

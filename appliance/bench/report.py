@@ -96,7 +96,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Non-streaming: closed loop of {s['concurrency']} keep-alive connections; streaming: {s['streams']} "
         f"concurrent streams; {s['rounds']} rounds x {s['seconds']} s per phase, measured once every connection has "
         f"completed a request (and {s['warmup_s']} s at least), targets alternating. CPU ms/req: non-stream / "
-        "stream; server = the target's own processes (not the node, upstream or PostgreSQL behind it).",
+        "stream; server = the target's own process tree (not the node, upstream or PostgreSQL behind it).",
         "",
         "| target | workers | store | non-stream req/s | stream TTFT p50 / p99 ms | added TTFT p50 / p99 ms "
         "| stream end p50 / p99 ms | added end p50 / p99 ms | errors | server CPU ms/req | client CPU ms/req |",
