@@ -319,7 +319,7 @@ class SharedRateLimiter:
             try:
                 grant = self._ledger.grant(ask)
             except sa.exc.SQLAlchemyError as exc:
-                raise LimitsUnavailable(f"tenant limits: the database could not be reached "
+                raise LimitsUnavailable(f"tenant limits: the database could not be reached or refused the grant "
                                         f"({type(exc).__name__}); request refused") from exc
             with self._lock:
                 for lease, write in pending:

@@ -120,6 +120,20 @@ class LeaseLedger:
         self._pg = engine.dialect.name == "postgresql"
         self._clock = clock
         metadata.create_all(engine)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Tables made by the first version lack ``returned_by`` (0: nothing outstanding)."""
+        columns = {c["name"] for c in sa.inspect(self.engine).get_columns("rate_limit_leases")}
+        if "returned_by" in columns:
+            return
+        add = ("ADD COLUMN IF NOT EXISTS returned_by DOUBLE PRECISION" if self._pg else "ADD COLUMN returned_by REAL")
+        try:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE rate_limit_leases {add} NOT NULL DEFAULT 0")
+        except sa.exc.OperationalError as exc:  # SQLite: another gateway starting at once added it first
+            if "duplicate column" not in str(exc.orig):
+                raise
 
     # ---- transactions ------------------------------------------------------------------------
     @contextmanager

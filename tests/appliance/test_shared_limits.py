@@ -305,3 +305,29 @@ def test_an_unreachable_database_refuses_the_request(tmp_path: Path) -> None:
     finally:
         limiter.close()
         engine.dispose()
+
+
+def test_a_ledger_made_by_the_first_version_gains_its_new_column(store_url: str) -> None:
+    """The first version's lease table had no ``returned_by``: opening it adds the column, twice is
+    a no-op, and grants work."""
+    first = sa.MetaData()
+    sa.Table("rate_limit_leases", first,
+             sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+             sa.Column("tenant", sa.String(64), nullable=False), sa.Column("holder", sa.String(128), nullable=False),
+             sa.Column("requests", sa.BigInteger, nullable=False), sa.Column("tokens", sa.BigInteger, nullable=False),
+             sa.Column("expires_at", sa.Double, nullable=False))
+    engine = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+    try:
+        first.create_all(engine)
+    finally:
+        engine.dispose()
+    engine = open_database(store_url)
+    limiters = [SharedRateLimiter(engine, background=False), SharedRateLimiter(engine, background=False)]
+    try:
+        assert "returned_by" in {c["name"] for c in sa.inspect(engine).get_columns("rate_limit_leases")}
+        assert limiters[0].reserve_blocking("t", tpm=0, tokens=1, rpm=1).allowed
+        assert not limiters[1].reserve_blocking("t", tpm=0, tokens=1, rpm=1).allowed
+    finally:
+        for limiter in limiters:
+            limiter.close()
+        engine.dispose()
