@@ -97,16 +97,19 @@ class AsyncEngine:
         priority: int = 0,
         deadline: float | None = None,
         tenant: str | None = None,
+        tpot_target_s: float | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Stream deltas for one request. Raises a RequestError subclass for a bad request. A
         request unfinished at its deadline ends with finish_reason "deadline"; ``tenant`` is whose
-        fair share its tokens count against (engine.core.fairness)."""
+        fair share its tokens count against (engine.core.fairness); while it decodes, steps batch no
+        more tokens than fit in ``tpot_target_s`` seconds (an estimate from recent steps)."""
         if not self.is_running:
             raise EngineDeadError(f"engine is not serving: {self._dead or 'not started or shut down'}")
         if request_id in self._active:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         seq = self.core.make_sequence(
-            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant
+            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant,
+            tpot_target_s=tpot_target_s,
         )
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._active.add(request_id)

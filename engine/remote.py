@@ -139,11 +139,12 @@ class RemoteEngine:
         priority: int = 0,
         deadline: float | None = None,
         tenant: str | None = None,
+        tpot_target_s: float | None = None,
     ) -> AsyncIterator[StreamDelta]:
         """Stream deltas; raises the node's RequestError subclass for a bad request."""
         body: dict[str, Any] = {"request_id": request_id, "params": params_to_wire(params),
                                 "cache_salt": cache_salt, "priority": priority, "deadline": deadline,
-                                "tenant": tenant}
+                                "tenant": tenant, "tpot_target_s": tpot_target_s}
         body["prompt" if isinstance(prompt, str) else "prompt_token_ids"] = prompt
         if self._client is None:
             raise EngineDeadError("RemoteEngine is not started: await engine.start() first")

@@ -57,10 +57,15 @@ class EngineCore:
         priority: int = 0,
         deadline: float | None = None,
         tenant: str | None = None,
+        tpot_target_s: float | None = None,
     ) -> Sequence:
         """Tokenize and validate; raises RequestError for a request that can never run."""
         if deadline is not None and not math.isfinite(deadline):
             raise RequestError(f"request {request_id}: deadline must be a finite time.time() value; got {deadline}")
+        if tpot_target_s is not None and not (math.isfinite(tpot_target_s) and tpot_target_s > 0):
+            raise RequestError(
+                f"request {request_id}: tpot_target_s must be a number of seconds > 0; got {tpot_target_s}"
+            )
         if tenant is not None and not 1 <= len(tenant) <= 256:
             raise RequestError(f"request {request_id}: tenant must be 1 to 256 characters; got {len(tenant)}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -96,6 +101,7 @@ class EngineCore:
             priority=priority,
             deadline=deadline,
             tenant=tenant,
+            tpot_target_s=tpot_target_s,
             max_total_tokens=total,
             logprobs=[] if params.logprobs is not None else None,
             generator=gen,
@@ -133,10 +139,12 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return expired
+        started = time.perf_counter()
         logits, sampled = self.runner.execute(out.scheduled)
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         results = self.sampler(logits, [s.seq for s in sampled], scratch=True) if sampled else []
+        self.scheduler.cost.observe(out.num_batched_tokens, time.perf_counter() - started)
         touched: list[Sequence] = []
         self.num_generation_tokens += len(results)
         for item, res in zip(sampled, results, strict=True):

@@ -28,11 +28,13 @@ from engine.core.block_manager import BlockManager
 from engine.core.fairness import FairShare
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step_cost import StepCostModel
 from engine.core.wait_queue import WaitQueue, tenant_of
 
 # preemption reasons (stats): a running sequence needed a KV block; a waiting request of a better
 # class needed a sequence slot; it needed KV blocks
 PREEMPT_KV_CACHE, PREEMPT_PRIORITY_SLOT, PREEMPT_PRIORITY_KV = "kv_cache", "priority_slot", "priority_kv_cache"
+MIN_PREFILL_TOKENS = 16  # a TPOT cap still leaves a step this many tokens beyond its decodes
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Scheduler:
         self.clock = clock
         self.wall_clock = wall_clock
         self.fair = FairShare(self.policy.input_weight, self.policy.output_weight)
+        self.cost = StepCostModel()  # the engine reports each step's tokens and time
+        self._step_limit = max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -160,7 +164,7 @@ class Scheduler:
         out = SchedulerOutput()
         if self.policy.sla:
             self._age()
-        budget = self.max_num_batched_tokens
+        budget = self._step_limit = self._step_budget()
         queue = sorted(self.running, key=self._running_key)
         kept: list[Sequence] = []
         while queue:
@@ -188,10 +192,24 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
+    def _step_budget(self) -> int:
+        """max_num_batched_tokens; under "sla", capped so that the step ends within the tightest TPOT
+        target of the running requests already decoding (from the step cost model), but never
+        below one token per running sequence plus MIN_PREFILL_TOKENS, so prefills still progress."""
+        if not self.policy.sla:
+            return self.max_num_batched_tokens
+        targets = [s.tpot_target_s for s in self.running if s.tpot_target_s is not None and s.num_output_tokens > 0]
+        if not targets:
+            return self.max_num_batched_tokens
+        cap = self.cost.max_tokens_within(min(targets))
+        if cap is None:
+            return self.max_num_batched_tokens
+        return min(self.max_num_batched_tokens, max(cap, len(self.running) + MIN_PREFILL_TOKENS))
+
     def _admit_waiting(self, out: SchedulerOutput) -> None:
         bm = self.block_manager
         sla = self.policy.sla
-        budget = self.max_num_batched_tokens - out.num_batched_tokens
+        budget = self._step_limit - out.num_batched_tokens
         queue: WaitQueue | None = None  # SLA order, built at the first admission: a blocked step stays O(n)
         if not sla:
             self.waiting.sort(key=self._waiting_key)  # arrival order; nearly sorted already
@@ -227,7 +245,7 @@ class Scheduler:
             if not self._make_room(seq, out):
                 return
             queue = None  # the victims joined the waiting list
-            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            budget = self._step_limit - out.num_batched_tokens
         self._drop_admitted()
 
     def _drop_admitted(self) -> None:
@@ -243,7 +261,7 @@ class Scheduler:
         if not victims:
             return False
         cached = bm.find_cached_prefix(seq)
-        most = min(seq.num_tokens - len(cached) * bm.block_size, self.max_num_batched_tokens)
+        most = min(seq.num_tokens - len(cached) * bm.block_size, self._step_limit)
         freeable = bm.num_free_blocks + sum(len(v.block_table) for v in victims)
         if bm.blocks_needed(len(cached) * bm.block_size + most) - len(cached) > freeable:
             return False
@@ -255,7 +273,7 @@ class Scheduler:
             self._preempt(victim, PREEMPT_PRIORITY_SLOT if slot_short else PREEMPT_PRIORITY_KV)
             out.preempted.append(victim)
             cached = bm.find_cached_prefix(seq)
-            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            budget = self._step_limit - out.num_batched_tokens
             num_new = min(seq.num_tokens - len(cached) * bm.block_size, budget)
             if len(self.running) < self.max_num_seqs and bm.can_admit(seq, cached, num_new):
                 return True

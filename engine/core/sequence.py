@@ -34,6 +34,7 @@ class Sequence:
     arrival_index: int = field(default_factory=lambda: next(_arrival_counter))
     max_total_tokens: int = 0  # prompt + output cap (min of max_model_len and prompt + max_tokens)
     tenant: str | None = None  # fair share between tenants of one priority (engine.core.fairness)
+    tpot_target_s: float | None = None  # time per output token it should see: caps steps' token counts
     priority_boost: int = 0  # classes gained by waiting (aging); never shrinks, kept while running
 
     status: SequenceStatus = SequenceStatus.WAITING

@@ -28,6 +28,7 @@ class GenerateBody(BaseModel):
     priority: int = 0
     deadline: float | None = Field(default=None, allow_inf_nan=False)  # absolute time.time()
     tenant: str | None = Field(default=None, min_length=1, max_length=256)  # fair share between tenants
+    tpot_target_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # caps steps' batch size
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateBody:

@@ -12,6 +12,7 @@ from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.step_cost import StepCostModel
 from engine.sampling_params import SamplingParams
 from tests.engine.helpers import make_seq
 
@@ -330,6 +331,44 @@ def test_expire_takes_out_late_requests_waiting_and_running_and_frees_blocks() -
     assert sched.num_deadline_misses == 2 and sched.deadline_misses_by_state == {"running": 1, "waiting": 1}
     assert sched.fair.active_tenants() == [""]
     assert _step(sched) == {"no-deadline": 3}
+
+
+# ---- TPOT targets cap a step's batch ------------------------------------------------------------
+def test_step_cost_model_fits_fixed_and_per_token_cost() -> None:
+    model = StepCostModel()
+    for n in (1, 2, 3):
+        model.observe(n * 50, 0.02 + 0.001 * n * 50)
+    assert model.max_tokens_within(0.1) is None  # too few steps to say
+    model.observe(200, 0.02 + 0.001 * 200)
+    base, per_token = model.fit() or (0.0, 0.0)
+    assert math.isclose(base, 0.02, abs_tol=1e-9) and math.isclose(per_token, 0.001)
+    assert model.max_tokens_within(0.1) == 80 and model.max_tokens_within(0.01) == 0
+    flat = StepCostModel()  # decode-only steps: the fixed cost cannot be told apart, so it counts per token
+    for _ in range(5):
+        flat.observe(4, 0.04)
+    assert flat.max_tokens_within(0.1) == 10
+
+
+def _decoding_with_a_long_prompt_waiting(tpot_target_s: float | None, policy: SchedulingPolicy | None = None,
+                                         ) -> dict[str, int]:
+    sched = _sched(num_blocks=128, budget=512, policy=policy)
+    for _ in range(8):
+        sched.cost.observe(100, 0.02 + 0.001 * 100)
+        sched.cost.observe(300, 0.02 + 0.001 * 300)
+    chat = _seq("chat", n=3, max_tokens=100, tpot_target_s=tpot_target_s)
+    sched.add(chat)
+    _step(sched)
+    sched.add(_seq("long", n=300, max_tokens=4))
+    return _step(sched)
+
+
+def test_tpot_target_of_a_decoding_request_caps_the_prefill_chunk() -> None:
+    assert _decoding_with_a_long_prompt_waiting(None) == {"chat": 1, "long": 300}
+    # 100 ms per token at 20 ms + 1 ms per token: 80 tokens in a step, its own decode included
+    assert _decoding_with_a_long_prompt_waiting(0.1) == {"chat": 1, "long": 79}
+    # a target below the fixed cost: the prefill still progresses by MIN_PREFILL_TOKENS
+    assert _decoding_with_a_long_prompt_waiting(0.015) == {"chat": 1, "long": 16}
+    assert _decoding_with_a_long_prompt_waiting(0.1, SchedulingPolicy(mode="fcfs")) == {"chat": 1, "long": 300}
 
 
 # ---- FCFS mode and requests without SLA fields -------------------------------------------------

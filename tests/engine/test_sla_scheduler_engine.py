@@ -6,12 +6,13 @@ end a running and a waiting request with finish reason "deadline" and free their
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
 import pytest
 
-from engine import AsyncEngine, EngineConfig, SamplingParams, StreamDelta
+from engine import AsyncEngine, EngineConfig, RequestError, SamplingParams, StreamDelta
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,8 @@ def test_high_priority_gets_its_first_token_before_running_low_priority_requests
                 await asyncio.sleep(0.01)
             high = asyncio.create_task(consume(engine, "high", HIGH_PROMPT, HIGH, 0, "interactive"))
             results = await asyncio.gather(*lows, high)
+            base, per_token = engine.core.scheduler.cost.fit() or (-1.0, -1.0)  # steps were timed
+            assert base >= 0 and per_token > 0
             return {"low0": results[0], "low1": results[1], "high": results[2]}, engine.stats()
         finally:
             await engine.shutdown()
@@ -72,6 +75,12 @@ def test_deadline_ends_running_and_waiting_requests(engine_model_dir: Path) -> N
         await engine.start()
         try:
             long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+            for bad, message in (({"deadline": math.nan}, "deadline must be a finite"),
+                                 ({"tpot_target_s": 0.0}, "tpot_target_s must be a number of seconds > 0"),
+                                 ({"tenant": ""}, "tenant must be 1 to 256 characters")):
+                with pytest.raises(RequestError, match=message):
+                    async for _ in engine.generate("bad", PROMPT, long, **bad):  # type: ignore[arg-type]
+                        pass
             started = time.time()
             running = asyncio.create_task(_collect(engine, "running", long, deadline=started + 1.5))
             await asyncio.sleep(0.2)
