@@ -33,7 +33,8 @@ WINDOW_S = 60.0
 @dataclass
 class _Window:
     requests: deque[float] = field(default_factory=deque)
-    tokens: dict[int, tuple[float, int]] = field(default_factory=dict)  # ticket -> (time, tokens), in order
+    tokens: dict[int, tuple[float, int]] = field(default_factory=dict)  # ticket -> (time, tokens), oldest first
+    used: int = 0  # the sum of ``tokens``: kept, not recounted per request
     in_flight: int = 0
 
 
@@ -58,8 +59,12 @@ class RateLimiter:
         win = self._windows.setdefault(tenant, _Window())
         while win.requests and now - win.requests[0] >= WINDOW_S:
             win.requests.popleft()
-        for ticket in [t for t, (ts, _) in win.tokens.items() if now - ts >= WINDOW_S]:
+        while win.tokens:  # in reservation order: only the expired head is visited
+            ticket, (ts, n) = next(iter(win.tokens.items()))
+            if now - ts < WINDOW_S:
+                break
             del win.tokens[ticket]
+            win.used -= n
             self._owner.pop(ticket, None)
         return win
 
@@ -102,16 +107,16 @@ class RateLimiter:
             refused = self._rpm_refusal(win, rpm, now)
             if refused is not None:
                 return refused
-            used = sum(n for _, n in win.tokens.values())
+            used = win.used
             if tpm > 0 and used + tokens > tpm:
-                oldest = min((ts for ts, _ in win.tokens.values()), default=now)
-                wait = WINDOW_S - (now - oldest) if win.tokens else WINDOW_S
+                wait = WINDOW_S - (now - next(iter(win.tokens.values()))[0]) if win.tokens else WINDOW_S
                 return RateDecision(
                     False, f"token limit of {tpm} tokens per minute reached ({used} used, {tokens} requested)",
                     max(1, math.ceil(wait)))
             ticket = next(self._tickets)
             win.requests.append(now)
             win.tokens[ticket] = (now, tokens)
+            win.used += tokens
             self._owner[ticket] = tenant
             return RateDecision(True, ticket=ticket)
 
@@ -121,8 +126,9 @@ class RateLimiter:
             tenant = self._owner.get(ticket)
             win = self._windows.get(tenant) if tenant else None
             if win is not None and ticket in win.tokens:
-                ts, _ = win.tokens[ticket]
-                win.tokens[ticket] = (ts, used)
+                ts, reserved = win.tokens[ticket]
+                win.tokens[ticket] = (ts, used)  # keeps its place: reservation order
+                win.used += used - reserved
 
     def cancel(self, ticket: int) -> None:
         """Take back a reservation whose request was refused after it (its request and tokens)."""
@@ -130,6 +136,7 @@ class RateLimiter:
             tenant = self._owner.pop(ticket, None)
             win = self._windows.get(tenant) if tenant else None
             if win is not None and ticket in win.tokens:
-                ts, _ = win.tokens.pop(ticket)
+                ts, reserved = win.tokens.pop(ticket)
+                win.used -= reserved
                 with contextlib.suppress(ValueError):
                     win.requests.remove(ts)

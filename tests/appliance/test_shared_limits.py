@@ -331,3 +331,56 @@ def test_a_ledger_made_by_the_first_version_gains_its_new_column(store_url: str)
         for limiter in limiters:
             limiter.close()
         engine.dispose()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_one_gateway_decides_exactly_as_the_in_memory_limiter(store_url: str, seed: int) -> None:
+    """The same random sequence of enter/leave/reserve/settle/cancel and clock steps, given to the
+    in-memory RateLimiter and to one SharedRateLimiter, gets the same decisions, reasons, codes and
+    Retry-After. (The clock moves by whole seconds, at least a lease's life, as two requests served
+    from one lease at different times are counted from the later one: never less, see the docs.)"""
+    import random
+
+    from appliance.ratelimit import RateLimiter
+
+    limits = {"a": (5, 300, 2), "b": (3, 1000, 0), "c": (10, 100, 1)}  # rpm, tpm, max_concurrent
+    rnd = random.Random(seed)
+    clock = FakeClock()
+    memory = RateLimiter(clock)
+    engine = open_database(store_url)
+    shared = SharedRateLimiter(engine, clock=clock, background=False)
+    tickets: list[tuple[int, int]] = []  # (in-memory, shared) of reservations not yet settled
+    try:
+        for step in range(400):
+            tenant = rnd.choice("abc")
+            rpm, tpm, most = limits[tenant]
+            op = rnd.random()
+            if op < 0.25:
+                got = (memory.enter(tenant, rpm, most), shared.enter_blocking(tenant, rpm, most))
+            elif op < 0.4:
+                memory.leave(tenant), shared.leave(tenant)
+                continue
+            elif op < 0.75:
+                tokens = rnd.randint(1, 150)
+                got = (memory.reserve(tenant, tpm, tokens, rpm), shared.reserve_blocking(tenant, tpm, tokens, rpm))
+                if got[0].allowed and got[1].allowed:
+                    tickets.append((got[0].ticket, got[1].ticket))
+            elif op < 0.85 and tickets:
+                mine, theirs = tickets.pop(rnd.randrange(len(tickets)))
+                used = rnd.randint(1, 200)
+                memory.settle(mine, used), shared.settle(theirs, used)
+                continue
+            elif op < 0.9 and tickets:
+                mine, theirs = tickets.pop(rnd.randrange(len(tickets)))
+                memory.cancel(mine), shared.cancel(theirs)
+                continue
+            else:
+                clock.now += rnd.choice([1, 2, 5, 15, 30])
+                continue
+            want, found = got
+            assert (found.allowed, found.reason, found.retry_after_s, found.code) == \
+                (want.allowed, want.reason, want.retry_after_s, want.code), (step, tenant)
+            assert memory.in_flight(tenant) == shared.in_flight(tenant)
+    finally:
+        shared.close()
+        engine.dispose()
