@@ -252,11 +252,13 @@ class Scheduler:
         self.waiting = [s for s in self.waiting if s.status is SequenceStatus.WAITING]
 
     def _make_room(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Preempt running requests of a worse class than seq, worst first, until seq fits a slot
-        and KV blocks; True if it fits now. Nothing is preempted when even all of them would not
-        free enough blocks."""
+        """Preempt running requests of a worse class than seq (by priority and by aged priority: a
+        request raised by aging is admitted earlier but takes no running request's place), worst
+        first, until seq fits a slot and KV blocks; True if it fits now. Nothing is preempted when
+        even all of them would not free enough blocks."""
         bm = self.block_manager
-        victims = sorted((r for r in self.running if r.effective_priority > seq.effective_priority),
+        victims = sorted((r for r in self.running  # worse by class and by aged class: aging never preempts
+                          if r.priority > seq.priority and r.effective_priority > seq.effective_priority),
                          key=self._running_key)
         if not victims:
             return False

@@ -237,8 +237,20 @@ def test_aged_running_request_keeps_its_class() -> None:
     _step(sched)  # aged to class 0 while waiting
     _release(sched, holder)
     assert _step(sched) == {"batch": 3}
-    sched.add(_seq("std", priority=1, arrival_time=25.0))
+    std = _seq("std", priority=1, arrival_time=25.0)
+    sched.add(std)
     assert _step(sched) == {"batch": 1}  # class 1 does not preempt the aged request
+    # nor does an aged request preempt a running one of its own class (or of a class it aged past)
+    _release(sched, batch)
+    _release(sched, std)  # gone before it ran
+    young = _seq("young-batch", priority=2, arrival_time=30.0, max_tokens=50)
+    sched.add(young)
+    _step(sched)
+    assert sched.running == [young]
+    clock.now = 60.0
+    old = _seq("old-batch", priority=2, arrival_time=20.0)
+    sched.add(old)
+    assert _step(sched) == {"young-batch": 1} and old.effective_priority == 0
     assert sched.num_preemptions == 0
 
 
