@@ -358,7 +358,8 @@ def test_one_gateway_decides_exactly_as_the_in_memory_limiter(store_url: str, se
             if op < 0.25:
                 got = (memory.enter(tenant, rpm, most), shared.enter_blocking(tenant, rpm, most))
             elif op < 0.4:
-                memory.leave(tenant), shared.leave(tenant)
+                memory.leave(tenant)
+                shared.leave(tenant)
                 continue
             elif op < 0.75:
                 tokens = rnd.randint(1, 150)
@@ -368,11 +369,13 @@ def test_one_gateway_decides_exactly_as_the_in_memory_limiter(store_url: str, se
             elif op < 0.85 and tickets:
                 mine, theirs = tickets.pop(rnd.randrange(len(tickets)))
                 used = rnd.randint(1, 200)
-                memory.settle(mine, used), shared.settle(theirs, used)
+                memory.settle(mine, used)
+                shared.settle(theirs, used)
                 continue
             elif op < 0.9 and tickets:
                 mine, theirs = tickets.pop(rnd.randrange(len(tickets)))
-                memory.cancel(mine), shared.cancel(theirs)
+                memory.cancel(mine)
+                shared.cancel(theirs)
                 continue
             else:
                 clock.now += rnd.choice([1, 2, 5, 15, 30])
