@@ -10,12 +10,22 @@ never loses it).
 (``appliance policy apply``, ``POST /admin/v1/policies``) as ``admin.policy_applied`` (old and
 new digest, who, the files' names, how) and remembers the new digest the same way, so the next
 start does not record the same change again as ``admin.policy_changed``.
+
+``record_policy_reload`` is for a running gateway that finds the files changed under it
+(``gateway/policy_watch.py``): an apply already recorded (the remembered digest is the files'
+one) is not recorded again; a change made by other means is ``admin.policy_changed``, once for all
+the processes sharing the data directory. ``policy_lock`` serialises all of this across processes
+(an exclusive ``flock`` on ``DATA_DIR/policy.lock``): writers of the policy files hold it while
+they write and record, so a reader never takes a half-written set for a change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,19 @@ from appliance.audit import ADMIN_STREAM, AuditLog
 from policies import PolicySet
 
 STATE_NAME = "policy-state.json"
+LOCK_NAME = "policy.lock"
+
+
+@contextlib.contextmanager
+def policy_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the data directory's policy lock (blocking; released when the block ends)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _previous(path: Path) -> str | None:
@@ -66,3 +89,16 @@ def _remember(path: Path, digest: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"digest": digest}))
     os.replace(tmp, path)
+
+
+def record_policy_reload(audit: AuditLog, old: PolicySet, new: PolicySet, data_dir: Path, run_id: str) -> bool:
+    """Call under ``policy_lock``: record files changed under a running gateway as
+    ``admin.policy_changed`` unless that digest was already recorded; True when recorded now."""
+    path = data_dir / STATE_NAME
+    if _previous(path) == new.digest:
+        return False
+    audit.append("admin.policy_changed", stream=ADMIN_STREAM, actor="appliance", data={
+        "old_digest": old.digest, "new_digest": new.digest, "sources": [Path(s).name for s in new.sources],
+        "run_id": run_id, "via": "files changed while running"})
+    _remember(path, new.digest)
+    return True

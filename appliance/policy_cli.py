@@ -26,7 +26,7 @@ from rich.console import Console
 
 from appliance.errors import ApplianceError
 from policies import PolicySet, load_policy_files, load_policy_set
-from policies.apply import overlay, write_policy_files
+from policies.apply import overlay, restore_policy_files, write_policy_files
 from policies.errors import PolicyError, PolicyValidationError
 from policies.schema import policy_schema_json
 
@@ -182,18 +182,23 @@ def _gateway_running(data_dir: Path) -> bool:
 def _apply_stopped(config: Any, files: dict[str, bytes]) -> dict[str, Any]:
     from appliance.audit import AuditLog
     from appliance.audit.cli import cli_actor
-    from appliance.policy_audit import record_policy_applied
+    from appliance.policy_audit import policy_lock, record_policy_applied
 
-    try:
-        old: str | None = load_policy_set(config.policies_dir).digest
-    except PolicyError:
-        old = None  # the directory in place does not load: the record says there was no valid set
-    new = overlay(config.policies_dir, files)
     audit = AuditLog(config.db_url, config.audit_key_path)
     try:
-        write_policy_files(config.policies_dir, files)
-        record_policy_applied(audit, old, new, sorted(files), config.data_dir, cli_actor(),
-                              {"via": "cli", "running": False, "changed": new.digest != old})
+        with policy_lock(config.data_dir):  # no other apply or gateway watch in between
+            try:
+                old: str | None = load_policy_set(config.policies_dir).digest
+            except PolicyError:
+                old = None  # the directory in place does not load: the record says there was no valid set
+            new = overlay(config.policies_dir, files)
+            before = write_policy_files(config.policies_dir, files)
+            try:
+                record_policy_applied(audit, old, new, sorted(files), config.data_dir, cli_actor(),
+                                      {"via": "cli", "running": False, "changed": new.digest != old})
+            except BaseException:
+                restore_policy_files(config.policies_dir, before)  # no unrecorded change
+                raise
     finally:
         audit.close()
     return {"applied": True, "running": False, "changed": new.digest != old, "old_digest": old,

@@ -322,11 +322,18 @@ def load_policy_files(files: list[tuple[str, bytes]], origin: str = "<policy set
     if not files:
         raise PolicyNotFoundError(f"{origin}: expected at least one policy file, found none")
     builder = _Builder()
-    digest = hashlib.sha256()
     for file, data in files:
         builder.add_file(file, data)
+    return builder.build([file for file, _ in files], policy_digest(files), origin)
+
+
+def policy_digest(files: list[tuple[str, bytes]]) -> str:
+    """The digest of a policy set: sha256 over each file's name and the sha256 of its bytes, in order
+    (what ``PolicySet.digest`` holds; cheap enough to ask whether files on disk changed)."""
+    digest = hashlib.sha256()
+    for file, data in files:
         digest.update(Path(file).name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return builder.build([file for file, _ in files], "sha256:" + digest.hexdigest(), origin)
+    return "sha256:" + digest.hexdigest()
 
 
 def load_policy_set(path: Path | str | None = None) -> PolicySet:

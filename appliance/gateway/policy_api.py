@@ -14,8 +14,9 @@ same name there or is added (``policies.apply``). The body is either one file's 
 4. the set is swapped in one step on the event loop (``Runtime.replace_policies``): requests
    admitted from then on use it, requests in flight keep theirs.
 
-Applies are serialised per process. With several gateway workers only the worker that answers
-swaps at once; the others load the written files at their next start (see the admin guide).
+Applies are serialised per process (an asyncio lock, shared with the policy watch) and across the
+processes of one data directory (``policy_audit.policy_lock`` around steps 1-3). The other gateway
+workers of the install take the new files up within their watch interval (``policy_watch.py``).
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.gateway.deps import AdminDep, RuntimeDep
+from appliance.gateway.policy_watch import apply_lock, watch_policies
 from appliance.openai_schema import error_body
-from appliance.policy_audit import record_policy_applied
+from appliance.policy_audit import policy_lock, record_policy_applied
+from appliance.principal import AdminPrincipal
 from appliance.service import RequestRejected
+from policies import PolicySet
 from policies.apply import MAX_FILES, overlay, restore_policy_files, write_policy_files
 from policies.errors import PolicyError, PolicyValidationError
 from policies.schema import policy_file_schema
 
-router = APIRouter(prefix="/admin/v1")
+router = APIRouter(prefix="/admin/v1", lifespan=watch_policies)  # files changed under it: policy_watch.py
 MAX_APPLY_BYTES = 1 << 20  # all files of one apply together
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
-_LOCK = "policy_apply_lock"
 
 
 class PolicyFiles(BaseModel):
@@ -86,6 +89,24 @@ async def _read_files(request: Request, name: str) -> dict[str, bytes]:
                           "invalid_request_error", "unsupported_media_type")
 
 
+def _apply_files(runtime: Any, admin: AdminPrincipal, old: PolicySet, files: dict[str, bytes]) -> PolicySet:
+    """In a worker thread, under the data directory's policy lock (so no other gateway process takes
+    the files up half written, or records them as a change of its own): check, write, record."""
+    policy_dir, data_dir = runtime.config.policies_dir, runtime.config.data_dir
+    with policy_lock(data_dir):
+        new = overlay(policy_dir, files)
+        before = write_policy_files(policy_dir, files)
+        try:
+            record_policy_applied(runtime.audit, old, new, sorted(files), data_dir, admin.actor, {
+                "via": "admin api", "by_key_id": admin.key_id, "running": True, "changed": new.digest != old.digest,
+                "run_id": runtime.run_id})
+        except Exception as exc:
+            restore_policy_files(policy_dir, before)
+            raise RequestRejected(503, "audit log unavailable: the policy was not applied", "server_error",
+                                  "audit_unavailable") from exc
+    return new
+
+
 @router.get("/policies")
 def get_policies(runtime: RuntimeDep, _admin: AdminDep) -> dict[str, Any]:
     """The policy set in force: digest, source files and every document."""
@@ -107,27 +128,15 @@ _BODY = {"requestBody": {"required": True, "content": {
 async def apply_policies(request: Request, runtime: RuntimeDep, admin: AdminDep,
                          name: str = "site.yaml") -> dict[str, Any] | JSONResponse:
     files = await _read_files(request, name)
-    lock: asyncio.Lock = getattr(request.app.state, _LOCK, None) or asyncio.Lock()
-    setattr(request.app.state, _LOCK, lock)
     policy_dir = runtime.config.policies_dir
-    async with lock:
+    async with apply_lock(request.app):
+        old = runtime.policies
         try:
-            new = await asyncio.to_thread(overlay, policy_dir, files)
+            new = await asyncio.to_thread(_apply_files, runtime, admin, old, files)
         except PolicyValidationError as exc:
             return invalid_policy_response(exc, policy_dir, list(files))
         except PolicyError as exc:
             raise RequestRejected(400, str(exc), "invalid_request_error", "invalid_policy") from None
-        old = runtime.policies
-        before = await asyncio.to_thread(write_policy_files, policy_dir, files)
-        try:
-            await asyncio.to_thread(
-                record_policy_applied, runtime.audit, old, new, sorted(files), runtime.config.data_dir, admin.actor,
-                {"via": "admin api", "by_key_id": admin.key_id, "running": True, "changed": new.digest != old.digest,
-                 "run_id": runtime.run_id})
-        except Exception as exc:
-            await asyncio.to_thread(restore_policy_files, policy_dir, before)
-            raise RequestRejected(503, "audit log unavailable: the policy was not applied", "server_error",
-                                  "audit_unavailable") from exc
         runtime.replace_policies(new)
     return {"applied": True, "running": True, "changed": new.digest != old.digest, "old_digest": old.digest,
             "new_digest": new.digest, "files": sorted(files), "policies_dir": str(policy_dir)}
