@@ -13,8 +13,9 @@ they ask the ledger, in a worker thread (they are coroutines; the event loop nev
 Leases are large while the tenant is far from its limit and exactly one request's worth near it
 (``limit_ledger.share``), so the total accepted is exactly the limit. A lease may be used for
 ``lease_s`` (1 s); a background thread then gives back what was not used, writes settlements and
-cancellations, returns surplus slots, and keeps the holder's heartbeat. ``leave``, ``settle`` and
-``cancel`` only touch memory. Everything goes back late, never early: late is conservative.
+cancellations, returns surplus slots (at once near the limit, after a lease's life far from it), and
+keeps the holder's heartbeat. ``leave``, ``settle`` and ``cancel`` only touch memory. Everything
+goes back late, never early: late is conservative.
 
 Why this is the in-memory limiter's window: a lease row counts in full while it may be used and,
 once given back, what was used of it counts until one window after its last use. So every request
@@ -99,6 +100,7 @@ class _Tenant:
     in_flight: int = 0
     slots: int = 0  # concurrency slots held (what the ledger has, or less while a return is unwritten)
     slots_written: int = 0
+    keep_slots_until: float = -math.inf  # surplus slots of a grant made far from the limit are kept until then
     beat_at: float = -math.inf
     collected_at: float = -math.inf
     tpm: int = 0  # the last tokens-per-minute limit seen, for leases that ``enter`` asks for
@@ -334,6 +336,10 @@ class SharedRateLimiter:
                                      RowWrite(grant.row, grant.requests, grant.tokens,
                                               grant.granted_at + self._life + WINDOW_S))
                 if slot:
+                    # several slots at once: far from the limit, the surplus is kept a lease's life (no
+                    # grant per request); one: near it, the surplus goes back at the next flush
+                    if grant.slots - ask.my_slots > 1:
+                        st.keep_slots_until = started + self._life
                     st.slots = st.slots_written = grant.slots
                     st.beat_at = started
         return None
@@ -379,7 +385,7 @@ class SharedRateLimiter:
                     if st.open is not None and (final or now >= st.open.usable_until):
                         self._close(st)
                     marks += self._pending(st)
-                    target = 0 if final else st.in_flight
+                    target = 0 if final else st.in_flight if now >= st.keep_slots_until else st.slots
                     if st.slots > target:
                         st.slots = target  # here first: the ledger keeps the larger count until written
                     if st.slots != st.slots_written or (st.slots > 0 and now - st.beat_at >= self._beat_every):

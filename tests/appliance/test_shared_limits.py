@@ -119,6 +119,20 @@ def test_concurrency_slots_across_gateways(pair: list[SharedRateLimiter]) -> Non
     assert one.totals("a")[2] == 2
 
 
+def test_surplus_slots_far_from_the_limit_are_kept_a_lease_life(pair: list[SharedRateLimiter],
+                                                                 clock: FakeClock) -> None:
+    one, two = pair
+    assert one.enter_blocking("t", rpm=0, max_concurrent=10).allowed
+    assert one.totals("t")[2] == 5  # half of what is free: the next four need no transaction
+    one.leave("t")
+    one.flush()
+    assert one.totals("t")[2] == 5
+    assert [two.enter_blocking("t", rpm=0, max_concurrent=10).allowed for _ in range(6)] == [True] * 5 + [False]
+    clock.now += 1.01
+    one.flush()  # the lease's life is over: the surplus goes back
+    assert one.totals("t")[2] == 5 and two.enter_blocking("t", rpm=0, max_concurrent=10).allowed
+
+
 def test_cancel_gives_back_the_request_and_its_tokens(pair: list[SharedRateLimiter]) -> None:
     one, two = pair
     taken = one.reserve_blocking("t", tpm=100, tokens=100, rpm=1)
