@@ -91,7 +91,11 @@ def _install_postgres(engine: sa.Engine) -> None:
                 f"BEGIN PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME); RETURN NULL; END $$")
     with schema_lock(engine), engine.begin() as conn:  # CREATE OR REPLACE collides when run concurrently
         conn.exec_driver_sql(function)
+        present = set(conn.exec_driver_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").scalars())
         for table, columns in WATCHED.items():
+            # (re)creating one locks its table against writes; other columns in WATCHED need a new name
+            if f"key_event_{table}" in present:
+                continue
             conn.exec_driver_sql(
                 f"CREATE OR REPLACE TRIGGER key_event_{table} AFTER UPDATE OF {', '.join(columns)} OR DELETE "
                 f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {PG_FUNCTION}()")
