@@ -184,6 +184,7 @@ def _apply_stopped(config: Any, files: dict[str, bytes]) -> dict[str, Any]:
     from appliance.audit.cli import cli_actor
     from appliance.policy_audit import policy_lock, record_policy_applied
 
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a root whose gateway never ran yet
     audit = AuditLog(config.db_url, config.audit_key_path)
     try:
         with policy_lock(config.data_dir):  # no other apply or gateway watch in between
@@ -214,7 +215,11 @@ def _apply_running(config: Any, files: dict[str, bytes], key_file: Path) -> dict
     key = key_file.read_text().strip()
     host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
     url = f"https://{host}:{config.port}"
-    ctx = ssl.create_default_context(cafile=str(config.tls_dir / "ca.pem"))
+    ca = config.tls_dir / "ca.pem"
+    if not ca.is_file():
+        raise ApplianceError(f"the gateway is running but its CA certificate is missing: expected {ca} "
+                             "(made at the gateway's first start); nothing applied")
+    ctx = ssl.create_default_context(cafile=str(ca))
     body = {"files": {name: data.decode("utf-8", errors="replace") for name, data in files.items()}}
     try:
         answer = httpx.post(f"{url}/admin/v1/policies", json=body, headers={"Authorization": f"Bearer {key}"},
