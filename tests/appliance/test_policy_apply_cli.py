@@ -33,8 +33,9 @@ def root(tmp_path: Path, model_dir: Path) -> Path:
 def _new_files(tmp_path: Path) -> Path:
     new = tmp_path / "new"
     new.mkdir()
-    (new / "classes_site.yaml").write_text(yaml.safe_dump({"sla_classes": {"gold": {
-        "priority": 0, "ttft_ms": 200, "tpot_ms": 40, "percentile": 99, "on_overload": "queue", "deadline_ms": 20000}}}))
+    gold = {"priority": 0, "ttft_ms": 200, "tpot_ms": 40, "percentile": 99, "on_overload": "queue",
+            "deadline_ms": 20000}
+    (new / "classes_site.yaml").write_text(yaml.safe_dump({"sla_classes": {"gold": gold}}))
     (new / "tenants_site.yaml").write_text(yaml.safe_dump({"tenants": {"acme": {"sla_class": "gold"}}}))
     return new
 
