@@ -136,6 +136,8 @@ def apply_cmd(
     root: Annotated[Path, typer.Option("--root", help="Install root of the appliance.")] = Path("var"),
     admin_key_file: Annotated[Path | None, typer.Option(
         "--admin-key-file", help="An admin key for the running gateway (default ROOT/secrets/admin.key).")] = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", help="The running gateway's https://HOST:PORT when not appliance.yaml's (serve --port).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply policy files: to the running gateway without restart, else for the next start."""
@@ -150,7 +152,7 @@ def apply_cmd(
         files = {name: data for name, (_, data) in collected.items()}
         overlay(config.policies_dir, files)  # checked here first: problems with lines, nothing sent
         if _gateway_running(config.data_dir):
-            result = _apply_running(config, files, admin_key_file or config.secrets_dir / "admin.key")
+            result = _apply_running(config, files, admin_key_file or config.secrets_dir / "admin.key", url)
         else:
             result = _apply_stopped(config, files)
     except PolicyValidationError as exc:
@@ -206,15 +208,19 @@ def _apply_stopped(config: Any, files: dict[str, bytes]) -> dict[str, Any]:
             "new_digest": new.digest, "files": sorted(files), "policies_dir": str(config.policies_dir)}
 
 
-def _apply_running(config: Any, files: dict[str, bytes], key_file: Path) -> dict[str, Any]:
+def _apply_running(config: Any, files: dict[str, bytes], key_file: Path, url: str | None) -> dict[str, Any]:
     import httpx
 
     if not key_file.is_file():
         raise ApplianceError(f"the gateway is running but no admin key was found: expected {key_file} "
                              "(or pass --admin-key-file)")
     key = key_file.read_text().strip()
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
-    url = f"https://{host}:{config.port}"
+    if url is None:
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "", "::") else config.host
+        url = f"https://{host}:{config.port}"
+    elif not url.startswith("https://"):
+        raise ApplianceError(f"--url: expected https://HOST:PORT, found {url[:100]!r}")
+    url = url.rstrip("/")
     ca = config.tls_dir / "ca.pem"
     if not ca.is_file():
         raise ApplianceError(f"the gateway is running but its CA certificate is missing: expected {ca} "

@@ -96,6 +96,11 @@ def test_a_gateway_that_looks_alive_but_does_not_answer_gets_nothing(root: Path,
         said = " ".join(done.stderr.split())
         assert "https://127.0.0.1:8443 did not answer" in said and "nothing applied" in said, said
         assert "sov_0000" not in done.stdout + done.stderr  # the key is never shown
+        done = _apply(root, str(site), "--url", "http://127.0.0.1:8443")
+        assert done.returncode == 2 and "--url: expected https://HOST:PORT, found 'http://127.0.0.1:8443'" in " ".join(
+            done.stderr.split())
+        done = _apply(root, str(site), "--url", "https://127.0.0.1:9/")
+        assert done.returncode == 2 and "https://127.0.0.1:9 did not answer" in " ".join(done.stderr.split())
         assert not (root / "releases" / "1.0.0" / "policies" / "site.yaml").exists()
     finally:
         holder.kill()
