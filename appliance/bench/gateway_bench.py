@@ -169,7 +169,14 @@ def run(s: Settings, log: Any = print) -> dict[str, Any]:
                     gw = lab.lay_out_gateway(base / f"gw-{store}-{w}", s.model_dir, pki,
                                              f"https://127.0.0.1:{node_port}", db_url, w)
                     log(f"starting our gateway: {store}, {w} worker(s)")
-                    lab.start_gateway(gw, workers_flag)
+                    try:
+                        lab.start_gateway(gw, workers_flag)
+                    except RuntimeError as exc:  # e.g. work in progress in the checkout: report, go on
+                        lab.stop(gw.proc)
+                        tail = " ".join(str(exc).split())[-400:]
+                        notes.append(f"our gateway ({store}, {w}w) NOT measured: it did not start: ...{tail}")
+                        log(notes[-1])
+                        continue
                     procs.append(gw.proc)
                     entries.append(Entry(Target(
                         f"our gateway ({store}, {w}w)", "127.0.0.1", gw.port, "/v1/chat/completions",
