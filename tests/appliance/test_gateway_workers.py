@@ -99,9 +99,16 @@ def test_a_key_revoked_through_one_gateway_is_refused_by_the_other_at_once(
         lab.close()
 
 
+def _alive(pid: int) -> bool:
+    """A running process (a zombie nobody reaped yet is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _live_children(pid: int) -> list[int]:
-    return [c for c in children(pid) if Path(f"/proc/{c}/stat").exists()
-            and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")]
+    return [c for c in children(pid) if _alive(c)]
 
 
 def _wait_for(what: str, check: object, timeout_s: float = 90) -> None:
@@ -164,7 +171,7 @@ def test_workers_share_the_port_a_killed_worker_is_replaced_and_sigterm_stops_al
         live = _live_children(supervisor.pid)
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=90) == 0, lab.log(0)
-        assert not any(Path(f"/proc/{pid}").exists() for pid in live), "a worker outlived its supervisor"
+        assert not any(_alive(pid) for pid in live), "a worker outlived its supervisor"
         stopped = {r["run_id"] for r in _admin_records(db_url, "admin.appliance_stopped")}
         assert len(stopped) == 2  # both live workers stopped cleanly, with their final records
         verified = lab.appliance("audit", "verify", "--db", db_url, "--key",
@@ -182,17 +189,37 @@ def test_ctrl_c_stops_every_worker_with_exit_0_and_a_busy_port_is_refused(tmp_pa
     lab.build(TENANTS, gateways=1)
     try:
         lab.start_node()
-        supervisor = lab.start_gateway(0, "--workers", "3").proc
+        supervisor = lab.start_gateway(0, "--workers", "2").proc
         assert supervisor is not None
-        _wait_for("three workers serving", lambda: "with 3 workers" in lab.log(0))
+        _wait_for("both workers serving", lambda: "with 2 workers" in lab.log(0))
         workers = _live_children(supervisor.pid)
-        assert len(workers) == 3
+        assert len(workers) == 2
         taken = _serve(lab.gateways[0].root, "--workers", "2", "--port", str(lab.gateways[0].port))
         said = " ".join((taken.stdout + taken.stderr).split())
         assert taken.returncode == 1 and f"port {lab.gateways[0].port} on 127.0.0.1 is already in use" in said, said
         os.killpg(supervisor.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground process group
         assert supervisor.wait(timeout=90) == 0, lab.log(0)
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its supervisor"
-        assert len(_admin_records(db_url, "admin.appliance_stopped")) == 3
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its supervisor"
+        assert len(_admin_records(db_url, "admin.appliance_stopped")) == 2
+    finally:
+        lab.close()
+
+
+def test_workers_whose_supervisor_was_killed_stop_themselves_cleanly(tmp_path: Path, model_dir: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'lab' / 'gw' / 'data' / 'appliance.db'}"
+    lab = GatewaysLab(tmp_path / "lab", model_dir, db_url)
+    lab.build(TENANTS, gateways=1)
+    try:
+        lab.start_node()
+        supervisor = lab.start_gateway(0, "--workers", "2").proc
+        assert supervisor is not None
+        _wait_for("both workers serving", lambda: "with 2 workers" in lab.log(0))
+        workers = _live_children(supervisor.pid)
+        os.kill(supervisor.pid, signal.SIGKILL)  # nobody would restart them: orphans must not serve on
+        supervisor.wait(timeout=30)
+        _wait_for("the orphaned workers gone", lambda: not any(_alive(pid) for pid in workers), 60)
+        assert len(_admin_records(db_url, "admin.appliance_stopped")) == 2  # a graceful stop, not a crash
+        with httpx.Client(verify=lab.tls()) as client, pytest.raises(httpx.ConnectError):
+            client.get(f"{lab.gateways[0].url}/health")
     finally:
         lab.close()
