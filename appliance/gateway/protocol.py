@@ -33,6 +33,7 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 
 
 SHUTDOWN_GRACE_S = 1.0
+CUT_AFTER_REFUSAL_S = 1.0  # at most this long for a refusal's answer to leave before the connection is cut
 
 
 class DeadlineH11Protocol(H11Protocol):
@@ -71,6 +72,12 @@ class DeadlineH11Protocol(H11Protocol):
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._arm_head_timer()  # the next request on this connection gets its own deadline
+        elif self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            # Refused mid-body (413, 408) and closing: a TLS close waits for the client's
+            # close_notify and reads (and drops) whatever it still sends meanwhile (uvloop's TLS
+            # does), so a client that keeps sending would push its whole body through. Cut it as
+            # soon as the answer has left.
+            self._cut_when_sent(CUT_AFTER_REFUSAL_S)
 
     def shutdown(self) -> None:
         """Graceful shutdown: an idle connection is closed at once, as uvicorn does, but over TLS
@@ -81,6 +88,14 @@ class DeadlineH11Protocol(H11Protocol):
         super().shutdown()
         if idle:
             self.loop.call_later(SHUTDOWN_GRACE_S, self._abort_if_open)
+
+    def _cut_when_sent(self, patience_s: float) -> None:
+        if getattr(self, "_lost", False):
+            return
+        if self.transport.get_write_buffer_size() and patience_s > 0:
+            self.loop.call_later(0.01, self._cut_when_sent, patience_s - 0.01)
+            return
+        self._abort_if_open()
 
     def _abort_if_open(self) -> None:
         if self.transport is not None and not getattr(self, "_lost", False):
