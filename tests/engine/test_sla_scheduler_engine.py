@@ -81,13 +81,13 @@ def test_deadline_ends_running_and_waiting_requests(engine_model_dir: Path) -> N
                 with pytest.raises(RequestError, match=message):
                     async for _ in engine.generate("bad", PROMPT, long, **bad):  # type: ignore[arg-type]
                         pass
-            started = time.time()
-            running = asyncio.create_task(_collect(engine, "running", long, deadline=started + 1.5))
-            await asyncio.sleep(0.2)
-            waiting = asyncio.create_task(_collect(engine, "waiting", long, deadline=started + 0.8))
+            stream = engine.generate("running", PROMPT, long, priority=1, deadline=time.time() + 3.0)
+            first = await anext(stream)  # running (holds the only slot) before the others arrive
+            waiting = asyncio.create_task(_collect(engine, "waiting", long, deadline=time.time() + 1.0))
             after = asyncio.create_task(_collect(engine, "after", SamplingParams(temperature=0, max_tokens=3)))
-            got = await asyncio.gather(running, waiting, after)
-            return got[0], got[1], got[2], engine.stats()
+            running = [first] + [d async for d in stream]
+            got = await asyncio.gather(waiting, after)
+            return running, got[0], got[1], engine.stats()
         finally:
             await engine.shutdown()
 
