@@ -6,9 +6,10 @@ Several gateway processes may serve one database: the workers of one host (``app
 writers take turns: ``audit/writer.py``) and checks its fleet's health. The background jobs that
 concern the database as a whole were checked one by one:
 
-- **Retention pruner** (hourly, ``audit/retention.py``): only worker 0 of a host runs it, and on
-  PostgreSQL each run first takes ``pg_try_advisory_lock(PRUNE_LOCK_KEY)``: a gateway on another
-  host whose pruner holds it makes this run a no-op (its report says so). Two pruners at once
+- **Retention pruner** (hourly, ``audit/retention.py``): only worker 0 of a host runs it, and each
+  run first takes the database's prune lock (PostgreSQL: ``pg_try_advisory_lock(PRUNE_LOCK_KEY)``;
+  SQLite: ``flock`` of ``<database file>.prune-lock``): while another gateway's pruner holds it,
+  this run is a no-op (its report says so). Two pruners at once
   would not corrupt anything (every batch re-checks its rows), but would record overlapping runs.
 - **Witness submission** (``audit.witness_url``): only worker 0 of a host submits. Submitters on
   several hosts are safe (a witness answers a stale submission with 409 and the size it holds,
@@ -26,8 +27,10 @@ concern the database as a whole were checked one by one:
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,22 +68,42 @@ def open_runtime(root: Path, index: int) -> Runtime:
 
 
 class LockedPruner(Pruner):
-    """The retention pruner, one run at a time per PostgreSQL database (see module doc)."""
+    """The retention pruner, one run at a time per database (see module doc): on PostgreSQL under
+    an advisory lock, on SQLite under ``flock`` of ``<database file>.prune-lock`` (gateways of
+    several install roots may share one file on a host)."""
 
     def run_once(self, *, dry_run: bool = False) -> PruneReport:
-        if dry_run or self.engine.dialect.name != "postgresql":
-            return super().run_once(dry_run=dry_run)
+        if dry_run:
+            return super().run_once(dry_run=True)
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            return self._under_file_lock(Path(f"{self.engine.url.database}.prune-lock"))
+        if self.engine.dialect.name != "postgresql":
+            return super().run_once()
         with self.engine.connect() as conn:
             got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_LOCK_KEY}).scalar()
             conn.commit()
             if not got:
-                return PruneReport(False, format_ts(self._now()), self.policies().digest,
-                                   skipped="another gateway's retention run holds the database's prune lock")
+                return self._skipped()
             try:
                 return super().run_once()
             finally:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK_KEY})
                 conn.commit()
+
+    def _under_file_lock(self, path: Path) -> PruneReport:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._skipped()
+            return super().run_once()  # the lock goes with the descriptor
+        finally:
+            os.close(fd)
+
+    def _skipped(self) -> PruneReport:
+        return PruneReport(False, format_ts(self._now()), self.policies().digest,
+                           skipped="another gateway's retention run holds the database's prune lock")
 
 
 def apply_roles(runtime: Runtime, index: int) -> None:

@@ -1,8 +1,11 @@
 """What each gateway process runs besides serving (appliance/gateway_roles.py): one retention run
-at a time per PostgreSQL database, and a run marker of its own per worker slot."""
+at a time per database (PostgreSQL advisory lock, SQLite lock file), and a run marker of its own
+per worker slot."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -39,4 +42,22 @@ def test_a_retention_run_is_skipped_while_another_gateway_holds_the_prune_lock(
             assert conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_LOCK_KEY}).scalar()
     finally:
         other.dispose()
+        log.close()
+
+
+def test_a_retention_run_on_sqlite_is_skipped_while_another_process_holds_the_prune_lock_file(tmp_path: Path) -> None:
+    db = tmp_path / "appliance.db"
+    log = AuditLog(f"sqlite:///{db}", tmp_path / "audit.key")
+    try:
+        pruner = LockedPruner(log, load_policy_set(default_policy_dir()))
+        fd = os.open(f"{db}.prune-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # another gateway's pruner (flock is per open file: this descriptor stands for another process)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            skipped = pruner.run_once()
+            assert skipped.skipped is not None and "prune lock" in skipped.skipped
+        finally:
+            os.close(fd)
+        assert pruner.run_once().skipped is None
+        assert pruner.run_once(dry_run=True).skipped is None
+    finally:
         log.close()
