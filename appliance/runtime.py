@@ -50,7 +50,8 @@ from appliance.service import ChatService
 from appliance.tenancy import TenantStore
 from appliance.usage import UsageStore
 from engine import AsyncEngine, EngineConfig, RemoteEngine
-from policies import PolicySet, load_policy_set
+from policies import PolicySet
+from policies.effective import applied_policy_dir, load_in_force
 
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0  # retention runs hourly (each run bounded: see audit/retention.py)
@@ -88,7 +89,7 @@ class Runtime:
         audit = AuditLog(config.db_url, config.audit_key_path, on_checkpoints=anchoring.on_checkpoints)
         anchoring.start(audit)
         tenants = TenantStore(db)
-        policies = load_policy_set(config.policies_dir)
+        policies = load_in_force(config.policies_dir, applied_policy_dir(config.data_dir))  # release + applied
         run = RunMarker.new()
         # the first records of this run: the reconciliation of a previous one that did not stop cleanly
         begin_run(audit, lambda: [t.name for t in tenants.list_tenants(include_deleted=True)],
