@@ -68,6 +68,8 @@ class EngineSettings:
     dtype: str = "auto"
     kv_cache_bytes: int | None = None
     max_num_seqs: int | None = None
+    scheduling: str = "sla"  # "sla" (classes, deadlines, fair share) | "fcfs" (arrival order: a baseline)
+    max_wait_s: float | None = None  # aging step of the lowest classes; None: the engine's default
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -78,6 +80,11 @@ class EngineSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"engine.{name} must be a positive integer, found {value!r}")
+        if self.scheduling not in ("sla", "fcfs"):
+            raise ConfigError(f"engine.scheduling must be sla or fcfs, found {self.scheduling!r}")
+        if self.max_wait_s is not None and (isinstance(self.max_wait_s, bool)
+                                            or not isinstance(self.max_wait_s, int | float) or self.max_wait_s <= 0):
+            raise ConfigError(f"engine.max_wait_s must be a number of seconds > 0, found {self.max_wait_s!r}")
 
     def resolved(self, cuda_available: bool) -> dict[str, object]:
         device = ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
@@ -87,6 +94,10 @@ class EngineSettings:
             out["kv_cache_bytes"] = self.kv_cache_bytes
         if self.max_num_seqs is not None:
             out["max_num_seqs"] = self.max_num_seqs
+        if self.scheduling != "sla":
+            out["scheduling"] = self.scheduling
+        if self.max_wait_s is not None:
+            out["max_wait_s"] = float(self.max_wait_s)
         return out
 
 
@@ -192,9 +203,10 @@ def load_config(root: Path) -> ApplianceConfig:
         raise ConfigError(f"{path}: gateway.workers must be an integer in 1..{MAX_WORKERS} (gateway processes "
                           f"sharing the port), found {workers!r}")
     engine = doc.get("engine") or {}
-    if not isinstance(engine, dict) or set(engine) - {"device", "dtype", "kv_cache_bytes", "max_num_seqs"}:
-        raise ConfigError(f"{path}: engine must be a mapping of device, dtype, kv_cache_bytes, max_num_seqs; "
-                          f"found {engine!r}")
+    if not isinstance(engine, dict) or set(engine) - {"device", "dtype", "kv_cache_bytes", "max_num_seqs",
+                                                      "scheduling", "max_wait_s"}:
+        raise ConfigError(f"{path}: engine must be a mapping of device, dtype, kv_cache_bytes, max_num_seqs, "
+                          f"scheduling, max_wait_s; found {engine!r}")
     return ApplianceConfig(
         root=root,
         version=str(_require(doc, "version", str, path)),

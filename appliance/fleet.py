@@ -49,6 +49,7 @@ class EngineClient(Protocol):
     def tokenizer(self) -> Tokenizer: ...
     def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                  cache_salt: str | None = None, priority: int = 0, deadline: float | None = None,
+                 tenant: str | None = None, tpot_target_s: float | None = None,
                  ) -> Any: ...  # an async iterator of StreamDelta
     async def abort(self, request_id: str) -> None: ...
 

@@ -38,6 +38,7 @@ from appliance.diskguard import DiskGuard
 from appliance.errors import ConfigError
 from appliance.fleet import EngineClient, Fleet
 from appliance.journal_import import import_journal
+from appliance.limit_leases import SharedRateLimiter
 from appliance.loopguard import LoopGuard
 from appliance.metrics import GatewayMetrics
 from appliance.nodes import INPROCESS, Node, NodeRegistry
@@ -143,7 +144,7 @@ class Runtime:
         disk = DiskGuard(config.data_dir, config.audit_min_free_bytes, on_reading=metrics.audit_free_bytes.set)
         service = ChatService(
             fleet=fleet, router=Router(fleet), policies=policies, audit=audit, salt_key=salt_key, metrics=metrics,
-            usage=usage, disk=disk, run_id=run.run_id,
+            usage=usage, disk=disk, run_id=run.run_id, limiter=SharedRateLimiter(db),
             sealer=ContentSealer(audit, config.secrets_dir / MASTER_KEY_FILE),
         )
         return cls(config, db, tenants, audit, policies, engine, service, usage, nodes, fleet, run,

@@ -45,9 +45,9 @@ from appliance.audit.content import ContentError, ContentSealer
 from appliance.diskguard import DiskGuard
 from appliance.errors import ApplianceError
 from appliance.fleet import Fleet
+from appliance.limit_leases import LimitsUnavailable, SharedRateLimiter
 from appliance.metrics import GatewayMetrics
 from appliance.principal import Principal
-from appliance.ratelimit import RateLimiter
 from appliance.router import Route, Router, RouteRefused
 from appliance.usage import Reservation, UsageStore
 from engine import SamplingParams
@@ -132,6 +132,7 @@ class Prepared:
     prompt_hash: str
     stream: bool
     client: dict[str, str] = field(default_factory=dict)
+    tpot_target_s: float | None = None  # the class's time-per-output-token target, for the engine's scheduler
     created: int = field(default_factory=lambda: int(time.time()))
     retried_from: list[str] = field(default_factory=list)
     content_prompt: Any = None  # the messages or prompt, sealed into the record when the policy stores content
@@ -150,7 +151,8 @@ class Outcome:
 class ChatService:
     def __init__(
         self, *, fleet: Fleet, router: Router, policies: PolicySet, audit: AuditLog, salt_key: bytes,
-        metrics: GatewayMetrics, usage: UsageStore | None = None, disk: DiskGuard | None = None,
+        metrics: GatewayMetrics, limiter: SharedRateLimiter, usage: UsageStore | None = None,
+        disk: DiskGuard | None = None,
         default_max_tokens: int = 512, tokenizer_threads: int = 4, run_id: str | None = None,
         sealer: ContentSealer | None = None,
     ) -> None:
@@ -164,7 +166,7 @@ class ChatService:
         self.audit = audit
         self._salt_key = salt_key
         self.metrics = metrics
-        self.limiter = RateLimiter()
+        self.limiter = limiter  # tenant limits shared by every gateway on the database (appliance/limit_leases.py)
         self.admission = AdmissionController()
         self.default_max_tokens = default_max_tokens
         self._pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
@@ -175,6 +177,7 @@ class ChatService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.limiter.close()  # gives every lease and concurrency slot back to the other gateways
 
     def cache_salt(self, tenant: str) -> str:
         """Derived on the server from the tenant: clients can never choose or learn it."""
@@ -217,7 +220,12 @@ class ChatService:
         if low is not None:  # not recorded per request: that is what there is no room for
             self.metrics.requests.labels(tenant, "rejected").inc()
             raise RequestRejected(503, low, "server_error", "audit_storage_low", retry_after_s=60)
-        entered = self.limiter.enter(tenant, policy.rate_limit_rpm, policy.max_concurrent_requests)
+        try:
+            entered = await self.limiter.enter(tenant, policy.rate_limit_rpm, policy.max_concurrent_requests)
+        except LimitsUnavailable as exc:
+            await self._reject(principal, request_id, RequestRejected(
+                503, str(exc), "server_error", "limits_unavailable", retry_after_s=5), spec.model)
+            raise AssertionError("unreachable") from None
         if not entered.allowed:
             await self._reject(principal, request_id, RequestRejected(
                 429, entered.reason, "rate_limit_exceeded", entered.code, entered.retry_after_s), spec.model)
@@ -292,8 +300,13 @@ class ChatService:
         release_rate = 0
         budget: Reservation | None = None
         try:
-            rate = self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens,
-                                        policy.rate_limit_rpm)
+            try:
+                rate = await self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens,
+                                                  policy.rate_limit_rpm)
+            except LimitsUnavailable as exc:
+                await self._reject(principal, request_id, RequestRejected(
+                    503, str(exc), "server_error", "limits_unavailable", retry_after_s=5), model)
+                raise AssertionError("unreachable") from None
             if not rate.allowed:
                 await self._reject(principal, request_id, RequestRejected(
                     429, rate.reason, "rate_limit_exceeded", "rate_limit_exceeded", rate.retry_after_s), model)
@@ -314,6 +327,7 @@ class ChatService:
             prep = Prepared(
                 request_id=request_id, principal=principal, model=model, prompt_ids=prompt_ids, params=params,
                 sla_class=sla.name, priority=sla.priority, deadline=time.time() + sla.deadline_ms / 1000.0,
+                tpot_target_s=sla.tpot_ms / 1000.0 if sla.tpot_ms else None,
                 route=route, ticket=rate.ticket, budget=budget, ahead_tokens=admit.ahead_tokens,
                 stream=spec.stream, client=dict(spec.client),
                 content_prompt=spec.messages if spec.messages is not None else spec.prompt,
@@ -369,7 +383,7 @@ class ChatService:
             self.fleet.acquire(node)
             stream = prep.route.handle.client.generate(
                 prep.request_id, prep.prompt_ids, prep.params, cache_salt=self.cache_salt(tenant),
-                priority=prep.priority, deadline=prep.deadline)
+                priority=prep.priority, deadline=prep.deadline, tenant=tenant, tpot_target_s=prep.tpot_target_s)
             try:
                 return stream, await anext(stream)
             except RequestError:

@@ -28,6 +28,8 @@ class EngineConfig:
     num_threads: int | None = None  # CPU: torch intra-op threads; None = the cores this process may use
     cuda_graphs: bool = True  # CUDA with the Triton backend: replay captured graphs for decode-only steps
     cpu_packed_linear: bool = True  # CPU fp32/bf16: oneDNN GEMMs on weights pre-packed at load
+    scheduling: str = "sla"  # "sla" | "fcfs" (arrival order only: the SLA benchmark's baseline)
+    max_wait_s: float | None = 10.0  # aging step (engine/core/scheduling_policy.py); None = no aging
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -52,6 +54,9 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be None or >= 1; got {self.num_threads}")
+        from engine.core.scheduling_policy import SchedulingPolicy
+
+        SchedulingPolicy(mode=self.scheduling, max_wait_s=self.max_wait_s)  # a clear ValueError when wrong
 
     @property
     def torch_dtype(self) -> torch.dtype:

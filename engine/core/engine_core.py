@@ -39,6 +39,7 @@ class EngineCore:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduling = scheduling or SchedulingPolicy(mode=config.scheduling, max_wait_s=config.max_wait_s)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, scheduling)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}

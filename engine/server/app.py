@@ -53,7 +53,8 @@ def build_app(engine: AsyncEngine, model_dir: Path, model_name: str | None = Non
         prompt: str | list[int] = body.prompt if body.prompt is not None else list(body.prompt_token_ids or [])
         start = time.perf_counter()
         stream = engine.generate(body.request_id, prompt, params, cache_salt=body.cache_salt,
-                                 priority=body.priority, deadline=body.deadline)
+                                 priority=body.priority, deadline=body.deadline,
+                                 tenant=body.tenant, tpot_target_s=body.tpot_target_s)
         try:
             first = await anext(stream)
         except RequestError as exc:

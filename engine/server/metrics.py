@@ -50,6 +50,20 @@ class _EngineStatsCollector(Collector):
         yield self._counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", s.get("prompt_tokens", 0))
         yield self._counter("vllm:generation_tokens", "Generated tokens.", s.get("generation_tokens", 0))
         yield self._counter("vllm:num_preemptions", "Sequences preempted (recompute).", s.get("num_preemptions", 0))
+        names = [*self._labels]
+        by_reason = CounterMetricFamily("sovereign:engine_preemptions", "Preemptions by reason.",
+                                        labels=[*names, "reason"])
+        for reason, n in sorted(s.get("preemptions_by_reason", {}).items()):
+            by_reason.add_metric([*self._labels.values(), reason], n)
+        yield by_reason
+        yield self._counter("sovereign:engine_deadline_misses", "Requests ended at their deadline.",
+                            s.get("num_deadline_misses", 0))
+        served = CounterMetricFamily("sovereign:engine_tenant_served_tokens",
+                                     "Prompt tokens computed plus tokens generated, per tenant (fair share).",
+                                     labels=[*names, "tenant"])
+        for tenant, n in sorted(s.get("tenant_served_tokens", {}).items()):
+            served.add_metric([*self._labels.values(), tenant], n)
+        yield served
 
 
 class EngineMetrics:

@@ -33,7 +33,8 @@ def _contexts(tls: TlsSet) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     return await reader.readexactly(length)
 
 
@@ -148,7 +149,8 @@ def test_an_error_status_carries_its_body_and_keeps_the_connection(tls: TlsSet) 
             except asyncio.IncompleteReadError:
                 return
             payload = b'{"error": {"type": "PromptTooLongError", "message": "too long"}}'
-            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: " + str(len(payload)).encode()
+                         + b"\r\n\r\n" + payload)
             await writer.drain()
 
     async def body(http: NodeHTTP) -> object:
