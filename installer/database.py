@@ -252,7 +252,7 @@ def database_vars(database: DatabaseSettings | None, audit: AuditSettings | None
     password goes into a 0600 libpq password file in ``work``; no variable holds it."""
     out: dict[str, Any] = {"sovereign_database_urls": {}, "sovereign_database_files": [],
                            "sovereign_database_migrate_on": "", "sovereign_database_check": {},
-                           "sovereign_audit_settings": audit.as_config() if audit is not None else {}}
+                           "sovereign_database_audit": audit.as_config() if audit is not None else {}}
     if database is None:
         return out
     out["sovereign_database_urls"] = {name: database.node_url(node_roots[name]) for name in gateways}

@@ -63,7 +63,7 @@ def render(inv: Inventory, node: str, model: str = "SmolLM2-135M-Instruct") -> d
         roots = {n.name: inv.node_root(n, "/opt/sovereign") for n in inv.gateway_nodes}
         shared = database_vars(inv.database, inv.audit, roots, [n.name for n in inv.gateway_nodes], Path(work))
     variables["sovereign_release_database_url"] = shared["sovereign_database_urls"].get(node, "")
-    variables["sovereign_release_audit"] = shared["sovereign_audit_settings"]
+    variables["sovereign_release_audit"] = shared["sovereign_database_audit"]
     text = (RELEASE_ROLE / "templates" / "appliance.yaml.j2").read_text()
     return dict(yaml.safe_load(env.from_string(text).render(variables)))
 
