@@ -1,16 +1,23 @@
-"""``appliance policy``: the policy files' schema, their validation, and applying them.
+"""``appliance policy``: the policy files' schema, their validation, applying them, and what is in force.
+
+The set in force on a root is the release's policy files (``policies_dir``, never written) with
+the applied files, ROOT/data/policies, laid over them by name (``policies.effective``).
 
 - ``schema`` prints the JSON Schema of one policy file (``policies.schema``).
 - ``validate FILE_OR_DIR...`` checks files as the gateway would load them and prints every problem
   as ``FILE:LINE:COLUMN: place: expected ..., found ...``; exit 1 on any problem, 0 with a summary.
-  The files are the whole set unless ``--root`` (or ``--over DIR``) lays them over a policy
-  directory, as ``apply`` would.
+  The files are the whole set unless ``--root`` lays them over the root's set in force, as
+  ``apply`` would (or ``--over DIR`` over a policy directory).
 - ``apply FILE_OR_DIR... --root R`` validates the same way, then: when the root's gateway is
   running (its run marker names a live process), sends the files to its admin API
   (``POST /admin/v1/policies`` with the root's admin key, ROOT/secrets/admin.key, over TLS checked
   against ROOT/tls/ca.pem), which writes them and swaps its policy without restart; otherwise
-  writes them into the root's policy directory for the next start and records
-  ``admin.policy_applied``. It says which it did. Exit 0 applied, 1 invalid, 2 could not apply.
+  writes them into ROOT/data/policies for the next start and records ``admin.policy_applied``.
+  It says which it did. Exit 0 applied, 1 invalid, 2 could not apply.
+- ``reset [FILE...] --root R`` removes applied files (all, or those named), so the release's policy
+  is in force again: through the running gateway (``DELETE /admin/v1/policies``) or directly,
+  validated first and recorded (``reset: true``), with the same exit codes.
+- ``show --root R`` lists the files in force, where each comes from, and the digests.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ import typer
 from rich.console import Console
 
 from appliance.errors import ApplianceError
-from policies import PolicySet, load_policy_files, load_policy_set
-from policies.apply import overlay, restore_policy_files, write_policy_files
+from policies import PolicySet, load_policy_files
+from policies.apply import overlay, remove_policy_files, restore_policy_files, without, write_policy_files
+from policies.effective import APPLIED, applied_policy_dir, files_in_force, in_force_digest, load_in_force
 from policies.errors import PolicyError, PolicyValidationError
 from policies.schema import policy_schema_json
 
@@ -81,14 +89,24 @@ def _summary(policies: PolicySet) -> dict[str, Any]:
             "sla_classes": sorted(policies.sla_classes), "tenants": sorted(policies.tenants)}
 
 
-def _base_dir(root: Path | None, over: Path | None) -> Path | None:
+def _base(root: Path | None, over: Path | None) -> tuple[Path, Path | None] | None:
+    """(release policies, applied directory) the files are laid over, if any."""
     if root is not None and over is not None:
         raise typer.BadParameter("expected --root or --over, found both")
     if root is not None:
         from appliance.config import load_config
 
-        return load_config(root).policies_dir
-    return over
+        config = load_config(root)
+        return config.policies_dir, applied_policy_dir(config.data_dir)
+    return None if over is None else (over, None)
+
+
+def _placed(base: tuple[Path, Path | None] | None) -> Path | None:
+    """The directory the files given are named under in problems from ``overlay``."""
+    if base is None:
+        return None
+    release, applied = base
+    return applied if applied is not None else release if release.is_dir() else release.parent
 
 
 @policy_app.command("schema")
@@ -107,17 +125,17 @@ def validate_cmd(
 ) -> None:
     """Check policy files; print every problem with file, line and column. Exit 1 if any."""
     files: dict[str, tuple[Path, bytes]] = {}
-    base: Path | None = None
+    base: tuple[Path, Path | None] | None = None
     try:
         files = _collect(paths)
-        base = _base_dir(root, over)
+        base = _base(root, over)
         if base is not None:
-            policies = overlay(base, {name: data for name, (_, data) in files.items()})
+            policies = overlay(base[0], base[1], {name: data for name, (_, data) in files.items()})
         else:
             ordered = sorted(((str(path), data) for path, data in files.values()), key=lambda f: Path(f[0]).name)
             policies = load_policy_files(ordered, ", ".join(str(p) for p in paths))
     except PolicyValidationError as exc:
-        _print_problems(exc, as_json, _renamed(base, files))
+        _print_problems(exc, as_json, _renamed(_placed(base), files))
         raise typer.Exit(EXIT_INVALID) from None
     except (PolicyError, ApplianceError) as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
@@ -147,10 +165,10 @@ def apply_cmd(
     base: Path | None = None
     try:
         config = load_config(root)
-        base = config.policies_dir
+        base = applied_policy_dir(config.data_dir)
         collected = _collect(paths)
         files = {name: data for name, (_, data) in collected.items()}
-        overlay(config.policies_dir, files)  # checked here first: problems with lines, nothing sent
+        overlay(config.policies_dir, base, files)  # checked here first: problems with lines, nothing sent
         if _gateway_running(config.data_dir):
             result = _apply_running(config, files, admin_key_file or config.secrets_dir / "admin.key", url)
         else:
@@ -166,7 +184,7 @@ def apply_cmd(
         return
     where = ("applied to the running gateway at " + result["gateway"] + " (in force for new requests now)"
              if result["running"] else
-             f"no gateway running: wrote {', '.join(result['files'])} to {result['policies_dir']} "
+             f"no gateway running: wrote {', '.join(result['files'])} to {result['applied_dir']} "
              "(in force at the next start)")
     print(f"{where}; policy digest {result['old_digest']} -> {result['new_digest']}")
 
@@ -182,33 +200,57 @@ def _gateway_running(data_dir: Path) -> bool:
 
 
 def _apply_stopped(config: Any, files: dict[str, bytes]) -> dict[str, Any]:
+    release, applied = config.policies_dir, applied_policy_dir(config.data_dir)
+
+    def change() -> tuple[PolicySet, list[str], dict[str, bytes | None]]:
+        new = overlay(release, applied, files)
+        return new, sorted(files), write_policy_files(applied, files)
+
+    return _change_stopped(config, change, {})
+
+
+def _reset_stopped(config: Any, names: list[str] | None) -> dict[str, Any]:
+    release, applied = config.policies_dir, applied_policy_dir(config.data_dir)
+
+    def change() -> tuple[PolicySet, list[str], dict[str, bytes | None]]:
+        gone, new = without(release, applied, names)
+        return new, gone, remove_policy_files(applied, gone)
+
+    return _change_stopped(config, change, {"reset": True})
+
+
+def _change_stopped(config: Any, change: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """Under the data directory's policy lock: ``change()`` checks and writes (or removes) the applied
+    files, returning the new set, the files' names and what to put back; then the change is recorded
+    (put back if it cannot be)."""
     from appliance.audit import AuditLog
     from appliance.audit.cli import cli_actor
     from appliance.policy_audit import policy_lock, record_policy_applied
 
+    release, applied = config.policies_dir, applied_policy_dir(config.data_dir)
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a root whose gateway never ran yet
     audit = AuditLog(config.db_url, config.audit_key_path)
     try:
         with policy_lock(config.data_dir):  # no other apply or gateway watch in between
             try:
-                old: str | None = load_policy_set(config.policies_dir).digest
+                old: str | None = load_in_force(release, applied).digest
             except PolicyError:
-                old = None  # the directory in place does not load: the record says there was no valid set
-            new = overlay(config.policies_dir, files)
-            before = write_policy_files(config.policies_dir, files)
+                old = None  # the files in place do not load: the record says there was no valid set
+            new, names, before = change()
             try:
-                record_policy_applied(audit, old, new, sorted(files), config.data_dir, cli_actor(),
-                                      {"via": "cli", "running": False, "changed": new.digest != old})
+                record_policy_applied(audit, old, new, names, config.data_dir, cli_actor(),
+                                      {"via": "cli", "running": False, "changed": new.digest != old, **extra})
             except BaseException:
-                restore_policy_files(config.policies_dir, before)  # no unrecorded change
+                restore_policy_files(applied, before)  # no unrecorded change
                 raise
     finally:
         audit.close()
-    return {"applied": True, "running": False, "changed": new.digest != old, "old_digest": old,
-            "new_digest": new.digest, "files": sorted(files), "policies_dir": str(config.policies_dir)}
+    return {"applied": True, **extra, "running": False, "changed": new.digest != old, "old_digest": old,
+            "new_digest": new.digest, "files": names, "applied_dir": str(applied)}
 
 
-def _apply_running(config: Any, files: dict[str, bytes], key_file: Path, url: str | None) -> dict[str, Any]:
+def _call_running(config: Any, key_file: Path, url: str | None, method: str, **request: Any) -> dict[str, Any]:
+    """One admin API call on the running gateway for ``/admin/v1/policies``; its JSON answer."""
     import httpx
 
     if not key_file.is_file():
@@ -226,10 +268,9 @@ def _apply_running(config: Any, files: dict[str, bytes], key_file: Path, url: st
         raise ApplianceError(f"the gateway is running but its CA certificate is missing: expected {ca} "
                              "(made at the gateway's first start); nothing applied")
     ctx = ssl.create_default_context(cafile=str(ca))
-    body = {"files": {name: data.decode("utf-8", errors="replace") for name, data in files.items()}}
     try:
-        answer = httpx.post(f"{url}/admin/v1/policies", json=body, headers={"Authorization": f"Bearer {key}"},
-                            verify=ctx, timeout=60)
+        answer = httpx.request(method, f"{url}/admin/v1/policies", headers={"Authorization": f"Bearer {key}"},
+                               verify=ctx, timeout=60, **request)
     except httpx.HTTPError as exc:
         raise ApplianceError(f"the gateway is running (its run marker names a live process) but {url} did not "
                              f"answer: {type(exc).__name__}; nothing applied") from None
@@ -243,3 +284,91 @@ def _apply_running(config: Any, files: dict[str, bytes], key_file: Path, url: st
         message = (doc.get("error") or {}).get("message", answer.text[:200])
         raise ApplianceError(f"the gateway at {url} refused the policy: {answer.status_code} {message}")
     return {**doc, "gateway": url}
+
+
+def _apply_running(config: Any, files: dict[str, bytes], key_file: Path, url: str | None) -> dict[str, Any]:
+    body = {"files": {name: data.decode("utf-8", errors="replace") for name, data in files.items()}}
+    return _call_running(config, key_file, url, "POST", json=body)
+
+
+@policy_app.command("reset")
+def reset_cmd(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="Applied files to remove (names, as `show` lists them); none: every applied file.")] = None,
+    root: Annotated[Path, typer.Option("--root", help="Install root of the appliance.")] = Path("var"),
+    admin_key_file: Annotated[Path | None, typer.Option(
+        "--admin-key-file", help="An admin key for the running gateway (default ROOT/secrets/admin.key).")] = None,
+    url: Annotated[str | None, typer.Option(
+        "--url", help="The running gateway's https://HOST:PORT when not appliance.yaml's (serve --port).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove applied policy files (all, or those named): the release's policy is in force again."""
+    from appliance.config import load_config
+
+    try:
+        config = load_config(root)
+        wanted = [Path(n).name for n in names] if names else None
+        without(config.policies_dir, applied_policy_dir(config.data_dir), wanted)  # checked here first
+        if _gateway_running(config.data_dir):
+            params = [("file", n) for n in wanted] if wanted else None
+            result = _call_running(config, admin_key_file or config.secrets_dir / "admin.key", url, "DELETE",
+                                   params=params)
+        else:
+            result = _reset_stopped(config, wanted)
+    except PolicyValidationError as exc:
+        err.print("the policy that would remain is invalid; nothing removed:", markup=False)
+        _print_problems(exc, as_json)
+        raise typer.Exit(EXIT_INVALID) from None
+    except (PolicyError, ApplianceError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    where = ("the running gateway at " + result["gateway"] + " removed" if result["running"] else
+             "no gateway running: removed")
+    print(f"{where} {', '.join(result['files'])} from {result['applied_dir']}; policy digest "
+          f"{result['old_digest']} -> {result['new_digest']}")
+
+
+@policy_app.command("show")
+def show_cmd(
+    root: Annotated[Path, typer.Option("--root", help="Install root of the appliance.")] = Path("var"),
+    as_json: JsonOpt = False,
+) -> None:
+    """List the policy files in force, where each comes from (release or applied), and the digests."""
+    import hashlib
+
+    from rich.table import Table
+
+    from appliance.config import load_config
+
+    try:
+        config = load_config(root)
+        release, applied = config.policies_dir, applied_policy_dir(config.data_dir)
+        files = files_in_force(release, applied)
+        digest = in_force_digest(release, applied)
+        try:
+            load_in_force(release, applied)
+            problems = 0
+        except PolicyValidationError as exc:
+            problems = len(exc.problems)
+    except (PolicyError, ApplianceError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    rows: list[dict[str, Any]] = [{"name": f.name, "origin": f.origin, "path": str(f.path),
+             "replaces": str(f.replaces) if f.replaces is not None else None,
+             "sha256": hashlib.sha256(f.path.read_bytes()).hexdigest()} for f in files]
+    doc = {"digest": digest, "valid": problems == 0, "problems": problems, "release_dir": str(release),
+           "applied_dir": str(applied), "files": rows}
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    table = Table("file", "from", "path", "sha256")
+    for row in rows:
+        origin = row["origin"] + (" (replaces the release's)" if row["replaces"] else "")
+        table.add_row(row["name"], origin, row["path"], row["sha256"][:16])
+    console.print(table)
+    state = "valid" if not problems else f"INVALID ({problems} problem(s): run `appliance policy validate`)"
+    applied_count = sum(1 for f in files if f.origin == APPLIED)
+    print(f"policy digest {digest}, {state}; {applied_count} applied file(s) in {applied}")

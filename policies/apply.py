@@ -1,10 +1,14 @@
-"""A new policy set as files laid over the policy directory in force: checked first, then written.
+"""A new policy set as files applied over the set in force: checked first, then written; and reset.
 
-``apply`` semantics: each new file replaces the file of the same name in the policy directory, or
-is added to it; files not named stay as they are (to change a tenant, apply the file that holds
-it). ``overlay`` validates the set the directory would then hold, with the paths it would have, so
-its digest is the one the next start computes. ``write_policy_files`` writes each file atomically
-(a temporary file in the same directory, fsynced, then ``os.replace``, then the directory fsynced).
+Applied files live in the root's applied directory (``effective.applied_policy_dir``), never in
+the release's. ``apply`` semantics: each new file replaces the applied file of the same name or
+is added (and so lays over the release's file of that name, if any); files not named stay as they
+are (to change a tenant, apply the file that holds it). ``overlay`` validates the set in force
+once the files are applied, with the paths they would have, so its digest is the one the next
+start computes; ``without`` validates the set once named applied files are removed (``reset``).
+``write_policy_files`` writes each file atomically (a temporary file in the same directory,
+fsynced, then ``os.replace``, then the directory fsynced); ``remove_policy_files`` removes them;
+``restore_policy_files`` puts back what either changed.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from policies.errors import PolicyProblem, PolicyValidationError
-from policies.loader import MAX_FILE_BYTES, load_policy_files, read_policy_files
+from policies.effective import applied_files, origin_of, read_in_force
+from policies.errors import PolicyNotFoundError, PolicyProblem, PolicyValidationError
+from policies.loader import MAX_FILE_BYTES, load_policy_files
 from policies.policy_set import PolicySet
 
 FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.ya?ml$"
@@ -52,28 +57,44 @@ def _empty(data: bytes) -> bool:
         return False  # the loader reports it, with its line and column
 
 
-def overlay(policy_dir: Path, files: dict[str, bytes]) -> PolicySet:
-    """The policy set ``policy_dir`` holds once ``files`` (name -> contents) are laid over it.
+def overlay(release: Path, applied: Path | None, files: dict[str, bytes]) -> PolicySet:
+    """The set in force once ``files`` (name -> contents) are applied (written into ``applied``;
+    None: laid over the release's files alone, named as files of its directory).
 
-    Raises PolicyValidationError listing every problem (file names are the paths in
-    ``policy_dir``, lines and columns those of the new files' text).
+    Raises PolicyValidationError listing every problem (a new file is named by its path in
+    ``applied``, with the lines and columns of its text; the others by their real paths).
     """
     check_file_names(files)
-    if policy_dir.exists() and not policy_dir.is_dir():
-        raise PolicyValidationError.single(str(policy_dir), "policies_dir", "a directory of policy files to apply to",
-                                           "a single file (replace it by its directory)")
-    current = dict(read_policy_files(policy_dir)) if policy_dir.is_dir() and any(
-        p.suffix in (".yaml", ".yml") for p in policy_dir.iterdir()) else {}
-    merged = {**current, **{str(policy_dir / name): data for name, data in files.items()}}
-    ordered = sorted(merged.items(), key=lambda item: Path(item[0]).name)  # the loader's order on disk
-    return load_policy_files(ordered, str(policy_dir))
+    return load_policy_files(read_in_force(release, applied, add=files), origin_of(release, applied))
+
+
+def without(release: Path, applied: Path, names: list[str] | None) -> tuple[list[str], PolicySet]:
+    """The applied files to remove (``None``: all of them) and the set in force once they are gone.
+
+    Raises PolicyNotFoundError when there is no such applied file, and PolicyValidationError listing
+    every problem of the set that would remain (the release's files and the applied files that stay).
+    """
+    present = applied_files(applied)
+    if not present:
+        raise PolicyNotFoundError(f"nothing to reset: expected applied policy files in {applied}, found none "
+                                  "(the release's policy is in force)")
+    if names is None:
+        names = sorted(present)
+    missing = [name for name in names if name not in present]
+    if missing or not names:
+        raise PolicyNotFoundError(f"reset: expected applied files among {sorted(present)}, found no "
+                                  f"{', '.join(repr(n[:100]) for n in missing) or 'name'}")
+    gone = frozenset(names)
+    return sorted(gone), load_policy_files(read_in_force(release, applied, remove=gone), origin_of(release, applied))
 
 
 def write_policy_files(policy_dir: Path, files: dict[str, bytes]) -> dict[str, bytes | None]:
     """Write ``files`` into ``policy_dir``, each atomically; returns what each held before (None: new),
     for ``restore_policy_files``."""
     check_file_names(files)
-    policy_dir.mkdir(parents=True, exist_ok=True)
+    if not policy_dir.is_dir():
+        policy_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.chmod(policy_dir, 0o750)  # whatever the umask: policy is not for every local user to read
     before: dict[str, bytes | None] = {}
     for name in files:
         path = policy_dir / name
@@ -84,8 +105,18 @@ def write_policy_files(policy_dir: Path, files: dict[str, bytes]) -> dict[str, b
     return before
 
 
+def remove_policy_files(policy_dir: Path, names: list[str]) -> dict[str, bytes | None]:
+    """Remove the named files from ``policy_dir``; returns what each held, for ``restore_policy_files``."""
+    before: dict[str, bytes | None] = {name: (policy_dir / name).read_bytes() for name in names}
+    for name in names:
+        (policy_dir / name).unlink()
+    _fsync_dir(policy_dir)
+    return before
+
+
 def restore_policy_files(policy_dir: Path, before: dict[str, bytes | None]) -> None:
-    """Put back what ``write_policy_files`` replaced (a file that was new is removed)."""
+    """Put back what ``write_policy_files`` replaced or ``remove_policy_files`` removed (a file that was
+    new is removed)."""
     for name, data in before.items():
         if data is None:
             (policy_dir / name).unlink(missing_ok=True)

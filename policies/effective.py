@@ -52,9 +52,9 @@ def release_files(release: Path) -> dict[str, Path]:
     return {p.name: p for p in _yaml_files(release)}
 
 
-def applied_files(applied: Path) -> dict[str, Path]:
-    """name -> path of the applied files (none when the directory was never made)."""
-    if not applied.exists():
+def applied_files(applied: Path | None) -> dict[str, Path]:
+    """name -> path of the applied files (none when the directory was never made, or is None)."""
+    if applied is None or not applied.exists():
         return {}
     if not applied.is_dir():
         raise PolicyValidationError.single(str(applied), "<applied policies>", "a directory of applied policy files",
@@ -62,7 +62,7 @@ def applied_files(applied: Path) -> dict[str, Path]:
     return {p.name: p for p in _yaml_files(applied)}
 
 
-def files_in_force(release: Path, applied: Path) -> list[PolicyFile]:
+def files_in_force(release: Path, applied: Path | None) -> list[PolicyFile]:
     """The files of the set in force, in load (name) order."""
     shipped = release_files(release)
     laid = applied_files(applied)
@@ -72,16 +72,17 @@ def files_in_force(release: Path, applied: Path) -> list[PolicyFile]:
     return [merged[name] for name in sorted(merged)]
 
 
-def origin_of(release: Path, applied: Path) -> str:
+def origin_of(release: Path, applied: Path | None) -> str:
     """How problems that concern no single file name the set."""
     return f"{release} (with {applied} laid over)" if applied_files(applied) else str(release)
 
 
-def read_in_force(release: Path, applied: Path, add: dict[str, bytes] | None = None,
+def read_in_force(release: Path, applied: Path | None, add: dict[str, bytes] | None = None,
                   remove: frozenset[str] = frozenset()) -> list[tuple[str, bytes]]:
     """(path, bytes) of the set in force, in load order; ``add`` (name -> bytes) laid over it as files
     of the applied directory, and the applied files named in ``remove`` left out, for a check before
-    they are written or removed."""
+    they are written or removed. ``applied`` None: the release alone, ``add`` laid over it as files
+    of the release's directory (``appliance policy validate --over``)."""
     files = {f.name: f for f in files_in_force(release, applied)}
     shipped = release_files(release)
     out: dict[str, tuple[str, bytes]] = {}
@@ -91,17 +92,18 @@ def read_in_force(release: Path, applied: Path, add: dict[str, bytes] | None = N
                 out[name] = (str(shipped[name]), shipped[name].read_bytes())
             continue
         out[name] = (str(file.path), file.path.read_bytes())
+    base = applied if applied is not None else release if release.is_dir() else release.parent
     for name, data in (add or {}).items():
-        out[name] = (str(applied / name), data)
+        out[name] = (str(base / name), data)
     return [out[name] for name in sorted(out)]
 
 
-def in_force_digest(release: Path, applied: Path) -> str:
+def in_force_digest(release: Path, applied: Path | None) -> str:
     """The digest of the set in force (``PolicySet.digest`` of ``load_in_force``), without validating."""
     return policy_digest(read_in_force(release, applied))
 
 
-def load_in_force(release: Path, applied: Path) -> PolicySet:
+def load_in_force(release: Path, applied: Path | None) -> PolicySet:
     """Load and validate the set in force. Raises PolicyNotFoundError when there is no file at all and
     PolicyValidationError listing every problem (under each file's real path) otherwise."""
     return load_policy_files(read_in_force(release, applied), origin_of(release, applied))

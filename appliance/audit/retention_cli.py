@@ -88,10 +88,11 @@ def _error(err: Console, what: str, exc: Exception) -> int:
 def run_prune(root: Path, *, dry_run: bool = False, as_json: bool = False, console: Console | None = None) -> int:
     out, err = console or Console(), _stderr()
     try:
-        from policies import load_policy_set
+        from appliance.config import load_config
+        from policies.effective import applied_policy_dir, load_in_force
 
-        with _open(root) as opened:
-            policies = load_policy_set(opened.policies_dir)
+        with _open(root) as opened:  # the set in force: the release's files with the applied ones laid over
+            policies = load_in_force(opened.policies_dir, applied_policy_dir(load_config(root).data_dir))
             report = Pruner(opened.log, policies, actor=cli_actor()).run_once(dry_run=dry_run)
     except (AuditError, OSError, ValueError, SQLAlchemyError) as exc:
         return _error(err, "prune", exc)

@@ -1,13 +1,14 @@
 """Hot reload: a running gateway takes up policy files changed under it, validated, without restart.
 
-Every ``WATCH_INTERVAL_S`` a worker thread reads the policy directory and compares its digest with
-the set in force (a few small files: cheap). When they differ it takes the data directory's policy
-lock (``policy_audit.policy_lock``, held by every writer while it writes and records), reads the
-files again and validates them. A valid set is recorded unless already recorded (an apply records
-``admin.policy_applied``; a change by other means, say an editor or a configuration tool, becomes
-``admin.policy_changed``, once for all processes on the data directory) and swapped in on the event
-loop with ``Runtime.replace_policies``. An invalid set is logged once with every problem, and the
-running policy stays in force.
+Every ``WATCH_INTERVAL_S`` a worker thread reads the files of the set in force (the release's
+policy files with the applied ones, DATA_DIR/policies, laid over them: ``policies.effective``) and
+compares their digest with the set the gateway holds (a few small files: cheap). When they differ
+it takes the data directory's policy lock (``policy_audit.policy_lock``, held by every writer while
+it writes and records), reads the files again and validates them. A valid set is recorded unless
+already recorded (an apply records ``admin.policy_applied``; a change by other means, say an editor
+or a configuration tool, becomes ``admin.policy_changed``, once for all processes on the data
+directory) and swapped in on the event loop with ``Runtime.replace_policies``. An invalid set is
+logged once with every problem, and the running policy stays in force.
 
 This is how every gateway worker of one install takes up an apply that one of them answered. The
 watch runs for the gateway's lifespan (the policy router's lifespan, nested in the app's: it starts
@@ -25,7 +26,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from appliance.policy_audit import policy_lock, record_policy_reload
-from policies import PolicySet, load_policy_files, read_policy_files
+from policies import PolicySet, load_policy_files
+from policies.effective import applied_policy_dir, origin_of, read_in_force
 from policies.errors import PolicyError, PolicyValidationError
 from policies.loader import policy_digest
 
@@ -53,33 +55,34 @@ class PolicyWatcher:
 
     def changed(self) -> PolicySet | None:
         """In a worker thread: the valid set on disk when it differs from the one in force (recorded)."""
-        policy_dir, data_dir = self.runtime.config.policies_dir, self.runtime.config.data_dir
+        release, data_dir = self.runtime.config.policies_dir, self.runtime.config.data_dir
+        applied = applied_policy_dir(data_dir)
         try:
-            if policy_digest(read_policy_files(policy_dir)) == self.runtime.policies.digest:
+            if policy_digest(read_in_force(release, applied)) == self.runtime.policies.digest:
                 return None
             with policy_lock(data_dir):
-                files = read_policy_files(policy_dir)
+                files = read_in_force(release, applied)
                 digest = policy_digest(files)
                 current: PolicySet = self.runtime.policies
                 if digest == current.digest:
                     return None
-                new = load_policy_files(files, str(policy_dir))
+                new = load_policy_files(files, origin_of(release, applied))
                 record_policy_reload(self.runtime.audit, current, new, data_dir, self.runtime.run_id)
                 return new
         except (PolicyError, OSError) as exc:
-            digest_now = self._digest_or_error(policy_dir)
+            digest_now = self._digest_or_error(release, applied)
             if digest_now != self._reported:
                 self._reported = digest_now
                 detail = "\n  ".join(p.located() for p in exc.problems) if isinstance(
                     exc, PolicyValidationError) else str(exc)
-                log.error("policy files in %s changed but cannot be used; the policy in force stays (%s):\n  %s",
-                          policy_dir, self.runtime.policies.digest, detail)
+                log.error("policy files in %s and %s changed but cannot be used; the policy in force stays (%s):"
+                          "\n  %s", release, applied, self.runtime.policies.digest, detail)
             return None
 
     @staticmethod
-    def _digest_or_error(policy_dir: Any) -> str:
+    def _digest_or_error(release: Any, applied: Any) -> str:
         try:
-            return policy_digest(read_policy_files(policy_dir))
+            return policy_digest(read_in_force(release, applied))
         except (PolicyError, OSError) as exc:
             return f"error: {exc}"
 
@@ -90,7 +93,8 @@ class PolicyWatcher:
             if new is None:
                 return False
             old = self.runtime.replace_policies(new)
-        log.warning("policy reloaded from %s: %s -> %s", self.runtime.config.policies_dir, old.digest, new.digest)
+        log.warning("policy reloaded from %s and %s: %s -> %s", self.runtime.config.policies_dir,
+                    applied_policy_dir(self.runtime.config.data_dir), old.digest, new.digest)
         return True
 
     async def run(self, app: FastAPI) -> None:
