@@ -6,6 +6,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from appliance.sla_metrics import SlaMetrics
+
 NODE_STATES = ("active", "draining", "drained", "down")
 
 
@@ -58,6 +60,7 @@ class GatewayMetrics:
             "appliance_audit_publish_errors_total", "Checkpoint publications to audit.publish_dir that failed.",
             registry=self.registry,
         )
+        self.sla = SlaMetrics(self.registry)
 
     def set_node_state(self, node: str, state: str) -> None:
         for name in NODE_STATES:
