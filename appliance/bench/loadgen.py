@@ -47,6 +47,7 @@ class PhaseResult:
 
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    error_samples: dict[str, str] = field(default_factory=dict)  # the first answer of each kind, cut
     ttft_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
@@ -54,8 +55,10 @@ class PhaseResult:
     client_cpu_s: float = 0.0
     server_cpu_s: float | None = None  # the target's processes, where a probe was given
 
-    def error(self, what: str) -> None:
+    def error(self, what: str, sample: bytes = b"") -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+        if what not in self.error_samples:
+            self.error_samples[what] = sample[:300].decode("utf-8", "replace")
 
 
 class ServerClosed(Exception):
@@ -67,6 +70,7 @@ class Connection:
         self.target = target
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.last_error_body = b""  # the body of the last answer that was not 200
 
     async def open(self) -> None:
         t = self.target
@@ -114,6 +118,7 @@ class Connection:
             elif name == b"connection" and b"close" in value.lower():
                 close = True
         first = 0.0
+        self.last_error_body = b""
         if chunked:
             tail = b""
             while True:
@@ -123,17 +128,23 @@ class Connection:
                         pass
                     break
                 data = (await reader.readexactly(size + 2))[:-2]
+                if status != 200 and len(self.last_error_body) < 300:
+                    self.last_error_body += data
                 if not first:
                     if FIRST_TOKEN.search(tail + data):
                         first = time.perf_counter() - start
                     tail = data[-32:]
         elif length >= 0:
             data = await reader.readexactly(length)
+            if status != 200:
+                self.last_error_body = data
             if FIRST_TOKEN.search(data):
                 first = time.perf_counter() - start
         else:  # body until close
             data = await reader.read()
             close = True
+            if status != 200:
+                self.last_error_body = data
         end = time.perf_counter() - start
         if close:
             self.close()
@@ -191,7 +202,7 @@ async def closed_loop(target: Target, connections: int, seconds: float, stream: 
             if not window or not window[0] <= loop.time() <= window[1]:
                 continue  # finished in the warm-up or after the window: not counted
             if status != 200:
-                result.error(f"HTTP {status}")
+                result.error(f"HTTP {status}", conn.last_error_body)
                 continue
             result.ok += 1
             result.total_s.append(total)

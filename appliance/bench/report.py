@@ -26,12 +26,15 @@ def summarize(phases: list[PhaseResult], stream: bool) -> dict[str, Any]:
     cpu = sum(p.client_cpu_s for p in phases)
     server = [p.server_cpu_s for p in phases if p.server_cpu_s is not None]
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}
     for p in phases:
         for what, n in p.errors.items():
             errors[what] = errors.get(what, 0) + n
+        for what, text in p.error_samples.items():
+            samples.setdefault(what, text)
     total = [t for p in phases for t in p.total_s]
     out: dict[str, Any] = {
-        "requests": ok, "errors": errors, "seconds": round(wall, 3),
+        "requests": ok, "errors": errors, "error_samples": samples, "seconds": round(wall, 3),
         "warmup_s_max": round(max((p.warmup_s for p in phases), default=0.0), 2),
         "requests_per_s": round(ok / wall, 1) if wall else None,
         "total_p50_ms": pct(total, 0.5), "total_p99_ms": pct(total, 0.99),
@@ -113,6 +116,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_pair(add.get('total_p50_ms'), add.get('total_p99_ms')) if add else 'baseline'} "
             f"| {errors} | {_pair(plain['server_cpu_ms_per_request'], stream['server_cpu_ms_per_request'])} "
             f"| {_pair(plain['client_cpu_ms_per_request'], stream['client_cpu_ms_per_request'])} |")
-    if result.get("notes"):
-        lines += ["", *(f"- {note}" for note in result["notes"])]
+    refused = []
+    for t in result["targets"]:
+        for mode in ("plain", "stream"):
+            for what, n in t[mode]["errors"].items():
+                sample = " ".join(t[mode].get("error_samples", {}).get(what, "").split())[:200]
+                refused.append(f"{t['name']}, {'non-stream' if mode == 'plain' else 'stream'}: {n} x {what}"
+                               + (f", e.g. `{sample}`" if sample else ""))
+    if result.get("notes") or refused:
+        lines += ["", *(f"- {note}" for note in [*refused, *result.get("notes", [])])]
     return "\n".join(lines)

@@ -66,3 +66,32 @@ def test_a_keep_alive_connection_closed_by_the_server_is_reopened() -> None:
         assert len(answered) == 3
 
     asyncio.run(main())
+
+
+def test_a_refusal_is_counted_with_a_sample_of_its_answer() -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            body = b'{"error": {"message": "rate limit: slow down"}}'
+            writer.write(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            result = await closed_loop(_target(port), 2, 0.2, False, warmup_s=0.05, max_warmup_s=0.1)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert result.ok == 0 and result.errors["HTTP 429"] > 0, result.errors
+        assert "rate limit: slow down" in result.error_samples["HTTP 429"]
+
+    asyncio.run(main())
