@@ -1,6 +1,8 @@
 """Applying policy to a real running gateway (``appliance serve`` in its own process, over a
 stand-in engine node): through the admin API and through ``appliance policy apply``, which uses
-that API while the gateway runs and writes the files for the next start when it does not.
+that API while the gateway runs and writes the files for the next start when it does not; and
+``appliance policy reset`` / ``DELETE /admin/v1/policies``, which put the release's policy back.
+The applied files live in ROOT/data/policies: the release's policy directory stays byte-identical.
 
 A tenant's request limit changed by an apply holds from the next request on, without restart; an
 invalid apply is refused with every problem and leaves the limit in force; every change is an
@@ -95,6 +97,8 @@ def test_apply_through_the_api_and_the_cli_takes_effect_without_restart_and_surv
         lab: FleetLab, tmp_path: Path) -> None:
     acme = lab.client(lab.tenant_key("acme"), timeout=60)
     admin = _admin_http(lab)
+    release = {p.name: p.read_bytes() for p in (lab.base / "policies").iterdir()}
+    applied_dir = lab.gateway_root / "data" / "policies"
     first = admin.get("/admin/v1/policies").json()
     assert first["tenants"]["acme"]["rate_limit_rpm"] == 2
     assert [_served(acme) for _ in range(3)] == [True, True, False]  # 2 requests a minute
@@ -119,8 +123,9 @@ def test_apply_through_the_api_and_the_cli_takes_effect_without_restart_and_surv
                          headers={"Content-Type": "application/yaml"})
     assert applied.status_code == 200, applied.text
     api = applied.json()
-    assert (api["running"], api["changed"], api["old_digest"], api["files"]) == (
-        True, True, first["digest"], ["site.yaml"])
+    assert (api["running"], api["changed"], api["old_digest"], api["files"], api["applied_dir"]) == (
+        True, True, first["digest"], ["site.yaml"], str(applied_dir))
+    assert yaml.safe_load((applied_dir / "site.yaml").read_text())["tenants"]["acme"]["rate_limit_rpm"] == 100
     assert _served(acme) and _served(acme)
     now = admin.get("/admin/v1/policies").json()
     assert now["digest"] == api["new_digest"]
@@ -142,34 +147,58 @@ def test_apply_through_the_api_and_the_cli_takes_effect_without_restart_and_surv
     assert f"{site}:3:21: tenants.acme.rate_limit_rpm: expected greater than or equal to 1, found 0" in cli.stdout
     assert admin.get("/admin/v1/policies").json()["digest"] == running_digest
 
-    # a restart keeps the applied policy: the limit is 1 a minute from the first request
+    # a restart keeps the applied policy (the minute's requests are counted in the database, so the
+    # limit of 1 a minute still refuses the next one)
     _stop_gateway(lab)
     lab.start_gateway()
     admin = _admin_http(lab)
     assert admin.get("/admin/v1/policies").json()["digest"] == running_digest
-    assert [_served(acme) for _ in range(2)] == [True, False]
+    assert admin.get("/admin/v1/policies").json()["tenants"]["acme"]["rate_limit_rpm"] == 1
+    assert not _served(acme)
 
     # with the gateway stopped the CLI writes the files for the next start, and says so
     _stop_gateway(lab)
     site.write_text(_site(50, "standard"))
     cli = _policy_cli(lab, "apply", str(site), "--root", str(lab.gateway_root))
     assert cli.returncode == 0, cli.stdout + cli.stderr
-    assert "no gateway running: wrote site.yaml to " + str(lab.base / "policies") in cli.stdout
+    assert "no gateway running: wrote site.yaml to " + str(applied_dir) in cli.stdout
     lab.start_gateway()
     admin = _admin_http(lab)
     assert admin.get("/admin/v1/policies").json()["tenants"]["acme"]["rate_limit_rpm"] == 50
     assert [_served(acme) for _ in range(3)] == [True, True, True]
+    assert {p.name: p.read_bytes() for p in (lab.base / "policies").iterdir()} == release  # never written
+    shown = _policy_cli(lab, "show", "--root", str(lab.gateway_root), "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    (site_shown,) = [f for f in yaml.safe_load(shown.stdout)["files"] if f["name"] == "site.yaml"]
+    assert (site_shown["origin"], site_shown["replaces"]) == ("applied", str(lab.base / "policies" / "site.yaml"))
+
+    # a reset through the running gateway: the release's site.yaml (2 a minute) is in force at once
+    in_force = admin.get("/admin/v1/policies").json()["digest"]
+    missing = admin.delete("/admin/v1/policies/other.yaml")
+    assert missing.status_code == 404 and "found no 'other.yaml'" in missing.json()["error"]["message"]
+    cli = _policy_cli(lab, "reset", "site.yaml", "--root", str(lab.gateway_root))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert cli.stdout.startswith(f"the running gateway at {lab.url} removed site.yaml from {applied_dir}")
+    assert admin.get("/admin/v1/policies").json()["digest"] == first["digest"]
+    assert not _served(acme)  # 2 a minute again, and this minute already had 3 (served under 50 a minute)
+    assert list(applied_dir.iterdir()) == []
+    nothing = admin.delete("/admin/v1/policies")
+    assert nothing.status_code == 404 and "nothing to reset" in nothing.json()["error"]["message"]
 
     # every change recorded once, old and new digests chained, with who made it and how
     applied_records = _admin_records(lab, "admin.policy_applied")
-    assert [(r.actor.split(":")[0], r.data["via"], r.data["running"]) for r in applied_records] == [
-        ("admin", "admin api", True), ("admin", "admin api", True), ("cli", "cli", False)]
+    assert [(r.actor.split(":")[0], r.data["via"], r.data["running"], r.data.get("reset", False))
+            for r in applied_records] == [("admin", "admin api", True, False), ("admin", "admin api", True, False),
+                                          ("cli", "cli", False, False), ("admin", "admin api", True, True)]
+    assert applied_records[3].data["old_digest"] == in_force
+    assert applied_records[3].data["new_digest"] == first["digest"]
     assert applied_records[0].data["old_digest"] == first["digest"]
     assert applied_records[0].data["new_digest"] == api["new_digest"]
     assert applied_records[1].data["old_digest"] == api["new_digest"]
     assert applied_records[1].data["new_digest"] == running_digest
     assert applied_records[2].data["old_digest"] == running_digest
     assert all(r.data["files"] == ["site.yaml"] for r in applied_records)
+    assert {p.name: p.read_bytes() for p in (lab.base / "policies").iterdir()} == release
     assert applied_records[0].data["by_key_id"] and "sov_" not in str(applied_records[0].data)  # key id only
     # the starts after the applies found the digest they had recorded: no second record of the change
     assert len(_admin_records(lab, "admin.policy_changed")) == 1  # the first start's
