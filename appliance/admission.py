@@ -60,12 +60,19 @@ class AdmissionController:
         with self._lock:
             return self._estimate(node, tenant, priority, prompt_tokens)[0]
 
-    def _estimate(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> tuple[float, int]:
+    def fresh_estimate_ms(self, node: str, tenant: str, priority: int, prompt_tokens: int) -> float:
+        """The estimate for this request as if its tenant had nothing queued: what a tenant within
+        its fair share would wait. Over the target too: the node is saturated, not the tenant."""
+        with self._lock:
+            return self._estimate(node, tenant, priority, prompt_tokens, own_queue=False)[0]
+
+    def _estimate(self, node: str, tenant: str, priority: int, prompt_tokens: int,
+                  own_queue: bool = True) -> tuple[float, int]:
         queue = self._queued.get(node, {})
-        own = queue.get((priority, tenant), 0) + prompt_tokens
+        own = (queue.get((priority, tenant), 0) if own_queue else 0) + prompt_tokens
         ahead = own
         for (prio, other), tokens in queue.items():
-            if prio < priority:
+            if prio < priority and (own_queue or other != tenant):
                 ahead += tokens
             elif prio == priority and other != tenant:
                 ahead += min(tokens, own)

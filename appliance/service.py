@@ -45,6 +45,7 @@ from appliance.audit.content import ContentError, ContentSealer
 from appliance.diskguard import DiskGuard
 from appliance.errors import ApplianceError
 from appliance.fleet import Fleet
+from appliance.fleet_admission import AdmissionRefused, admit_across
 from appliance.limit_leases import LimitsUnavailable, SharedRateLimiter
 from appliance.metrics import GatewayMetrics
 from appliance.principal import Principal
@@ -277,25 +278,25 @@ class ChatService:
             head = b"".join(i.to_bytes(4, "little") for i in prompt_ids[:AFFINITY_TOKENS])
             affinity = self.keyed_hash(tenant, head)
         try:
-            route = self.router.route(model, policy.residency, affinity)
+            admitted = await admit_across(self.router, self.admission, model=model, residency=policy.residency,
+                                          affinity=affinity, tenant=tenant, prompt_tokens=len(prompt_ids), sla=sla,
+                                          max_queued_tokens=policy.max_queued_tokens)
         except RouteRefused as refused:
             await self._refuse_route(principal, request_id, refused, model)
             raise AssertionError("unreachable") from None
+        except AdmissionRefused as refused:
+            await self._reject(principal, request_id, RequestRejected(
+                refused.status, refused.message, "overloaded" if refused.status == 429 else "server_error",
+                refused.code, refused.retry_after_s), model, {"node": refused.node, "admission": refused.record})
+            raise AssertionError("unreachable") from None
+        route, admit = admitted.route, admitted.decision
         limit = int(route.handle.stats.get("max_model_len") or 0)
         if limit and len(prompt_ids) >= limit:  # the node would refuse it: say so before anything is queued
+            self.admission.release(route.node, tenant, sla.priority, len(prompt_ids))
             await self._reject(principal, request_id, RequestRejected(
                 400, f"the prompt is too long: {len(prompt_ids)} tokens; the model {short(model)!r} takes at most "
                 f"{limit - 1} prompt tokens", "invalid_request_error", "prompt_too_long",
                 param="messages" if spec.messages is not None else "prompt"), model)
-        admit = self.admission.try_admit(route.node, tenant, sla.priority, len(prompt_ids), sla.ttft_target_ms,
-                                         policy.max_queued_tokens)
-        if not admit.admitted:
-            message = admit.reason or (
-                f"node {route.node} cannot meet the {sla.name} TTFT target of {sla.ttft_target_ms} ms now "
-                f"(estimated {admit.estimated_ttft_ms:.0f} ms)")
-            await self._reject(principal, request_id, RequestRejected(
-                429, message, "overloaded", "queue_limit_exceeded" if admit.reason else "sla_unattainable",
-                admit.retry_after_s), model, {"node": route.node, "routing": route.decision()})
         release = (route.node, tenant, sla.priority, len(prompt_ids))
         release_rate = 0
         budget: Reservation | None = None
@@ -336,7 +337,8 @@ class ChatService:
             await self._audit("accepted", principal, request_id, {
                 "model": model, "node": route.node, "node_labels": dict(route.handle.node.labels),
                 "region": route.handle.node.labels.get("region", ""), "routing": route.decision(),
-                "sla_class": sla.name, "prompt_tokens": len(prompt_ids), "max_tokens": max_tokens,
+                "admission": admitted.record, "sla_class": sla.name, "prompt_tokens": len(prompt_ids),
+                "max_tokens": max_tokens,
                 "stream": spec.stream, "prompt_hash": prep.prompt_hash, "x_request_id": spec.http_request_id,
                 "run_id": self.run_id,
             }, prep.client)
@@ -418,6 +420,7 @@ class ChatService:
         status = "failed"
         error = ""
         stream: Any = None
+        recorded = False
         try:
             stream, delta = await self._open(prep)
             while True:
@@ -430,10 +433,14 @@ class ChatService:
                 outcome.completion_tokens = delta.num_output_tokens
                 outcome.prompt_tokens = delta.num_prompt_tokens
                 if delta.finished:
-                    # completed before the last pair is handed over: the consumer may close this
-                    # generator right after it, which is not an abort
+                    # completed, and its record durable, before the last pair is handed over: a
+                    # client that has the final chunk has a request on record even if this gateway
+                    # dies the next instant; and the consumer may close this generator right after
+                    # it, which is not an abort
                     outcome.finish_reason = delta.finish_reason
                     status = "completed"
+                    recorded = True
+                    await self._finish(prep, outcome, status, error, start, first_at, stream)
                     yield delta.text, delta.finish_reason
                     break
                 yield delta.text, None
@@ -452,7 +459,8 @@ class ChatService:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            await self._finish(prep, outcome, status, error, start, first_at, stream)
+            if not recorded:
+                await self._finish(prep, outcome, status, error, start, first_at, stream)
 
     async def _abort(self, prep: Prepared) -> None:
         try:
