@@ -120,5 +120,14 @@ def _mount_policy() -> None:
 _mount_policy()
 
 
+def _mount_sla() -> None:
+    from appliance.sla_cli import sla_app
+
+    app.add_typer(sla_app, name="sla")
+
+
+_mount_sla()
+
+
 def main() -> None:
     app()
