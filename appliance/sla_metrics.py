@@ -35,6 +35,7 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 OUTCOMES = ("completed", "failed", "aborted")
+MISS_REASONS = ("ttft", "tpot", "failed", "aborted")
 
 NodeStats = Callable[[], Iterable[tuple[str, dict[str, Any]]]]
 
@@ -128,10 +129,13 @@ class SlaMetrics:
         if percentile is not None:
             self.objective.labels(sla_class).set(percentile / 100.0)
         result = slo_result(outcome, ttft_s, tpot_s, ttft_target_s, tpot_target_s)
+        # every series of the pair exists from its first request on, so met / (met + missed) has both sides
+        met = self.met.labels(tenant, sla_class)
+        missed = {why: self.missed.labels(tenant, sla_class, why) for why in MISS_REASONS}
         if result == "met":
-            self.met.labels(tenant, sla_class).inc()
+            met.inc()
         else:
-            self.missed.labels(tenant, sla_class, result).inc()
+            missed[result].inc()
         return result
 
     def rejected(self, tenant: str, sla_class: str, code: str) -> None:
