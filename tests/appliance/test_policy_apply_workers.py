@@ -69,7 +69,7 @@ def _site(max_tokens: int) -> str:
 
 def test_every_worker_takes_up_an_apply_and_a_hand_edit_without_restart(lab: GatewaysLab) -> None:
     boss = admin_key(lab.db_url)
-    site = lab.fleet.base / "policies" / "site.yaml"
+    site = lab.gateways[0].root / "data" / "policies" / "site.yaml"  # where an apply writes it
     before = _digests(lab, boss)
     assert len(before) == 1
 
