@@ -182,6 +182,12 @@ def test_apply_through_the_api_and_the_cli_takes_effect_without_restart_and_surv
     assert admin.get("/admin/v1/policies").json()["digest"] == first["digest"]
     assert not _served(acme)  # 2 a minute again, and this minute already had 3 (served under 50 a minute)
     assert list(applied_dir.iterdir()) == []
+    again = admin.post("/admin/v1/policies?name=site.yaml", content=_site(9),
+                       headers={"Content-Type": "application/yaml"}).json()["new_digest"]
+    removed = admin.delete("/admin/v1/policies/site.yaml")
+    assert removed.status_code == 200, removed.text
+    assert (removed.json()["reset"], removed.json()["files"], removed.json()["old_digest"],
+            removed.json()["new_digest"]) == (True, ["site.yaml"], again, first["digest"])
     nothing = admin.delete("/admin/v1/policies")
     assert nothing.status_code == 404 and "nothing to reset" in nothing.json()["error"]["message"]
 
@@ -189,7 +195,8 @@ def test_apply_through_the_api_and_the_cli_takes_effect_without_restart_and_surv
     applied_records = _admin_records(lab, "admin.policy_applied")
     assert [(r.actor.split(":")[0], r.data["via"], r.data["running"], r.data.get("reset", False))
             for r in applied_records] == [("admin", "admin api", True, False), ("admin", "admin api", True, False),
-                                          ("cli", "cli", False, False), ("admin", "admin api", True, True)]
+                                          ("cli", "cli", False, False), ("admin", "admin api", True, True),
+                                          ("admin", "admin api", True, False), ("admin", "admin api", True, True)]
     assert applied_records[3].data["old_digest"] == in_force
     assert applied_records[3].data["new_digest"] == first["digest"]
     assert applied_records[0].data["old_digest"] == first["digest"]
