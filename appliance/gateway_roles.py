@@ -28,7 +28,6 @@ concern the database as a whole were checked one by one:
 from __future__ import annotations
 
 import fcntl
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -56,15 +55,9 @@ def worker_marker_name(index: int) -> str:
 
 def open_runtime(root: Path, index: int) -> Runtime:
     """``Runtime.open`` for worker ``index``, with that worker's own run marker."""
-    from appliance import runtime as runtime_module
+    from appliance.runtime import Runtime
 
-    if "worker" in inspect.signature(runtime_module.Runtime.open).parameters:
-        return runtime_module.Runtime.open(root, worker=index)  # type: ignore[call-arg]
-    if index > 0:
-        # Until Runtime.open takes the worker index: this process is worker ``index`` and nothing
-        # else, so the runtime module's marker path is this worker's for the life of the process.
-        runtime_module.marker_path = lambda data_dir: data_dir / worker_marker_name(index)  # type: ignore[attr-defined]
-    return runtime_module.Runtime.open(root)
+    return Runtime.open(root, worker=index)
 
 
 class LockedPruner(Pruner):

@@ -75,13 +75,17 @@ class Runtime:
     prune_task: asyncio.Task[None] | None = None
     anchoring: Anchoring = field(default_factory=Anchoring)  # checkpoints published / witnessed off the box
     loop_guard: LoopGuard | None = None  # SOVEREIGN_LOOP_GUARD=1: database calls on the loop reported
+    marker_file: Path | None = None  # this process's run marker (a gateway worker has its own)
 
     @property
     def run_id(self) -> str:
         return self.run.run_id
 
     @classmethod
-    def open(cls, root: Path, *, engine_overrides: dict[str, object] | None = None) -> Runtime:
+    def open(cls, root: Path, *, engine_overrides: dict[str, object] | None = None, worker: int = 0) -> Runtime:
+        """The runtime of ``root``; ``worker``: the index of this gateway worker (its own run marker)."""
+        from appliance.gateway_roles import worker_marker_name
+
         config = load_config(root)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.data_dir.chmod(0o700)
@@ -92,9 +96,10 @@ class Runtime:
         tenants = TenantStore(db)
         policies = load_in_force(config.policies_dir, applied_policy_dir(config.data_dir))  # release + applied
         run = RunMarker.new()
+        marker = config.data_dir / worker_marker_name(worker)
         # the first records of this run: the reconciliation of a previous one that did not stop cleanly
         begin_run(audit, lambda: [t.name for t in tenants.list_tenants(include_deleted=True)],
-                  marker_path(config.data_dir), run)
+                  marker, run)
         try:  # whatever is still unsigned (an admin command's records, a crash's tail) is signed now
             audit.checkpoint()
         except AuditIntegrityError as exc:  # the tree stays unsigned: verify names it; serving goes on
@@ -104,9 +109,10 @@ class Runtime:
         except BaseException:
             # nothing was served: the next start is no unclean shutdown of this one
             anchoring.stop(5)
-            remove_marker(marker_path(config.data_dir), run)
+            remove_marker(marker, run)
             raise
         runtime.anchoring = anchoring
+        runtime.marker_file = marker
         if anchoring.publisher is not None:
             anchoring.publisher.on_error = runtime.service.metrics.audit_publish_errors.inc
         return runtime
@@ -200,7 +206,7 @@ class Runtime:
         self.audit.checkpoint()
         self.anchoring.stop()
         # after the final records: the next start sees a clean stop
-        remove_marker(marker_path(self.config.data_dir), self.run)
+        remove_marker(self.marker_file or marker_path(self.config.data_dir), self.run)
         # Close every pooled connection: SQLite then merges its write-ahead log into the database
         # file and removes it, so a backup of data/appliance.db alone holds every record. The
         # pools reopen connections on demand if this runtime is started again.
