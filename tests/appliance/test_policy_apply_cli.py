@@ -7,6 +7,7 @@ does not answer, or no admin key, applies nothing (exit 2); a problem anywhere a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from appliance.audit import AuditLog
+from appliance.audit.retention_cli import run_prune
 from appliance.runmarker import RunMarker, marker_path, write_marker
 from appliance.tls import ensure_tls
 from policies import load_policy_set
@@ -124,6 +127,9 @@ def test_an_upgrade_keeps_applied_files_on_top_and_reset_and_show_tell_the_relea
     assert in_force.retention.audit_days == 30  # the applied file stays on top
     assert in_force.sla_class_for("acme").name == "gold"
     assert in_force.tenant_policy("beta").rate_limit_rpm == 11  # and the release's change is taken
+    pruned = io.StringIO()  # audit prune keeps to the retention in force: the applied 30 days
+    assert run_prune(root, dry_run=True, as_json=True, console=Console(file=pruned, width=200)) == 0
+    assert json.loads(pruned.getvalue())["policy_digest"] == in_force.digest
 
     shown = _policy(root, "show", "--json")
     assert shown.returncode == 0, shown.stdout + shown.stderr
