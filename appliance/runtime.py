@@ -146,6 +146,7 @@ class Runtime:
             audit.append(f"admin.{event}", stream="_admin", actor="gateway", data=data)
 
         fleet = Fleet(nodes, config.fleet, _client_factory(config, engine), audit_fleet, metrics)
+        metrics.sla.watch_nodes(lambda: [(h.name, h.stats) for h in fleet.handles()])
         usage = UsageStore(db)
         disk = DiskGuard(config.data_dir, config.audit_min_free_bytes, on_reading=metrics.audit_free_bytes.set)
         service = ChatService(

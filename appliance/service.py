@@ -200,6 +200,7 @@ class ChatService:
     async def _reject(self, principal: Principal, request_id: str, exc: RequestRejected, model: str,
                       extra: dict[str, Any] | None = None) -> None:
         self.metrics.requests.labels(principal.tenant, "rejected").inc()
+        self.metrics.sla.rejected(principal.tenant, self.policies.tenant_policy(principal.tenant).sla_class, exc.code)
         try:
             await self._audit("rejected", principal, request_id, {
                 "model": short(model), "status": exc.status, "code": exc.code, "reason": short(exc.message, 500),
@@ -484,6 +485,13 @@ class ChatService:
         self.metrics.in_flight.dec()
         elapsed = time.monotonic() - start
         self.metrics.latency.labels(prep.sla_class).observe(elapsed)
+        sla = self.policies.sla_classes.get(prep.sla_class)
+        if sla is not None:  # a class removed by a policy change meanwhile has no targets to judge by
+            ttft_s = None if first_at is None else first_at - start
+            tpot_s = None if ttft_s is None or outcome.completion_tokens < 2 else (
+                (elapsed - ttft_s) / (outcome.completion_tokens - 1))
+            self.metrics.sla.observe(tenant, prep.sla_class, ttft_s, tpot_s, elapsed, status, sla.ttft_ms / 1000.0,
+                                     prep.tpot_target_s, percentile=sla.percentile)
         self.metrics.requests.labels(tenant, status).inc()
         self.metrics.prompt_tokens.labels(tenant).inc(outcome.prompt_tokens)
         self.metrics.completion_tokens.labels(tenant).inc(outcome.completion_tokens)
