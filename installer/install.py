@@ -71,6 +71,7 @@ from installer.versions import (
     release_digest,
 )
 from policies import PolicyError, default_policy_dir, load_policy_set
+from policies.effective import applied_policy_dir, load_in_force
 
 # Bundle targets installed into the release (wheels/ too: the runtime is built from the release's
 # copy, and an installed release is a complete base for delta bundles); playbooks/ is not. Of the
@@ -377,6 +378,9 @@ def _install_verified(action: str, bundle: Path, report: VerificationReport, lay
         notes = []
         if (stage / "policies").is_dir():
             load_policy_set(stage / "policies")
+            applied = applied_policy_dir(layout.root / "data")
+            if applied.is_dir():  # this host's policies applied while running stay on top: they must still fit
+                load_in_force(stage / "policies", applied)
         else:
             files += _default_policies(stage)
             notes.append("bundle has no policies: installed the installer's default policies")

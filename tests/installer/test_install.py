@@ -193,6 +193,31 @@ def test_bundle_with_invalid_policies_is_refused(tmp_path: Path, bundle_factory:
     assert read_entries(root / "journal" / "installer.jsonl")[-1]["result"] == "refused"
 
 
+def test_a_bundle_whose_policies_do_not_fit_this_hosts_applied_policies_is_refused(
+        tmp_path: Path, bundle_factory: BundleFactory, trusted_root: Path) -> None:
+    """Policies applied while running (ROOT/data/policies) stay on top of every release: a bundle
+    whose classes no longer hold an applied tenant's class cannot be installed under them."""
+    import shutil
+
+    from policies import default_policy_dir
+
+    root = tmp_path / "root"
+    applied = root / "data" / "policies"
+    applied.mkdir(parents=True)
+    (applied / "site.yaml").write_text("tenants:\n  acme:\n    sla_class: interactive\n")
+    policies = tmp_path / "policies"
+    shutil.copytree(default_policy_dir(), policies)
+    (policies / "sla_classes.yaml").write_text(  # valid alone: no tenant of its own names interactive
+        "sla_classes:\n  standard:\n    priority: 1\n    ttft_ms: 5000\n    deadline_ms: 300000\n")
+    bundle = bundle_factory("0.3.1", policies=policies)
+    proc = run_cli("install", "--bundle", str(bundle), "--trusted-root", str(trusted_root), "--root", str(root),
+                   "--skip-preflight", "--no-start", "--json")
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    out = json.loads(proc.stdout)
+    assert out["error"] == "BundleContentError" and "tenants.acme.sla_class" in out["message"], out
+    assert not (root / "releases").exists()
+
+
 def test_bundle_without_policies_gets_the_default_policies(tmp_path: Path, bundle_factory: BundleFactory,
                                                            trusted_root: Path) -> None:
     bundle = bundle_factory("0.1.1", policies=None)
