@@ -28,7 +28,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from tests.installer.fleet import GATEWAY_PORT, Fleet, NodeSpec, installed_fleet, run_installer
+from tests.installer.fleet import GATEWAY_PORT, Fleet, NodeSpec, fleet_bundle, install, installed_fleet, run_installer
 from tests.installer.sshhosts import SshHosts, ssh_unavailable
 from tests.installer.tcprelay import tcp_relay
 from tests.installer.test_fleet_install import wait_for_active_nodes
@@ -170,3 +170,29 @@ def test_a_database_the_gateways_cannot_reach_fails_the_run_before_any_node_chan
     assert PASSWORD not in output
     assert {name: fleet.config(name) for name in ("gw-1", "gw-2")} == before
     assert fleet.status("gw-1")["healthy"]
+
+
+def test_an_upgrade_migrates_with_the_new_release_before_any_gateway_restarts(
+        pg_fleet: tuple[Fleet, str], keys: Path, model_dir: Path, wheelhouse: Path, tmp_path: Path) -> None:
+    """A table the new release needs is missing (dropped behind the appliance's back, as if 0.2.0
+    had added it): gw-1 creates it with 0.2.0 before its gateway starts, then gw-2 follows."""
+    fleet, url = pg_fleet
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE audit_legal_holds")
+        result = install(fleet, fleet_bundle(tmp_path, keys, model_dir, wheelhouse, "0.2.0"), "upgrade")
+        assert "audit_legal_holds" in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    notes = "\n".join(result["notes"])
+    assert "gw-1: database PostgreSQL postgres@" in notes and "created 1 tables, schema current" in notes, notes
+    order = [(t["host"], t["task"]) for t in result["playbook"]["task_times"]]
+    migrated = order.index(("gw-1", "sovereign_database : Create or upgrade the database schema with the new release"))
+    starts = [i for i, (host, task) in enumerate(order)
+              if host in ("gw-1", "gw-2") and task == "Start the release and wait for its health check"]
+    assert len(starts) == 2 and migrated < min(starts), order
+    migrations = [r for r in result["playbook"]["service"] if r.get("action") == "migrate"]
+    assert [r["host"] for r in migrations] == ["gw-1"], migrations  # once, on the first gateway
+    for name in ("gw-1", "gw-2"):
+        assert fleet.config(name)["version"] == "0.2.0" and fleet.status(name)["healthy"], name
