@@ -1,4 +1,5 @@
 """``python -m appliance.bench gateway``: the gateway overhead benchmark (see gateway_bench.py).
+``python -m appliance.bench sla``: FCFS vs SLA scheduling + admission on the real model (sla_bench.py).
 
 ``node`` and ``upstream`` run the benchmark's fake node and fake OpenAI upstream in their own
 processes (the benchmark starts them itself).
@@ -50,7 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--port", type=int, required=True)
     up = sub.add_parser("upstream", help="the fake OpenAI-compatible upstream (plain HTTP on loopback)")
     up.add_argument("--port", type=int, required=True)
+    sla = sub.add_parser("sla", help="FCFS vs SLA scheduling + admission on the real model, in one run")
+    sla.add_argument("--model-dir", type=Path, default=Path(".cache/models/SmolLM2-135M-Instruct"))
+    sla.add_argument("--seconds", type=float, default=90.0, help="measured seconds per phase")
+    sla.add_argument("--out", type=Path, default=Path("sla-bench"),
+                     help="directory for sla-bench.json, .md, .png and the phases' roots and logs")
     args = parser.parse_args(argv)
+
+    if args.cmd == "sla":
+        from appliance.bench.sla_report import main as sla_main
+
+        return sla_main(args.model_dir.resolve(), args.seconds, args.out.resolve())
 
     if args.cmd == "node":
         from appliance.bench.fakes import run_node
