@@ -47,13 +47,13 @@ class Workload:
     seconds: float = 90.0  # measured window per phase
     warmup_s: float = 5.0  # load runs this long before the window opens
     alpha_rate: float = 1.0  # req/s, short prompts
-    alpha_max_tokens: int = 32
-    beta_rate: float = 0.3  # req/s, long prompts
-    beta_prompt_words: int = 400
-    beta_max_tokens: int = 32
-    bulk_streams: int = 24
-    bulk_max_tokens: int = 256
-    max_num_seqs: int = 16
+    alpha_max_tokens: int = 16
+    beta_rate: float = 0.25  # req/s, long prompts
+    beta_prompt_words: int = 300
+    beta_max_tokens: int = 16
+    bulk_streams: int = 12
+    bulk_max_tokens: int = 96
+    max_num_seqs: int = 8
     seed: int = 16
 
     def __post_init__(self) -> None:
@@ -304,10 +304,14 @@ def summarise(phase: Phase, w: Workload, classes: dict[str, dict[str, Any]]) -> 
         rows = [o for o in phase.outcomes if o.tenant == tenant]
         ran = [o for o in rows if o.status == 200]
         done = [o for o in ran if not o.code and o.tokens and o.finish in ("stop", "length")]
-        met = 0
+        met, missed = 0, {"ttft": 0, "tpot": 0}
         for o in done:
             tpot = (o.total_s - o.ttft_s) / (o.tokens - 1) if o.tokens > 1 else 0.0
-            if o.ttft_s <= ttft_t and (not tpot_t or tpot <= tpot_t):
+            if o.ttft_s > ttft_t:
+                missed["ttft"] += 1
+            elif tpot_t and tpot > tpot_t:
+                missed["tpot"] += 1
+            else:
                 met += 1
         rejected: dict[str, int] = {}
         for o in rows:
@@ -326,11 +330,15 @@ def summarise(phase: Phase, w: Workload, classes: dict[str, dict[str, Any]]) -> 
             "attainment_of_all": round(met / len(rows), 4) if rows else None,
             "ttft_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "ttft_p99_ms": None if p99 is None else round(p99 * 1000, 1),
-            "goodput_rps": round(met / w.seconds, 3), "rejected": rejected, "failed": failed,
+            "goodput_rps": round(met / w.seconds, 3), "missed": missed, "rejected": rejected, "failed": failed,
             "tokens_per_s": round(sum(o.tokens for o in ran) / w.seconds, 2)}
     tenants["bulk"]["tokens_per_s"] = round(phase.bulk_window_tokens / w.seconds, 2)
     served = {t: phase.served_end.get(t, 0) - phase.served_start.get(t, 0) for t in TENANTS}
-    return {"tenants": tenants, "served_tokens_in_window": served, "node": phase.node_stats}
+    requests = [[o.tenant, round(o.arrival_s, 3), o.status, o.code, round(o.ttft_s, 3), round(o.total_s, 3), o.tokens,
+                 o.finish] for o in sorted(phase.outcomes, key=lambda o: o.arrival_s)]
+    return {"tenants": tenants, "served_tokens_in_window": served, "node": phase.node_stats,
+            "requests": {"fields": ["tenant", "arrival_s", "status", "code", "ttft_s", "total_s", "tokens", "finish"],
+                         "rows": requests}}
 
 
 def vtc_bound(w: Workload, prompt_tokens_max: int) -> float:
@@ -344,8 +352,9 @@ def count_prompt_tokens(model_dir: Path, w: Workload) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     longest = max((p for p in prompts(w)["beta"]), key=lambda x: len(x[1]), default=(0.0, ""))[1]
-    ids = tok.apply_chat_template([{"role": "user", "content": longest}], add_generation_prompt=True)
-    return len(ids)
+    text = str(tok.apply_chat_template([{"role": "user", "content": longest}], add_generation_prompt=True,
+                                       tokenize=False))
+    return len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def run(w: Workload, model_dir: Path, work_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
