@@ -195,8 +195,8 @@ class FleetLab:
 
     def client(self, key: str, timeout: float = 120) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
-                             http_client=httpx.Client(verify=tls_ctx(self.gateway_root / "tls" / "ca.pem"),
-                                                      timeout=timeout))
+                             http_client=httpx.Client(  # type: ignore[arg-type]  # openai 3 types it as httpx2's
+                                 verify=tls_ctx(self.gateway_root / "tls" / "ca.pem"), timeout=timeout))
 
     def tenant_key(self, tenant: str) -> str:
         from appliance.db import open_database
