@@ -399,6 +399,6 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                                    "met": bool(fb) and sb >= 0.8 * fb},
         "interactive_goodput_ratio": {"fcfs": fg, "sla": sg, "ratio": round(sg / fg, 3) if fg else None,
                                       "fcfs_below_90": fa is not None and fa < 0.9,
-                                      "met": (sg >= 2 * fg) if fa is not None and fa < 0.9 else None},
+                                      "met": (sg > 0 and sg >= 2 * fg) if fa is not None and fa < 0.9 else None},
         "vtc": {"difference_sla": result["fairness"]["sla"]["difference"], "bound": bound,
                 "met": result["fairness"]["sla"]["difference"] <= bound}}

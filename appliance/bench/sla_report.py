@@ -62,8 +62,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- batch throughput within 20% of FCFS: {bt['sla']:.1f} vs {bt['fcfs']:.1f} tokens/s (×{bt['ratio']}): "
         f"{'met' if bt['met'] else 'NOT met'}",
         f"- interactive goodput ≥ 2× FCFS where FCFS attainment < 90%: {gp['sla']:.2f} vs {gp['fcfs']:.2f} req/s "
-        f"(×{gp['ratio']}): " + ("not applicable (FCFS attainment ≥ 90%)" if gp["met"] is None
-                                 else "met" if gp["met"] else "NOT met"),
+        + (f"(×{gp['ratio']}): " if gp["ratio"] is not None else "(FCFS goodput 0): ")
+        + ("not applicable (FCFS attainment ≥ 90%)" if gp["met"] is None else "met" if gp["met"] else "NOT met"),
         f"- interactive tenants' served tokens within the VTC bound (SLA phase): |difference| {vtc['difference_sla']} "
         f"vs {vtc['bound']:.0f}: {'met' if vtc['met'] else 'NOT met'}"]
     return "\n".join(lines)
