@@ -6,12 +6,13 @@ bridge address, the server listens on 127.0.0.1: a relay (tests/installer/tcprel
 connections, bytes unchanged. The server trusts loopback connections, so the password file is
 copied and named but never asked for here (tests/appliance/test_db_cli.py checks password and TLS).
 
-The install runs `appliance db migrate` on gw-1 before any gateway starts (measured: the install
-10.5 minutes and the module 12 on the shared 2-core machine at load 10, three runtimes built from
-the wheels one node after the other; the fleet install test's 3 minutes were on a quieter machine);
-both gateways then answer /health, and a tenant and key
-created on gw-1 authenticate on gw-2, which serves a chat completion whose audit record lands in
-the shared database. A second run against a database nobody listens on fails before any node changes.
+The install runs `appliance db migrate` on gw-1 before any gateway starts; both gateways then
+answer /health, and a tenant and key created on gw-1 authenticate on gw-2, which serves a chat
+completion whose audit record lands in the shared database. A second run against a database nobody
+listens on fails before any node changes; an upgrade migrates with the new release on gw-1 first.
+Measured on the shared 2-core machine at load 6-10: install 7-10.5 minutes (three runtimes built from
+the wheels, one node after the other), upgrade 4.5-9, the module 12-19 minutes; the fleet install
+test's 3 minutes for the install were measured on a quieter machine.
 """
 
 from __future__ import annotations
