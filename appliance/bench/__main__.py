@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     gw.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="where LiteLLM's own venv is cached")
     gw.add_argument("--concurrency", type=int, default=64, help="connections of the non-streaming closed loop")
     gw.add_argument("--streams", type=int, default=200, help="concurrent streams of the streaming closed loop")
-    gw.add_argument("--seconds", type=float, default=5.0, help="measured seconds per phase")
+    gw.add_argument("--seconds", type=float, default=5.0,
+                    help="measured seconds per phase (at least; as long as the warm-up took if longer)")
     gw.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase's window")
     gw.add_argument("--rounds", type=int, default=3, help="rounds over all targets (order alternates)")
     gw.add_argument("--workers", type=_ints, default=(1, 2), help="gateway worker counts, e.g. 1,2")

@@ -34,9 +34,15 @@ TENANT = "bench"
 NODE_LABELS = {"region": "eu", "site": "a", "classification": "internal"}
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "LC_ALL": "C.UTF-8", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
              "PYTHONUNBUFFERED": "1"}
-# Limits on, and high enough that the benchmark measures their cost, not their refusals.
-TENANT_POLICY = {"tenants": {TENANT: {"allowed_models": ["*"], "rate_limit_rpm": 100_000_000,
+# Limits on, and high enough that the benchmark measures their cost, not their refusals: the batch
+# SLA class (admission control still runs, against a 60 s TTFT target instead of 5 s, which 200
+# streams on an overloaded 2-core machine can approach), a refusal budget per client that one
+# refusal wave cannot exhaust (the load generator is one address), and a node connect timeout that
+# a busy node on the same cores still meets (a timeout marks the node down: 503 for every request).
+TENANT_POLICY = {"tenants": {TENANT: {"allowed_models": ["*"], "rate_limit_rpm": 100_000_000, "sla_class": "batch",
                                       "max_tokens_per_minute": 2_000_000_000, "max_tokens_per_request": 64}}}
+EDGE_LIMITS = {"refusals_per_minute": 1_000_000}
+FLEET_TIMEOUTS = {"connect_timeout_s": 30.0}
 
 
 def free_port() -> int:
@@ -191,8 +197,9 @@ def lay_out_gateway(root: Path, model_dir: Path, node_pki: Path, node_url: str, 
         "version": "1.0.0", "bundle_digest": "sha256:bench", "model": {"name": MODEL, "path": str(model_dir)},
         "policies_dir": str(policies),
         "node": {"name": "gw", "labels": {"region": "x", "site": "x", "classification": "x"}, "roles": ["gateway"]},
-        "gateway": {"host": "127.0.0.1", "port": port},
-        "fleet": {"nodes": [{"name": "n1", "url": node_url, "labels": NODE_LABELS, "models": [MODEL]}]}}
+        "gateway": {"host": "127.0.0.1", "port": port, "limits": EDGE_LIMITS},
+        "fleet": {"nodes": [{"name": "n1", "url": node_url, "labels": NODE_LABELS, "models": [MODEL]}],
+                  **FLEET_TIMEOUTS}}
     if db_url is not None:
         doc["database"] = {"url": db_url}
     (release / "appliance.yaml").write_text(yaml.safe_dump(doc))

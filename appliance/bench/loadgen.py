@@ -157,7 +157,8 @@ async def closed_loop(target: Target, connections: int, seconds: float, stream: 
     """``connections`` clients each sending one request after another. The measured window of
     ``seconds`` opens once every client has completed a request (so every connection is open and the
     loop is in its steady state) and at least ``warmup_s`` have passed, at the latest after
-    ``max_warmup_s``; the requests that complete inside it are counted, with their latencies.
+    ``max_warmup_s``, and lasts as long as the warm-up took if that was longer; the requests that
+    complete inside it are counted, with their latencies.
     Requests still running when it closes are awaited (bounded) but not counted. ``server_cpu``: a
     probe of the target's CPU seconds, read when the window opens and closes."""
     payload = target.request(stream)
@@ -173,9 +174,12 @@ async def closed_loop(target: Target, connections: int, seconds: float, stream: 
     def open_window() -> None:
         if not window:
             now = loop.time()
-            window.extend((now, now + seconds))
+            # at least as long as the warm-up took: a target whose requests take longer than
+            # ``seconds`` completes them in waves, and a shorter window could fall between two
+            length = max(seconds, min(now - t0, max_warmup_s))
+            window.extend((now, now + length))
             sample()
-            loop.call_at(now + seconds, sample)
+            loop.call_at(now + length, sample)
 
     def sample() -> None:
         cpu.append(time.process_time())
@@ -212,13 +216,13 @@ async def closed_loop(target: Target, connections: int, seconds: float, stream: 
     loop.call_at(t0 + max(warmup_s, max_warmup_s), open_window)
     try:
         await asyncio.wait_for(asyncio.gather(*(client(i, c) for i, c in enumerate(conns))),
-                               max(warmup_s, max_warmup_s) + 2 * seconds + 60)
+                               2 * max(warmup_s, max_warmup_s) + 2 * seconds + 60)
     finally:
         for conn in conns:
             conn.close()
     while len(cpu) < 2:  # every client finished before the window closed (all failing fast)
         await asyncio.sleep(0.01)
-    result.wall_s = seconds
+    result.wall_s = window[1] - window[0]
     result.warmup_s = window[0] - t0
     result.client_cpu_s = cpu[1] - cpu[0]
     if len(served) == 2:

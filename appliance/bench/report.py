@@ -97,7 +97,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result.get('load_average_after')} after; commit {m['commit']}"
         f"{' + uncommitted changes' if m['dirty_paths'] else ''}; {m['started_utc']} UTC.",
         f"Non-streaming: closed loop of {s['concurrency']} keep-alive connections; streaming: {s['streams']} "
-        f"concurrent streams; {s['rounds']} rounds x {s['seconds']} s per phase, measured once every connection has "
+        f"concurrent streams; {s['rounds']} rounds; each phase measured over {s['seconds']} s (or as long "
+        "as its warm-up took), once every connection has "
         f"completed a request (and {s['warmup_s']} s at least), targets alternating. CPU ms/req: non-stream / "
         "stream; server = the target's own process tree (not the node, upstream or PostgreSQL behind it).",
         "",
