@@ -34,8 +34,9 @@ NFT = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if 
 
 def make_inventory(firewall: dict[str, Any], peers: dict[str, str] | None = None) -> Inventory:
     nodes: list[dict[str, Any]] = [{"name": "fw", "connection": "local", "labels": LABELS}]
-    nodes += [{"name": name, "connection": "ssh", "host": host, "labels": LABELS} for name, host in
-              (peers or {}).items()]
+    # the peers are engine nodes: one gateway, as an inventory without a shared database must have
+    nodes += [{"name": name, "connection": "ssh", "host": host, "labels": LABELS, "roles": ["engine"]}
+              for name, host in (peers or {}).items()]
     return Inventory.model_validate({"firewall": firewall, "nodes": nodes})
 
 
