@@ -15,6 +15,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,18 @@ class FleetLab:
         if wait:
             self.wait_node(name)
 
+    def start_standin(self, name: str, *, tokens: int = 16, delay_ms: float = 0.0) -> None:
+        """Run node ``name`` as a stand-in engine node (tests/appliance/standin_node.py: the real node
+        server and tokenizer, no model) and wait for it; ``close`` stops it."""
+        node = self.nodes[name]
+        log = (node.root / "node.log").open("a")
+        node.proc = subprocess.Popen(  # type: ignore[assignment]
+            [sys.executable, "-m", "tests.appliance.standin_node", "--root", str(node.root), "--model-dir",
+             str(self.model_dir), "--port", str(node.port), "--tokens", str(tokens), "--delay-ms", str(delay_ms)],
+            text=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **NODE_ENV}, start_new_session=True,
+            cwd=Path(__file__).resolve().parents[2])
+        self.wait_node(name, 120)
+
     def wait_node(self, name: str, timeout_s: float = 240) -> None:
         node = self.nodes[name]
         deadline = time.monotonic() + timeout_s
@@ -222,16 +235,20 @@ class FleetLab:
                               capture_output=True, env={**os.environ, **NODE_ENV}, timeout=120)
 
     def close(self) -> None:
-        procs = [n.proc for n in self.nodes.values()] + [self.gateway]
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
+        stop_processes([n.proc for n in self.nodes.values()] + [self.gateway], timeout_s=30)
+
+
+def stop_processes(procs: list[subprocess.Popen[str] | None], *, timeout_s: float) -> None:
+    """SIGTERM every live process group, wait up to ``timeout_s`` each, then SIGKILL what is left."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        if proc is not None:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

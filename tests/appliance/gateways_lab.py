@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ import httpx
 import openai
 import yaml
 
-from tests.appliance.fleet_lab import MODEL, NODE_ENV, FleetLab
+from tests.appliance.fleet_lab import MODEL, NODE_ENV, FleetLab, stop_processes
 from tests.appliance.support import BIN, free_port, tls_ctx
 
 NODE_LABELS = {"region": "eu", "site": "a", "classification": "internal"}
@@ -83,14 +81,7 @@ class GatewaysLab:
 
     # ---- processes ----------------------------------------------------------------------
     def start_node(self, tokens: int = 16, delay_ms: float = 0.0) -> None:
-        node = self.fleet.nodes["n1"]
-        log = (node.root / "node.log").open("a")
-        node.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.appliance.standin_node", "--root", str(node.root), "--model-dir",
-             str(self.model_dir), "--port", str(node.port), "--tokens", str(tokens), "--delay-ms", str(delay_ms)],
-            text=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **NODE_ENV}, start_new_session=True,
-            cwd=Path(__file__).resolve().parents[2])
-        self.fleet.wait_node("n1", timeout_s=120)
+        self.fleet.start_standin("n1", tokens=tokens, delay_ms=delay_ms)
 
     def start_gateway(self, i: int, *extra: str) -> Gateway:
         gw = self.gateways[i]
@@ -139,19 +130,7 @@ class GatewaysLab:
                               env={**os.environ, **NODE_ENV}, timeout=180)
 
     def close(self) -> None:
-        procs = [g.proc for g in self.gateways] + [n.proc for n in self.fleet.nodes.values()]
-        for proc in procs:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+        stop_processes([g.proc for g in self.gateways] + [n.proc for n in self.fleet.nodes.values()], timeout_s=60)
 
 
 def admin_key(db_url: str) -> str:

@@ -6,10 +6,6 @@ shown to catch a statement run on a loop."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,18 +32,12 @@ def lab(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
               {"tenants": {"busy": {"allowed_models": ["*"], "rate_limit_rpm": 100000,
                                     "max_tokens_per_day": 10_000_000},
                            "tiny": {"allowed_models": ["*"], "rate_limit_rpm": 2}}})
-    node = lab.nodes["n1"]
-    node.proc = subprocess.Popen(  # type: ignore[assignment]
-        [sys.executable, "-m", "tests.appliance.standin_node", "--root", str(node.root), "--model-dir",
-         str(model_dir), "--port", str(node.port), "--tokens", "8", "--delay-ms", "2"], start_new_session=True)
     try:
-        lab.wait_node("n1", 60)
+        lab.start_standin("n1", tokens=8, delay_ms=2)
         lab.start_gateway()
         yield lab
     finally:
         lab.close()
-        if node.proc is not None and node.proc.poll() is None:
-            os.killpg(node.proc.pid, signal.SIGKILL)
 
 
 def test_a_mixed_load_runs_no_database_call_on_the_event_loop(lab: FleetLab) -> None:

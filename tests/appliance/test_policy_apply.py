@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,12 @@ def lab(tmp_path: Path, model_dir: Path) -> Iterator[FleetLab]:
     lab = FleetLab(tmp_path, model_dir)
     lab.build({"n1": {"region": "eu", "site": "a", "classification": "internal"}}, POLICY)
     issue_first_admin_key(lab.gateway_root)  # as the installer leaves it: enrolled at the gateway's start
-    node = lab.nodes["n1"]
-    node.proc = subprocess.Popen(  # type: ignore[assignment]
-        [sys.executable, "-m", "tests.appliance.standin_node", "--root", str(node.root), "--model-dir",
-         str(model_dir), "--port", str(node.port), "--tokens", "2"], start_new_session=True)
     try:
-        lab.wait_node("n1", 60)
+        lab.start_standin("n1", tokens=2)
         lab.start_gateway()
         yield lab
     finally:
         lab.close()
-        if node.proc is not None and node.proc.poll() is None:
-            os.killpg(node.proc.pid, signal.SIGKILL)
 
 
 def _admin_http(lab: FleetLab) -> httpx.Client:
