@@ -9,6 +9,8 @@ when that is a scalar, else of its key: a wrong value points at the value, a bad
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import yaml
 
 Position = tuple[int, int]
@@ -62,41 +64,30 @@ def locate(marks: dict[str, Position], place: str, *, key: bool = False) -> Posi
     return None
 
 
-def key_place(data: bytes | str, line: int, column: int) -> str | None:
-    """The dotted place of the mapping key that starts at ``line``/``column`` (1-based), if any."""
+def _mapping_keys(data: bytes | str) -> Iterator[tuple[str, yaml.Node]]:
+    """Every mapping key of the document with its dotted place (keys of one mapping in document
+    order); nothing when the text is not YAML."""
     try:
         root = yaml.compose(data, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return None
+        return
     todo: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
     while todo:
         node, prefix = todo.pop()
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 place = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                if _mark(key_node.start_mark) == (line, column):
-                    return place
+                yield place, key_node
                 todo.append((value_node, place))
         elif isinstance(node, yaml.SequenceNode):
             todo.extend((item, f"{prefix}.{i}") for i, item in enumerate(node.value))
-    return None
+
+
+def key_place(data: bytes | str, line: int, column: int) -> str | None:
+    """The dotted place of the mapping key that starts at ``line``/``column`` (1-based), if any."""
+    return next((place for place, key in _mapping_keys(data) if _mark(key.start_mark) == (line, column)), None)
 
 
 def first_key(data: bytes | str, place: str) -> Position | None:
     """Where the first of several equal keys at ``place`` starts (a duplicate's first definition)."""
-    parent, _, key = place.rpartition(".")
-    try:
-        root = yaml.compose(data, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    todo: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
-    while todo:
-        node, prefix = todo.pop()
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if prefix == parent and str(key_node.value) == key:
-                    return _mark(key_node.start_mark)
-                todo.append((value_node, f"{prefix}.{key_node.value}" if prefix else str(key_node.value)))
-        elif isinstance(node, yaml.SequenceNode):
-            todo.extend((item, f"{prefix}.{i}") for i, item in enumerate(node.value))
-    return None
+    return next((_mark(key.start_mark) for found, key in _mapping_keys(data) if found == place), None)
