@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+QUANTIZATIONS = (None, "int8", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,6 +31,11 @@ class EngineConfig:
     cpu_packed_linear: bool = True  # CPU fp32/bf16: oneDNN GEMMs on weights pre-packed at load
     scheduling: str = "sla"  # "sla" | "fcfs" (arrival order only: the SLA benchmark's baseline)
     max_wait_s: float | None = 10.0  # aging step (engine/core/scheduling_policy.py); None = no aging
+    # weight-only quantization of the linear layers at load: None (as stored, or as the model's
+    # config says) | "int8" | "int4" (group-wise); a model imported with --quantize is already quantized
+    quantization: str | None = None
+    # prompt-lookup (n-gram) speculative decoding: draft up to this many tokens per step; 0 = off
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -54,6 +60,11 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy'; got {self.load_format!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be None or >= 1; got {self.num_threads}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}; got {self.quantization!r}")
+        if not isinstance(self.speculative_tokens, int) or not 0 <= self.speculative_tokens <= 16:
+            raise ValueError(
+                f"speculative_tokens must be an integer in [0, 16] (0 = off); got {self.speculative_tokens!r}")
         from engine.core.scheduling_policy import SchedulingPolicy
 
         SchedulingPolicy(mode=self.scheduling, max_wait_s=self.max_wait_s)  # a clear ValueError when wrong

@@ -32,3 +32,4 @@ class StreamDelta:
     num_output_tokens: int
     logprobs: list[dict[int, float]] | None = field(default=None)
     num_cached_tokens: int = 0
+    index: int = 0  # which of the request's n choices this delta belongs to

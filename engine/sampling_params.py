@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+MAX_N = 16
+GUIDED_KINDS = ("json_object", "json_schema", "regex", "grammar")
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -33,6 +37,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # n > 1: that many independent choices of one prompt, sharing its KV blocks (engine/README: n)
+    n: int = 1
+    # constrained decoding: exactly one key, {"json_object": true} | {"json_schema": <schema dict>}
+    # | {"regex": <pattern>} | {"grammar": <EBNF/Lark text>}; enforced with token masks (engine.guided)
+    guided: dict[str, Any] | None = None
     _stop_tuple: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +63,11 @@ class SamplingParams:
                "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
         _check(0.0 < self.repetition_penalty <= 10.0,
                "repetition_penalty", "in (0, 10]", self.repetition_penalty)
+        _check(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_N,
+               "n", f"an integer in [1, {MAX_N}]", self.n)
+        _check(self.guided is None or (isinstance(self.guided, dict) and len(self.guided) == 1
+                                       and next(iter(self.guided)) in GUIDED_KINDS),
+               "guided", f"None or a dict with exactly one key of {list(GUIDED_KINDS)}", self.guided)
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]
