@@ -2,30 +2,58 @@
 
 Validated as strictly as chat requests (appliance/openai_schema.py), under the same configured
 caps (``request_limits``: the prompt counts as the total characters): no type coercion, unknown
-fields ignored as OpenAI does, one prompt (a string, or a list holding exactly one string), ``n``
-and ``best_of`` of 1, and no ``echo``/``suffix``/``logprobs`` (refused rather than silently
-dropped).
+fields refused, one prompt (a string, or a list holding exactly one string), ``n`` choices,
+``logprobs`` (up to 5 alternatives per token), ``echo`` (the prompt before each choice's text; not
+with ``logprobs``, which would need the prompt's logprobs), ``best_of`` only equal to ``n``, and no
+``suffix`` or ``logit_bias`` (refused rather than silently dropped: appliance/openai_fields.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from appliance.openai_schema import SamplingValues, StreamOptions, check_text, clamped_sampling, request_limits
+from appliance.openai_fields import REFUSED_COMPLETIONS, refuse_unsupported
+from appliance.openai_schema import (
+    SamplingExtensions,
+    SamplingValues,
+    StreamOptions,
+    check_text,
+    clamped_sampling,
+    request_limits,
+)
+from engine.sampling_params import MAX_N
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class RefusedCompletionFields(BaseModel):
+    """OpenAI completions fields this server does not implement: refused unless they ask for nothing."""
+
+    logit_bias: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Any = None
+    suffix: Any = None
+
+    @field_validator(*REFUSED_COMPLETIONS)
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        return refuse_unsupported(value, info.field_name, REFUSED_COMPLETIONS)
+
+
+class CompletionRequest(SamplingExtensions, RefusedCompletionFields):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     prompt: str | list[str]
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -33,8 +61,7 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     echo: bool = False
-    suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     user: str | None = None
 
     @field_validator("model")
@@ -72,12 +99,18 @@ class CompletionRequest(BaseModel):
             check_text(stop, "stop")
         return value
 
-    @field_validator("echo", "suffix", "logprobs")
-    @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> Any:
-        if value not in (None, False):
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
-        return value
+    @model_validator(mode="after")
+    def _combinations(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of other than n is not supported (found best_of {self.best_of}, n {self.n}); "
+                             "leave best_of out")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs would need the prompt's logprobs, which this server does not "
+                             "compute; use one or the other")
+        return self
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

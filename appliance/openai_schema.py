@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response shapes for the tenant API.
 
-Requests are validated strictly: unknown roles, empty messages, ``n`` other than 1 and out-of-range
-sampling values are refused with a 400 naming the field, before anything reaches the engine. Types
+Requests are validated strictly: unknown fields and roles, empty messages, OpenAI fields this server
+does not implement (appliance/openai_fields.py) and out-of-range sampling values are refused with a
+400 naming the field, before anything reaches the engine. Types
 are not coerced (``"10"`` is not a number, ``"yes"`` is not a boolean; an integer is a valid float,
 as OpenAI accepts ``temperature: 1``). Strings holding a lone UTF-16 surrogate (``"\\ud800"``, valid
 JSON that no UTF-8 text can hold) are refused naming the field. Sizes are capped by
@@ -16,6 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from appliance.openai_fields import (
+    REFUSED_CHAT,
+    REFUSED_MESSAGE,
+    ResponseFormat,
+    guided_spec,
+    refuse_unsupported,
+)
+from engine.sampling_params import MAX_N
 
 # Below this a temperature divides logits into infinities: the sampler would return garbage, so the
 # request is served greedily (temperature 0), which is what such a temperature asks for.
@@ -34,9 +44,11 @@ class RequestLimits:
     max_stop_chars: int = 256  # each stop sequence
     max_model_chars: int = 256
     max_name_chars: int = 256  # message names and ``user``
+    max_schema_chars: int = 65536  # a response_format's JSON schema, serialised
 
     def __post_init__(self) -> None:
-        for name in ("max_messages", "max_total_chars", "max_stop_chars", "max_model_chars", "max_name_chars"):
+        for name in ("max_messages", "max_total_chars", "max_stop_chars", "max_model_chars", "max_name_chars",
+                     "max_schema_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, found {value!r}")
@@ -78,11 +90,22 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = None  # handed to the chat template (most templates ignore it)
+    # refused unless empty (appliance/openai_fields.py)
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+
+    @field_validator(*REFUSED_MESSAGE)
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        return refuse_unsupported(value, info.field_name, REFUSED_MESSAGE)
 
     @field_validator("content")
     @classmethod
@@ -110,7 +133,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -125,10 +148,52 @@ class SamplingValues:
     stop: list[str]
     presence_penalty: float
     frequency_penalty: float
+    n: int = 1
+    logprobs: int | None = None  # the sampled token's logprob and this many alternatives
+    guided: dict[str, Any] | None = None  # response_format, for the engine's token masks
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class SamplingExtensions(BaseModel):
+    """Sampling fields vLLM and SGLang accept beside OpenAI's (sent with the client's ``extra_body``)."""
+
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
+
+
+class RefusedChatFields(BaseModel):
+    """OpenAI chat fields this server does not implement: refused unless they ask for nothing."""
+
+    logit_bias: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*REFUSED_CHAT)
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        return refuse_unsupported(value, info.field_name, REFUSED_CHAT)
+
+
+class ChatCompletionRequest(SamplingExtensions, RefusedChatFields):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -136,7 +201,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -144,6 +209,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
 
     @field_validator("model")
     @classmethod
@@ -184,6 +252,19 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"messages hold at most {limit} characters in all, found {total}")
         return self
 
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            fmt.json_schema.check_size(request_limits.get().max_schema_chars)  # type: ignore[union-attr]
+        return self
+
+    def logprobs_count(self) -> int | None:
+        """The engine's ``logprobs``: None (off), else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def requested_max_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
@@ -194,7 +275,7 @@ class ChatCompletionRequest(BaseModel):
         return clamped_sampling(self)
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in self.messages]
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -212,12 +293,18 @@ def clamped_sampling(req: Any) -> SamplingValues:
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
     top_p = 1.0 if req.top_p is None else max(float(req.top_p), MIN_TOP_P)
+    top_k = getattr(req, "top_k", None)
+    min_p = getattr(req, "min_p", None)
+    repetition_penalty = getattr(req, "repetition_penalty", None)
     return SamplingValues(
         temperature=temperature, top_p=top_p,
         seed=None if req.seed is None else req.seed % SEED_RANGE,
         stop=stop_list(req.stop),
         presence_penalty=float(req.presence_penalty or 0.0),
         frequency_penalty=float(req.frequency_penalty or 0.0),
+        n=req.n, logprobs=req.logprobs_count(), guided=guided_spec(getattr(req, "response_format", None)),
+        top_k=-1 if top_k is None else top_k, min_p=float(min_p or 0.0),
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
     )
 
 

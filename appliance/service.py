@@ -141,12 +141,37 @@ class Prepared:
 
 
 @dataclass
-class Outcome:
+class ChoiceOutcome:
     text: str = ""
     completion_tokens: int = 0
-    prompt_tokens: int = 0
     finish_reason: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What a request produced: its ``n`` choices (one unless it asked for more)."""
+
+    choices: list[ChoiceOutcome] = field(default_factory=lambda: [ChoiceOutcome()])
+    prompt_tokens: int = 0
     node: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        """All choices together: what usage reports and the limits charge."""
+        return sum(c.completion_tokens for c in self.choices)
+
+    def choice(self, index: int) -> ChoiceOutcome:
+        while len(self.choices) <= index:
+            self.choices.append(ChoiceOutcome())
+        return self.choices[index]
 
 
 class ChatService:
@@ -299,11 +324,12 @@ class ChatService:
                 f"{limit - 1} prompt tokens", "invalid_request_error", "prompt_too_long",
                 param="messages" if spec.messages is not None else "prompt"), model)
         release = (route.node, tenant, sla.priority, len(prompt_ids))
+        most = max_tokens * int(spec.sampling.get("n") or 1)  # every choice may run to max_tokens
         release_rate = 0
         budget: Reservation | None = None
         try:
             try:
-                rate = await self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + max_tokens,
+                rate = await self.limiter.reserve(tenant, policy.max_tokens_per_minute, len(prompt_ids) + most,
                                                   policy.rate_limit_rpm)
             except LimitsUnavailable as exc:
                 await self._reject(principal, request_id, RequestRejected(
@@ -315,7 +341,7 @@ class ChatService:
             release_rate = rate.ticket
             if self.usage is not None and (policy.max_tokens_per_day or policy.max_tokens_per_month):
                 # a budget to hold: reserved now; without one, the usage is counted with the record
-                decision = await asyncio.to_thread(self.usage.reserve, tenant, len(prompt_ids) + max_tokens, policy)
+                decision = await asyncio.to_thread(self.usage.reserve, tenant, len(prompt_ids) + most, policy)
                 if not decision.allowed:
                     await self._reject(principal, request_id, RequestRejected(
                         429, decision.reason, "rate_limit_exceeded", decision.code, decision.retry_after_s), model)
@@ -339,7 +365,8 @@ class ChatService:
                 "model": model, "node": route.node, "node_labels": dict(route.handle.node.labels),
                 "region": route.handle.node.labels.get("region", ""), "routing": route.decision(),
                 "admission": admitted.record, "sla_class": sla.name, "prompt_tokens": len(prompt_ids),
-                "max_tokens": max_tokens,
+                "max_tokens": max_tokens, **({"n": params.n} if params.n > 1 else {}),
+                **({"guided": next(iter(params.guided))} if params.guided else {}),
                 "stream": spec.stream, "prompt_hash": prep.prompt_hash, "x_request_id": spec.http_request_id,
                 "run_id": self.run_id,
             }, prep.client)
@@ -410,10 +437,11 @@ class ChatService:
                     "failed_node": node, "error": f"{type(exc).__name__}"[:100], "node": prep.route.node,
                     "routing": prep.route.decision()}, prep.client)
 
-    async def run(self, prep: Prepared, outcome: Outcome) -> AsyncIterator[tuple[str, str | None]]:
-        """Yield ``(text delta, finish_reason)`` pairs; audits the end however it comes. The first
-        pair is only yielded once the node produced its first token, so a caller that awaits it
-        before answering can still answer an HTTP error."""
+    async def run(self, prep: Prepared, outcome: Outcome) -> AsyncIterator[StreamDelta]:
+        """Yield the node's deltas (each names its choice: ``index``); audits the end however it
+        comes. The first delta is only yielded once the node produced its first token, so a caller
+        that awaits it before answering can still answer an HTTP error. The request is complete
+        when all ``n`` choices finished; its record is durable before that last delta is yielded."""
         start = time.monotonic()
         first_at: float | None = None
         tenant = prep.principal.tenant
@@ -422,6 +450,9 @@ class ChatService:
         error = ""
         stream: Any = None
         recorded = False
+        n = prep.params.n
+        outcome.choice(n - 1)
+        unfinished = set(range(n))
         try:
             stream, delta = await self._open(prep)
             while True:
@@ -430,21 +461,27 @@ class ChatService:
                     self.admission.first_token(prep.route.node, tenant, prep.priority, len(prep.prompt_ids),
                                                first_at - start, prep.ahead_tokens)
                     self.metrics.ttft.labels(prep.sla_class).observe(first_at - start)
-                outcome.text += delta.text
-                outcome.completion_tokens = delta.num_output_tokens
+                if delta.index not in unfinished:
+                    raise EngineError(f"node {prep.route.node} sent a delta for choice {delta.index}, which is not "
+                                      f"an unfinished one of the request's {n}")
+                choice = outcome.choices[delta.index]
+                choice.text += delta.text
+                choice.completion_tokens = delta.num_output_tokens
                 outcome.prompt_tokens = delta.num_prompt_tokens
                 if delta.finished:
-                    # completed, and its record durable, before the last pair is handed over: a
+                    choice.finish_reason = delta.finish_reason
+                    unfinished.discard(delta.index)
+                if not unfinished:
+                    # completed, and its record durable, before the last delta is handed over: a
                     # client that has the final chunk has a request on record even if this gateway
                     # dies the next instant; and the consumer may close this generator right after
                     # it, which is not an abort
-                    outcome.finish_reason = delta.finish_reason
                     status = "completed"
                     recorded = True
                     await self._finish(prep, outcome, status, error, start, first_at, stream)
-                    yield delta.text, delta.finish_reason
+                    yield delta
                     break
-                yield delta.text, None
+                yield delta
                 delta = await anext(stream)
             status = "completed"
         except StopAsyncIteration:
@@ -488,8 +525,8 @@ class ChatService:
         sla = self.policies.sla_classes.get(prep.sla_class)
         if sla is not None:  # a class removed by a policy change meanwhile has no targets to judge by
             ttft_s = None if first_at is None else first_at - start
-            tpot_s = None if ttft_s is None or outcome.completion_tokens < 2 else (
-                (elapsed - ttft_s) / (outcome.completion_tokens - 1))
+            longest = max(c.completion_tokens for c in outcome.choices)  # choices decode side by side
+            tpot_s = None if ttft_s is None or longest < 2 else (elapsed - ttft_s) / (longest - 1)
             self.metrics.sla.observe(tenant, prep.sla_class, ttft_s, tpot_s, elapsed, status, sla.ttft_ms / 1000.0,
                                      prep.tpot_target_s, percentile=sla.percentile)
         self.metrics.requests.labels(tenant, status).inc()
@@ -504,6 +541,9 @@ class ChatService:
             "latency_ms": round(elapsed * 1000, 3), "output_hash": self.keyed_hash(tenant, outcome.text.encode()),
             **prep.client,
         }
+        if len(outcome.choices) > 1:  # every choice's end and output on record, not only the first's
+            data["choices"] = [{"finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens,
+                                "output_hash": self.keyed_hash(tenant, c.text.encode())} for c in outcome.choices]
         if prep.retried_from:
             data["retried_from"] = list(prep.retried_from)
         if error:
@@ -519,7 +559,9 @@ class ChatService:
 
         async def append() -> None:
             if self.sealer is not None and self.policies.retention.stores_content(tenant):
-                data["content"] = await asyncio.to_thread(self._sealed_content, prep, tenant, outcome.text)
+                output: str | list[str] = (outcome.text if len(outcome.choices) == 1
+                                           else [c.text for c in outcome.choices])
+                data["content"] = await asyncio.to_thread(self._sealed_content, prep, tenant, output)
             await self.audit.append_async(status, stream=tenant, actor=f"key:{prep.principal.key_id}", tenant=tenant,
                                           request_id=prep.request_id, data=data)
 
@@ -531,7 +573,7 @@ class ChatService:
         if status != "aborted":
             await asyncio.shield(write)
 
-    def _sealed_content(self, prep: Prepared, tenant: str, output: str) -> dict[str, Any]:
+    def _sealed_content(self, prep: Prepared, tenant: str, output: str | list[str]) -> dict[str, Any]:
         """In a worker thread: a database read (and a write for the tenant's first data key)."""
         assert self.sealer is not None
         text = json.dumps({"prompt": prep.content_prompt, "output": output}, ensure_ascii=False)

@@ -233,20 +233,25 @@ class UsageStore:
         """Today's and this month's usage of ``tenant``."""
         day, month, day_end, month_end = _periods(now or dt.datetime.now(dt.UTC))
         c = usage_table.c
-        with self._engine.connect() as conn:
-            rows = {r.period: r for r in conn.execute(
-                sa.select(usage_table).where(c.tenant == tenant, c.period.in_((day, month))))}
+        # under the flush lock: a batch taken out of the pending deltas is either not yet in the
+        # table (then still in neither: wait for its commit) or committed, never counted twice or lost
+        with self._flush_lock:
+            with self._engine.connect() as conn:
+                rows = {r.period: r for r in conn.execute(
+                    sa.select(usage_table).where(c.tenant == tenant, c.period.in_((day, month))))}
+            pending = {period: self._pending_for(tenant, period) for period in (day, month)}
         result = []
         for period, limit, end in ((day, policy.max_tokens_per_day, day_end),
                                    (month, policy.max_tokens_per_month, month_end)):
-            tokens, requests = self._pending_for(tenant, period)
+            tokens, requests = pending[period]
             if period in rows:
                 tokens, requests = tokens + int(rows[period].tokens), requests + int(rows[period].requests)
             result.append(PeriodUsage(period[2:], max(tokens, 0), requests, limit, end.isoformat()))
         return result[0], result[1]
 
     def _tokens(self, tenant: str, period: str) -> int:
-        with self._engine.connect() as conn:
-            value = conn.execute(sa.select(usage_table.c.tokens).where(
-                usage_table.c.tenant == tenant, usage_table.c.period == period)).scalar()
-        return max(int(value or 0) + self._pending_for(tenant, period)[0], 0)
+        with self._flush_lock:  # as in usage(): the table and the pending deltas read as one
+            with self._engine.connect() as conn:
+                value = conn.execute(sa.select(usage_table.c.tokens).where(
+                    usage_table.c.tenant == tenant, usage_table.c.period == period)).scalar()
+            return max(int(value or 0) + self._pending_for(tenant, period)[0], 0)

@@ -65,6 +65,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         param = param or loc or None
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         found = ""
+        if err.get("type") == "extra_forbidden":  # a typo must not fall back to a default silently
+            parts.append(f"{loc}: unknown field; expected only the fields listed in docs/tenant-api.md")
+            continue
         if err.get("type") != "value_error" and "input" in err and not isinstance(err["input"], dict | list):
             found = f" (found {truncate_echo(repr(err['input']))})"
         parts.append(f"{loc or 'body'}: {msg}{found}")

@@ -24,10 +24,13 @@ from appliance.client_info import client_fields
 from appliance.gateway.deps import PrincipalDep, RuntimeDep
 from appliance.gateway.refusal_audit import mark_recorded
 from appliance.openai_completions import CompletionRequest
+from appliance.openai_logprobs import chat_logprobs, completion_logprobs
 from appliance.openai_schema import ChatCompletionRequest
 from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
 from engine import RequestError
 from engine.errors import EngineDeadError
+from engine.outputs import StreamDelta
+from engine.tokenizer.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1")
 
@@ -71,43 +74,92 @@ def _http_error(exc: Exception) -> RequestRejected:
     return RequestRejected(502, "the engine node failed the request", "server_error", "node_failed")
 
 
-Chunk = Callable[[Prepared, str | None, str | None, Any], str]
+class _Choices:
+    """One request's response, as chunks (a stream) or one body: ``n`` choices by ``index``, each
+    with its logprobs when asked for, and for ``/v1/completions`` with ``echo`` the prompt first."""
+
+    def __init__(self, prep: Prepared, chat: bool, tokenizer: Tokenizer | None, top_n: int | None,
+                 echo: str | None = None) -> None:
+        self.prep, self.chat, self.tokenizer, self.top_n = prep, chat, tokenizer, top_n
+        self.echo = echo  # the prompt to put before each choice's text
+        self.echoed: set[int] = set()
+        self.offsets: dict[int, int] = {}  # completions logprobs: where the next token starts in the text
+        self.tokens: dict[int, list[int]] = {}  # non-streaming with logprobs: what to report at the end
+        self.logprobs: dict[int, list[dict[int, float]]] = {}
+
+    def _logprobs(self, index: int, token_ids: list[int], lps: list[dict[int, float]] | None) -> Any:
+        if self.top_n is None or self.tokenizer is None or lps is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, token_ids, lps, self.top_n)
+        body, self.offsets[index] = completion_logprobs(self.tokenizer, token_ids, lps, self.top_n,
+                                                        self.offsets.get(index, 0))
+        return body
+
+    def _text(self, index: int, text: str) -> str:
+        if self.echo is not None and index not in self.echoed:
+            self.echoed.add(index)
+            return self.echo + text
+        return text
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.prep.request_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.prep.created, "model": self.prep.model, "choices": choices}
+
+    def opening(self) -> list[str]:
+        if not self.chat:
+            return []
+        return [f"data: {json.dumps(self._envelope([{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'finish_reason': None, 'logprobs': None}]))}\n\n"  # noqa: E501
+                for i in range(self.prep.params.n)]
+
+    def chunk(self, delta: StreamDelta) -> str | None:
+        """The chunk for one delta, or None when it carries nothing to send."""
+        i = delta.index
+        lp = self._logprobs(i, delta.token_ids, delta.logprobs) if delta.token_ids else None
+        text = self._text(i, delta.text) if (delta.text or self.echo is not None) else ""
+        finish = delta.finish_reason if delta.finished else None
+        if not (text or finish or lp):
+            return None
+        if self.chat:
+            choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": lp}
+        else:
+            choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+        return f"data: {json.dumps(self._envelope([choice]))}\n\n"
+
+    def usage(self, outcome: Outcome) -> str:
+        body = {**self._envelope([]), "usage": _usage(outcome)}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def collect(self, delta: StreamDelta) -> None:
+        if self.top_n is not None and delta.logprobs is not None:
+            self.tokens.setdefault(delta.index, []).extend(delta.token_ids)
+            self.logprobs.setdefault(delta.index, []).extend(delta.logprobs)
+
+    def body(self, outcome: Outcome) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(outcome.choices):
+            lp = self._logprobs(i, self.tokens.get(i, []), self.logprobs.get(i, []))
+            choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason or "stop", "logprobs": lp}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = self._text(i, c.text)
+            choices.append(choice)
+        return {"id": self.prep.request_id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.prep.created, "model": self.prep.model, "choices": choices, "usage": _usage(outcome)}
 
 
-def _chat_chunk(prep: Prepared, text: str | None, finish: str | None, usage: Any = None) -> str:
-    body: dict[str, Any] = {"id": prep.request_id, "object": "chat.completion.chunk", "created": prep.created,
-                            "model": prep.model, "choices": []}
-    if usage is None:
-        delta = {"role": "assistant", "content": ""} if text is None and finish is None else (
-            {"content": text} if text else {})
-        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    else:
-        body["usage"] = usage
-    return f"data: {json.dumps(body)}\n\n"
-
-
-def _text_chunk(prep: Prepared, text: str | None, finish: str | None, usage: Any = None) -> str:
-    body: dict[str, Any] = {"id": prep.request_id, "object": "text_completion", "created": prep.created,
-                            "model": prep.model, "choices": []}
-    if usage is None:
-        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
-    else:
-        body["usage"] = usage
-    return f"data: {json.dumps(body)}\n\n"
-
-
-async def _sse(stream: AsyncIterator[tuple[str, str | None]], first: tuple[str, str | None], prep: Prepared,
-               outcome: Outcome, chunk: Chunk, include_usage: bool, opening: bool) -> AsyncIterator[str]:
+async def _sse(stream: AsyncIterator[StreamDelta], first: StreamDelta, prep: Prepared, outcome: Outcome,
+               out: _Choices, include_usage: bool) -> AsyncIterator[str]:
     try:
-        if opening:
-            yield chunk(prep, None, None, None)
-        text, finish = first
+        for opening in out.opening():
+            yield opening
+        delta = first
         while True:
-            if text or finish:
-                yield chunk(prep, text, finish, None)
-            if finish:
-                break
-            text, finish = await anext(stream)
+            line = out.chunk(delta)
+            if line is not None:
+                yield line
+            delta = await anext(stream)
     except StopAsyncIteration:
         pass
     except RequestError as exc:
@@ -122,12 +174,12 @@ async def _sse(stream: AsyncIterator[tuple[str, str | None]], first: tuple[str, 
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
     if include_usage:
-        yield chunk(prep, None, None, _usage(outcome))
+        yield out.usage(outcome)
     yield "data: [DONE]\n\n"
 
 
 async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep, spec: InferenceSpec,
-                 include_usage: bool, chat: bool) -> JSONResponse | StreamingResponse:
+                 include_usage: bool, chat: bool, echo: str | None = None) -> JSONResponse | StreamingResponse:
     try:
         prep = await runtime.service.prepare(principal, spec)
     except RequestRejected as exc:
@@ -136,6 +188,8 @@ async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep,
         raise
     mark_recorded(request.state)  # admitted: whatever happens now ends in its completed/failed/aborted record
     outcome = Outcome()
+    top_n = prep.params.logprobs
+    out = _Choices(prep, chat, runtime.fleet.tokenizer(prep.model) if top_n is not None else None, top_n, echo)
     stream = runtime.service.run(prep, outcome)
     # x-request-id stays the gateway's id of this HTTP request (as OpenAI's does); the completion's
     # own id is in the body, and the audit records carry both
@@ -145,25 +199,19 @@ async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep,
             first = await anext(stream)
         except Exception as exc:
             raise _http_error(exc) from exc
-        return StreamingResponse(
-            _sse(stream, first, prep, outcome, _chat_chunk if chat else _text_chunk, include_usage, chat),
-            media_type="text/event-stream", headers=headers)
-    await _collect_unless_disconnected(request, stream)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": outcome.finish_reason or "stop", "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": outcome.text}
-    else:
-        choice["text"] = outcome.text
-    return JSONResponse({"id": prep.request_id, "object": "chat.completion" if chat else "text_completion",
-                         "created": prep.created, "model": prep.model, "choices": [choice], "usage": _usage(outcome)})
+        return StreamingResponse(_sse(stream, first, prep, outcome, out, include_usage),
+                                 media_type="text/event-stream", headers=headers)
+    await _collect_unless_disconnected(request, stream, out.collect)
+    return JSONResponse(out.body(outcome))
 
 
-async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[tuple[str, str | None]]) -> None:
+async def _collect_unless_disconnected(request: Request, stream: AsyncIterator[StreamDelta],
+                                       keep: Callable[[StreamDelta], None]) -> None:
     """Run the generation to its end, unless the client goes away first: then it is cancelled (the
     node aborts it and the record says ``aborted``)."""
     async def collect() -> None:
-        async for _ in stream:
-            pass
+        async for delta in stream:
+            keep(delta)
 
     async def disconnected() -> None:
         while True:  # the body is read already: the next message is the disconnect
@@ -212,4 +260,5 @@ async def completions(
                          http_request_id=str(getattr(request.state, "request_id", "")),
                          client=client_fields(request.scope))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _serve(request, runtime, principal, spec, include_usage, chat=False)
+    return await _serve(request, runtime, principal, spec, include_usage, chat=False,
+                        echo=body.prompt_text() if body.echo else None)

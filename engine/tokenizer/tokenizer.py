@@ -14,6 +14,22 @@ from engine.errors import ChatTemplateError, TokenizerError
 from engine.tokenizer.chat_template import ChatTemplate
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each byte is shown as one printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
+
+
 def _token_text(value: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts.
     if isinstance(value, dict):
@@ -63,6 +79,10 @@ class Tokenizer:
         self._added_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")" if by_length else "(?!)")
         self._plain = _HFTokenizer.from_file(str(path))
         self._plain.encode_special_tokens = True
+        decoder = (json.loads(self._tok.to_str()).get("decoder") or {})
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders") or []]
+        self._byte_level = "ByteLevel" in kinds
+        self._token_bytes: dict[int, bytes] = {}
 
     @property
     def has_chat_template(self) -> bool:
@@ -76,6 +96,26 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level token may hold part of a UTF-8 character):
+        what OpenAI's logprobs report as ``bytes``. Cached per id."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"token id {token_id} is not in the vocabulary (size {self.vocab_size})")
+        if piece in self._added:  # a control token: its text
+            out = piece.encode()
+        elif self._byte_level:
+            out = bytes(_UNICODE_TO_BYTE.get(ch, 0x3F) for ch in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
+            out = bytes([int(piece[3:5], 16)])
+        else:  # sentencepiece: U+2581 marks a space
+            out = piece.replace("\u2581", " ").encode()
+        self._token_bytes[token_id] = out
+        return out
 
     def apply_chat_template(
         self,

@@ -149,8 +149,12 @@ def test_legacy_completions_streaming_and_not(lab: FleetLab) -> None:
     tokens = sum(int(d["prompt_tokens"]) + int(d["completion_tokens"]) for d in served)  # type: ignore[call-overload]
     assert usage["day"]["requests"] == len(served) == 2 and usage["day"]["tokens"] == tokens
     assert usage["day"]["limit"] is None and usage["month"]["tokens"] == tokens
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True)
+    echoed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                       temperature=0, echo=True)
+    prompt, text = "The capital of France is", echoed.choices[0].text
+    assert text.startswith(prompt) and text[len(prompt):] and reply.choices[0].text.startswith(text[len(prompt):])
+    with pytest.raises(openai.BadRequestError, match="echo"):  # it would need the prompt's logprobs
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, echo=True, logprobs=1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=4)
 
