@@ -5,6 +5,7 @@ The installer templates that file; the appliance only reads it. Paths inside it 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class EngineSettings:
     max_num_seqs: int | None = None
     scheduling: str = "sla"  # "sla" (classes, deadlines, fair share) | "fcfs" (arrival order: a baseline)
     max_wait_s: float | None = None  # aging step of the lowest classes; None: the engine's default
+    quantization: str | None = None  # weight-only "int8" | "int4" at load; None: as the model is stored
+    speculative_tokens: int = 0  # prompt-lookup speculative decoding: drafted tokens per step (0: off)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -85,6 +88,12 @@ class EngineSettings:
         if self.max_wait_s is not None and (isinstance(self.max_wait_s, bool)
                                             or not isinstance(self.max_wait_s, int | float) or self.max_wait_s <= 0):
             raise ConfigError(f"engine.max_wait_s must be a number of seconds > 0, found {self.max_wait_s!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ConfigError(f"engine.quantization must be int8 or int4 (or absent), found {self.quantization!r}")
+        if (isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int)
+                or not 0 <= self.speculative_tokens <= 16):
+            raise ConfigError(
+                f"engine.speculative_tokens must be an integer from 0 (off) to 16, found {self.speculative_tokens!r}")
 
     def resolved(self, cuda_available: bool) -> dict[str, object]:
         device = ("cuda" if cuda_available else "cpu") if self.device == "auto" else self.device
@@ -98,6 +107,10 @@ class EngineSettings:
             out["scheduling"] = self.scheduling
         if self.max_wait_s is not None:
             out["max_wait_s"] = float(self.max_wait_s)
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        if self.speculative_tokens:
+            out["speculative_tokens"] = self.speculative_tokens
         return out
 
 
@@ -203,10 +216,9 @@ def load_config(root: Path) -> ApplianceConfig:
         raise ConfigError(f"{path}: gateway.workers must be an integer in 1..{MAX_WORKERS} (gateway processes "
                           f"sharing the port), found {workers!r}")
     engine = doc.get("engine") or {}
-    if not isinstance(engine, dict) or set(engine) - {"device", "dtype", "kv_cache_bytes", "max_num_seqs",
-                                                      "scheduling", "max_wait_s"}:
-        raise ConfigError(f"{path}: engine must be a mapping of device, dtype, kv_cache_bytes, max_num_seqs, "
-                          f"scheduling, max_wait_s; found {engine!r}")
+    known = [f.name for f in dataclasses.fields(EngineSettings)]
+    if not isinstance(engine, dict) or set(engine) - set(known):
+        raise ConfigError(f"{path}: engine must be a mapping of {', '.join(known)}; found {engine!r}")
     return ApplianceConfig(
         root=root,
         version=str(_require(doc, "version", str, path)),

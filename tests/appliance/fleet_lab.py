@@ -85,7 +85,8 @@ class FleetLab:
             "fleet": {"nodes": [{"name": n.name, "url": n.url, "labels": n.labels, "models": [MODEL]}
                                 for n in self.nodes.values()], **(fleet_settings or {})}}, policies)
 
-    def build_single(self, tenants_policy: dict[str, object], labels: dict[str, str] | None = None) -> None:
+    def build_single(self, tenants_policy: dict[str, object], labels: dict[str, str] | None = None,
+                     engine: dict[str, object] | None = None) -> None:
         """One host running gateway and engine in one process (the quickstart's shape: no fleet)."""
         from policies import default_policy_dir
 
@@ -100,7 +101,7 @@ class FleetLab:
             "version": "1.0.0", "bundle_digest": "sha256:single-test",
             "model": {"name": MODEL, "path": str(self.model_dir)}, "policies_dir": str(policies),
             "node": {"name": "solo", "labels": labels or {"region": "eu", "site": "a", "classification": "internal"}},
-            "gateway": {"host": "127.0.0.1", "port": self.gateway_port}, "engine": ENGINE}))
+            "gateway": {"host": "127.0.0.1", "port": self.gateway_port}, "engine": {**ENGINE, **(engine or {})}}))
         (self.gateway_root / "current").symlink_to(release)
 
     def _lay_out(self, root: Path, pki_dir: Path, node: str, extra: dict[str, object], policies: Path) -> None:
