@@ -55,6 +55,7 @@ class EdgeLimits:
     max_stop_chars: int = 256
     max_model_chars: int = 256
     max_name_chars: int = 256
+    max_schema_chars: int = 65536  # a response_format's JSON schema, serialised
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -79,7 +80,7 @@ class EdgeLimits:
     def request_limits(self) -> RequestLimits:
         return RequestLimits(max_messages=self.max_messages, max_total_chars=self.max_total_chars,
                              max_stop_chars=self.max_stop_chars, max_model_chars=self.max_model_chars,
-                             max_name_chars=self.max_name_chars)
+                             max_name_chars=self.max_name_chars, max_schema_chars=self.max_schema_chars)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
