@@ -15,8 +15,8 @@ import pytest
 from engine import LLM, SamplingParams
 from tests.appliance.fleet_lab import ENGINE, MODEL, FleetLab
 
-POLICY = {"tenants": {"app": {"allowed_models": ["*"], "rate_limit_rpm": 10000,
-                              "max_tokens_per_minute": 100000000}}}
+POLICY = {"tenants": {"app": {"allowed_models": ["*"], "rate_limit_rpm": 10000, "max_tokens_per_minute": 100000000},
+                      "small": {"allowed_models": ["*"], "rate_limit_rpm": 10000, "max_tokens_per_minute": 400}}}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CITY = {
     "type": "object",
@@ -78,6 +78,14 @@ def test_n_choices_are_distinct_with_correct_usage_and_stream_as_they_answer(cli
             streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
     assert [streamed[i] for i in range(3)] == texts  # the same seed, the same three choices
     assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_every_choice_counts_against_the_tenants_token_limit(lab: FleetLab) -> None:
+    small = lab.client(lab.tenant_key("small"))
+    with pytest.raises(openai.RateLimitError):  # 16 choices of 32 tokens: 512 > 400 a minute
+        small.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=32, n=16)
+    reply = small.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=32, n=2, temperature=0)
+    assert len(reply.choices) == 2
 
 
 def test_logprobs_match_the_returned_tokens(client: openai.OpenAI) -> None:
