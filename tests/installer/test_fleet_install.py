@@ -7,7 +7,9 @@ Measured on the shared 2-core test machine: the module takes about 6.5 minutes: 
 about 3 (per node, one after the other: release copied as one archive, runtime built from the
 wheels, services started and health-checked), the rolling upgrade to 0.2.0 about 2 and the
 rollback under 1; hence slow. A chat completion through the gateway's HTTPS API with the official
-openai client is served by an engine node (the gateway-only node has no engine).
+openai client is served by an engine node (the gateway-only node has no engine), and a tenant pinned
+to site a is served only there, gets 503 while that site's engine is stopped (site b serving it
+nothing) and is served again once it is back.
 """
 
 from __future__ import annotations
@@ -128,6 +130,73 @@ def test_a_chat_completion_through_the_gateway_is_served_by_an_engine_node(fleet
     assert "Paris" in str(reply.choices[0].message.content)
     served = [d.get("node") for kind, rid, d in fleet.records("fleet-test") if rid == reply.id and kind == "completed"]
     assert served and served[0] in fleet.engines, served  # an engine node, over mutual TLS; the gateway has none
+
+
+PINNED_POLICY = """\
+residency:
+  site-a: {regions: ["*"], sites: [a], classifications: ["*"]}
+tenants:
+  pinned: {allowed_models: ["*"], residency: site-a, rate_limit_rpm: 1000}
+"""
+
+
+def node_tokens(fleet: Fleet, name: str) -> float:
+    """Prompt + generated tokens the node's own metrics count (what it really served)."""
+    with httpx.Client(verify=mtls(fleet), timeout=30) as client:
+        text = client.get(f"{fleet.engine_url(name)}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(("vllm:prompt_tokens_total", "vllm:generation_tokens_total")))
+
+
+def test_residency_holds_on_the_installed_fleet_when_its_site_goes_down_and_comes_back(fleet: Fleet) -> None:
+    """The fleet behaviour of tests/appliance/test_fleet.py against this SSH install: a tenant pinned
+    to site a is served by gpu-a1 only; with gpu-a1's engine stopped it gets 503 while gpu-b1 is
+    healthy and serves it nothing; with gpu-a1 back it is served again."""
+    applied = fleet.root(fleet.gateway) / "data" / "policies"
+    applied.mkdir(parents=True, exist_ok=True)
+    (applied / "site-pinned.yaml").write_text(PINNED_POLICY)  # taken up by the gateway's policy watch
+    assert fleet.appliance(fleet.gateway, "tenants", "create", "pinned", "--models", MODEL).returncode == 0
+    issued = fleet.appliance(fleet.gateway, "keys", "issue", "pinned", "--json")
+    assert issued.returncode == 0, issued.stderr
+    client = openai.OpenAI(base_url=f"{fleet.gateway_url}/v1", api_key=json.loads(issued.stdout)["key"],
+                           max_retries=0, http_client=httpx.Client(
+                               verify=ssl.create_default_context(cafile=str(fleet.ca)), timeout=180))
+    wait_for_active_nodes(fleet, fleet.engines)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    deadline = time.monotonic() + 60
+    while True:  # until the watch has taken the policy up: then only site a serves this tenant
+        reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=question)  # type: ignore[arg-type]
+        served = {d.get("node") for kind, rid, d in fleet.records("pinned") if rid == reply.id and kind == "completed"}
+        if served == {"gpu-a1"} and any(k == "admin.policy_changed" for k, _, _ in fleet.records("_admin")):
+            break
+        assert time.monotonic() < deadline, "the applied policy was not taken up within 60 s"
+    b_before = node_tokens(fleet, "gpu-b1")
+    ids = [client.chat.completions.create(model=MODEL, max_tokens=4, messages=question).id  # type: ignore[arg-type]
+           for _ in range(3)]
+    assert {d.get("node") for kind, rid, d in fleet.records("pinned") if rid in ids and kind == "completed"} \
+        == {"gpu-a1"}
+    fleet.service("gpu-a1", "engine", "stop")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the gateway notices within its health interval; never another site meanwhile
+            try:
+                client.chat.completions.create(model=MODEL, max_tokens=4, messages=question)  # type: ignore[arg-type]
+            except openai.InternalServerError as exc:
+                assert exc.status_code == 503 and exc.code == "no_compliant_node_available", exc.body
+                break
+            except openai.APIConnectionError:
+                pass
+            assert time.monotonic() < deadline, "still served with site a's only engine stopped"
+            time.sleep(0.5)
+        assert node_tokens(fleet, "gpu-b1") == b_before  # site b is up and was given nothing
+    finally:
+        started = fleet.service("gpu-a1", "engine", "start")
+        assert started["sovereign_service"] == "ok", started
+    wait_for_active_nodes(fleet, fleet.engines)
+    reply = client.chat.completions.create(model=MODEL, max_tokens=4, messages=question)  # type: ignore[arg-type]
+    assert [d.get("node") for kind, rid, d in fleet.records("pinned") if rid == reply.id and kind == "completed"] \
+        == ["gpu-a1"]
+    assert node_tokens(fleet, "gpu-b1") == b_before
 
 
 def test_rolling_upgrade_drains_each_engine_node_on_the_gateway(fleet: Fleet, keys: Path, model_dir: Path,
