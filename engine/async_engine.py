@@ -9,6 +9,7 @@ EngineCore after start(), apart from read-only validation (tokenizer, limits) in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.core.choices import SEPARATOR, check_request_id, choice_id, choice_params
 from engine.core.engine_core import EngineCore
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence
 from engine.errors import DuplicateRequestError, EngineDeadError, EngineError
 from engine.outputs import StreamDelta
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_N, SamplingParams
 from engine.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._active: set[str] = set()
         self._stats: dict[str, Any] = {}
+        # loop thread only: choices 1..n-1 of a request, held until choice 0 (by its id) has its prompt computed
+        self._later: dict[str, tuple[list[Sequence], _Sink]] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,28 +109,32 @@ class AsyncEngine:
         more tokens than fit in ``tpot_target_s`` seconds (an estimate from recent steps)."""
         if not self.is_running:
             raise EngineDeadError(f"engine is not serving: {self._dead or 'not started or shut down'}")
+        check_request_id(request_id)
         if request_id in self._active:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
-        seq = self.core.make_sequence(
-            request_id, prompt, params, cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant,
-            tpot_target_s=tpot_target_s,
-        )
+        # n > 1: one sequence per choice (engine/core/choices.py); choice 0 first, the rest once
+        # its prompt is in the cache
+        seqs = [self.core.make_sequence(
+            choice_id(request_id, i), prompt, choice_params(params, i) if params.n > 1 else params,
+            cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant, tpot_target_s=tpot_target_s,
+        ) for i in range(params.n)]
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._active.add(request_id)
-        finished = False
+        unfinished = set(range(params.n))
         try:
-            self._commands.put(("add", (seq, sink)))
+            self._commands.put(("add", (seqs, sink)))
             while True:
                 item = await sink.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                if item.finished:
+                    unfinished.discard(item.index)
                 yield item
-                if finished:
+                if not unfinished:
                     return
         finally:
             self._active.discard(request_id)
-            if not finished:  # consumer went away or errored: free the request's blocks
+            if unfinished:  # consumer went away or errored: free every choice's blocks
                 self._commands.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -135,7 +143,7 @@ class AsyncEngine:
     # ---- the loop thread ----------------------------------------------------------------
     def _run(self) -> None:
         core = self.core
-        sinks: dict[str, _Sink] = {}
+        sinks: dict[str, _Sink] = {}  # by sequence id (a choice's own id)
         try:
             while not self._stop.is_set():
                 self._drain(core, sinks, block=not core.has_unfinished())
@@ -154,6 +162,7 @@ class AsyncEngine:
         for rid, sink in sinks.items():
             core.abort(rid)
             sink.put(error)
+        self._later.clear()
 
     def _drain(self, core: EngineCore, sinks: dict[str, _Sink], block: bool) -> None:
         try:
@@ -162,26 +171,42 @@ class AsyncEngine:
             return
         while True:
             if cmd == "add":
-                seq, sink = arg
+                seqs, sink = arg
                 try:
-                    core.add_sequence(seq)
-                    sinks[seq.request_id] = sink
+                    core.add_sequence(seqs[0])
+                    sinks[seqs[0].request_id] = sink
+                    if len(seqs) > 1:
+                        self._later[seqs[0].request_id] = (seqs[1:], sink)
                 except EngineError as exc:
                     sink.put(exc)
             elif cmd == "abort":
-                seq = core.abort(arg)
-                if seq is not None:
-                    self._emit(core, sinks, seq)
+                self._later.pop(arg, None)  # choices not admitted yet: never will be
+                for i in range(MAX_N):  # every choice still running
+                    seq = core.abort(choice_id(arg, i))
+                    if seq is not None:
+                        self._emit(core, sinks, seq)
             try:
                 cmd, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    @staticmethod
-    def _emit(core: EngineCore, sinks: dict[str, _Sink], seq: Sequence) -> None:
+    def _emit(self, core: EngineCore, sinks: dict[str, _Sink], seq: Sequence) -> None:
         sink = sinks.get(seq.request_id)
         if sink is None:
             return
-        sink.put(core.delta(seq))
+        delta = core.delta(seq)
+        if SEPARATOR in seq.request_id:  # a choice of an n > 1 request: its own index, the request's id
+            request_id, index = seq.request_id.split(SEPARATOR)
+            delta = dataclasses.replace(delta, request_id=request_id, index=int(index))
+        sink.put(delta)
         if seq.is_finished:
             del sinks[seq.request_id]
+        later = self._later.pop(seq.request_id, None)
+        if later is not None:  # choice 0 has its prompt computed (or ended): the other choices now
+            for other in later[0]:
+                try:
+                    core.add_sequence(other)
+                    sinks[other.request_id] = later[1]
+                except EngineError as exc:
+                    later[1].put(exc)
+                    break

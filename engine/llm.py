@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.core.choices import choice_id, choice_params
 from engine.core.engine_core import EngineCore
+from engine.core.sequence import Sequence as Seq
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer.tokenizer import Tokenizer
@@ -32,7 +34,8 @@ class LLM:
         cache_salt: str | None = None,
         priority: int = 0,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs are in prompt order.
+        """Generate for every prompt (text or token ids); outputs are in prompt order, and a prompt
+        whose params ask for n > 1 choices has n consecutive outputs (``index`` 0..n-1).
 
         Every request is validated before any runs: a bad one raises RequestError and none run.
         """
@@ -44,15 +47,30 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(plist)
         if len(param_list) != len(plist):
             raise ValueError(f"params: expected 1 or {len(plist)} SamplingParams; got {len(param_list)}")
-        seqs = [
-            self.engine.make_sequence(f"llm-{next(self._ids)}", p, sp, cache_salt=cache_salt, priority=priority)
-            for p, sp in zip(plist, param_list, strict=True)
-        ]
-        for seq in seqs:
-            self.engine.add_sequence(seq)
-        while any(not s.is_finished for s in seqs):
+        # one sequence per choice; choices 1..n-1 wait until choice 0's prompt is computed, then take
+        # its prompt blocks from the prefix cache (engine/core/choices.py)
+        groups: list[list[Seq]] = []
+        for p, sp in zip(plist, param_list, strict=True):
+            rid = f"llm-{next(self._ids)}"
+            groups.append([self.engine.make_sequence(choice_id(rid, i), p, choice_params(sp, i) if sp.n > 1 else sp,
+                                                     cache_salt=cache_salt, priority=priority)
+                           for i in range(sp.n)])
+        for group in groups:
+            self.engine.add_sequence(group[0])
+        waiting = [g for g in groups if len(g) > 1]
+        while any(not s.is_finished for g in groups for s in g):
             self.engine.step()
-        return [self.engine.output(s) for s in seqs]
+            for g in [g for g in waiting if g[0].output_token_ids or g[0].is_finished]:
+                waiting.remove(g)
+                for seq in g[1:]:
+                    self.engine.add_sequence(seq)
+        outputs = []
+        for group in groups:
+            for i, seq in enumerate(group):
+                out = self.engine.output(seq)
+                out.request_id, out.index = group[0].request_id, i
+                outputs.append(out)
+        return outputs
 
     def chat(
         self,

@@ -15,6 +15,7 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0
+    index: int = 0  # which of the request's n choices (SamplingParams.n)
 
     @property
     def finished(self) -> bool:

@@ -149,6 +149,7 @@ class RemoteEngine:
         if self._client is None:
             raise EngineDeadError("RemoteEngine is not started: await engine.start() first")
         lines = self._http.post_lines("/v1/generate", json.dumps(body).encode())
+        unfinished = set(range(params.n))
         try:
             async for line in lines:
                 obj = json.loads(line)
@@ -156,6 +157,8 @@ class RemoteEngine:
                     raise error_from_body(obj["error"])
                 delta = delta_from_obj(obj)
                 if delta.finished:
+                    unfinished.discard(delta.index)
+                if not unfinished:
                     # The node ends the body right after its final line: reading it to the end
                     # returns the connection to the pool (no new TLS handshake for the next request).
                     async for _ in lines:

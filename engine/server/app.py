@@ -97,17 +97,16 @@ async def _lines(
     first_token_at: float | None = None
     delta = first
     try:
-        while True:
+        while True:  # to the end of the stream: an n > 1 request ends when its last choice does
             if delta.token_ids and first_token_at is None:
                 first_token_at = time.perf_counter()
                 metrics.ttft.observe(first_token_at - start)
             yield delta_to_line(delta)
-            if delta.finished:
+            if delta.finished and delta.index == 0:
                 end = time.perf_counter()
                 metrics.e2e.observe(end - start)
                 if first_token_at is not None and delta.num_output_tokens > 1:
                     metrics.tpot.observe((end - first_token_at) / (delta.num_output_tokens - 1))
-                return
             delta = await anext(stream)
     except StopAsyncIteration:
         return

@@ -139,3 +139,35 @@ def test_remote_bad_request_and_abort(node: str, tls: TlsSet) -> None:
 
     deltas = asyncio.run(main())
     assert deltas[-1].finish_reason == "abort" and deltas[-1].num_output_tokens < 200
+
+
+def test_remote_n_choices_stream_to_their_ends_and_abort_ends_them_all(node: str, tls: TlsSet) -> None:
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=12, n=3)
+
+    async def main() -> tuple[dict[int, list[StreamDelta]], dict[str, object]]:
+        remote = _remote(node, tls)
+        await remote.start()
+        try:
+            by_index: dict[int, list[StreamDelta]] = {}
+            async for d in remote.generate("t-n3", "Tell me about cats.", params):
+                assert d.request_id == "t-n3"
+                by_index.setdefault(d.index, []).append(d)
+            seen = 0
+            async for _ in remote.generate("t-n4-abort", "Tell me a long story", SamplingParams(max_tokens=200, n=4)):
+                seen += 1
+                if seen == 3:
+                    await remote.abort("t-n4-abort")
+            for _ in range(50):
+                stats = await remote.refresh_stats()
+                if stats["running"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            return by_index, stats
+        finally:
+            await remote.shutdown()
+
+    by_index, stats = asyncio.run(main())
+    assert sorted(by_index) == [0, 1, 2]
+    texts = ["".join(d.text for d in deltas) for deltas in by_index.values()]
+    assert all(deltas[-1].finished for deltas in by_index.values()) and len(set(texts)) == 3
+    assert stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_cache_usage"] == 0.0
