@@ -16,7 +16,8 @@ from engine import LLM, SamplingParams
 from tests.appliance.fleet_lab import ENGINE, MODEL, FleetLab
 
 POLICY = {"tenants": {"app": {"allowed_models": ["*"], "rate_limit_rpm": 10000, "max_tokens_per_minute": 100000000},
-                      "small": {"allowed_models": ["*"], "rate_limit_rpm": 10000, "max_tokens_per_minute": 400}}}
+                      "small": {"allowed_models": ["*"], "rate_limit_rpm": 10000, "max_tokens_per_minute": 400,
+                                "max_tokens_per_request": 64}}}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CITY = {
     "type": "object",
