@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from engine.core.sequence import Sequence
+from engine.guided import GuidedDecoding
 from engine.ops import cpu_native
 
 
@@ -52,8 +55,11 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], guided: GuidedDecoding | None = None) -> None:
         self.eos_token_ids = eos_token_ids
+        # structured output: built on the first guided row unless the engine hands one in
+        self.guided = guided
+        self._matchers: weakref.WeakKeyDictionary[Sequence, Any] = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()  # the engine's logits are inference tensors; nothing here needs autograd
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], *, scratch: bool = False) -> list[SampleResult]:
@@ -62,7 +68,14 @@ class Sampler:
         does so: penalties and bans are then applied in place instead of on a copy)."""
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        raw = logits
         logits = self._constrain(logits, seqs, in_place=scratch)
+        guided = [i for i, s in enumerate(seqs) if s.params.guided is not None]
+        matchers = []
+        if guided:  # structured output: only tokens that continue the document (EOS once it is complete)
+            if not scratch and logits.data_ptr() == raw.data_ptr():
+                logits = logits.clone()
+            matchers = self._mask_guided(logits, seqs, guided)
         tokens = cpu_native.argmax(logits)  # greedy for every row; random rows overwritten below
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
@@ -75,6 +88,9 @@ class Sampler:
                 noise[j].exponential_(generator=s.generator)  # per-request stream when seeded
             tokens[rows] = (probs / noise).argmax(dim=-1)  # exponential race == categorical draw
         token_list: list[int] = tokens.tolist()
+        for i, m in zip(guided, matchers, strict=True):  # the matcher follows the token drawn
+            if not m.is_stopped():
+                m.consume_token(token_list[i])
         if raw_logprobs is None:  # the common case: no per-row work at all
             return [SampleResult(t, None) for t in token_list]
         results = []
@@ -90,6 +106,28 @@ class Sampler:
                         lp.setdefault(t, v)
             results.append(SampleResult(token_list[i], lp))
         return results
+
+    def _mask_guided(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[Any]:
+        """Mask the guided rows in place; returns their matchers (made on a sequence's first step)."""
+        if self.guided is None:
+            tok = seqs[rows[0]].detokenizer._tok  # the engine's Tokenizer; its HF tokenizers object
+            self.guided = GuidedDecoding.from_json(tok._tok.to_str(), logits.shape[1], self.eos_token_ids)
+        matchers = []
+        for i in rows:
+            seq = seqs[i]
+            m = getattr(seq, "guided", None) or self._matchers.get(seq)
+            if m is None:
+                assert seq.params.guided is not None
+                m = self.guided.start(seq.params.guided, seq.output_token_ids, seq.request_id)
+                self._matchers[seq] = m
+            matchers.append(m)
+        self.guided.apply_masks(logits, rows, matchers)
+        eos = self.eos_token_ids[0]
+        for i, m in zip(rows, matchers, strict=True):
+            if m.is_stopped():  # complete (or failed): end here even if min_tokens banned EOS
+                logits[i].fill_(float("-inf"))
+                logits[i, eos] = 0.0
+        return matchers
 
     def _constrain(self, logits: torch.Tensor, seqs: list[Sequence], in_place: bool) -> torch.Tensor:
         """Penalties and min_tokens bans; unless in_place, on a copy made only when some row needs one."""
