@@ -131,6 +131,9 @@ def control_service(root: Path, action: str, inventory: Inventory, *, console: C
         raise NotInstalledError(f"{layout.root}: expected an installed release to {action}, found no current symlink")
     digest = release_digest(layout, version)
     extra_vars = {"sovereign_service_action": action,
+                  # a restart drains each engine node on the gateways (their HTTPS port) first
+                  "sovereign_release_gateway_host": inventory.gateway.host,
+                  "sovereign_release_gateway_port": inventory.gateway.port,
                   **service_vars(inventory, start=action != "stop")}
     entry = JournalEntry(action, "ok", version or "", digest, inventory.names, "")
     result = run_locked_outside_root(layout, "service.yml", inventory, extra_vars, label=f"{action} appliance",

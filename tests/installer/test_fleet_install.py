@@ -199,9 +199,20 @@ def test_residency_holds_on_the_installed_fleet_when_its_site_goes_down_and_come
     assert node_tokens(fleet, "gpu-b1") == b_before
 
 
+def test_a_restart_drains_each_engine_node_on_the_gateway_first(fleet: Fleet) -> None:
+    done = run_installer("restart", "--root", str(fleet.controller_root), "--inventory", str(fleet.inventory),
+                         "--json")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    notes = "\n".join(json.loads(done.stdout)["notes"])
+    for name in fleet.engines:
+        assert f"drained {name} on the gateway" in notes and f"undrained {name} on the gateway" in notes, notes
+    wait_for_active_nodes(fleet, fleet.engines)
+
+
 def test_rolling_upgrade_drains_each_engine_node_on_the_gateway(fleet: Fleet, keys: Path, model_dir: Path,
                                                                 wheelhouse: Path, tmp_path: Path) -> None:
     bundle = fleet_bundle(tmp_path, keys, model_dir, wheelhouse, "0.2.0")
+    before = len(fleet.records("_admin"))  # the restart's drains are on record already
     started = time.monotonic()
     result = install(fleet, bundle, "upgrade")
     upgrade_s = time.monotonic() - started
@@ -213,7 +224,7 @@ def test_rolling_upgrade_drains_each_engine_node_on_the_gateway(fleet: Fleet, ke
         engine = fleet.status(name)["services"]["engine"]
         assert engine["healthy"] and engine["version"] == "0.2.0"
     assert "drained gw-1" not in notes  # a gateway-only node has no engine to drain
-    events = [kind for kind, _, data in fleet.records("_admin") if data.get("node") in fleet.engines]
+    events = [kind for kind, _, data in fleet.records("_admin")[before:] if data.get("node") in fleet.engines]
     assert events.count("admin.node_draining") == 2 and events.count("admin.node_undrained") == 2, events
     wait_for_active_nodes(fleet, fleet.engines)
     # the installer's machine keeps the fleet's release record (no node installs into its root)
