@@ -60,6 +60,12 @@ def test_json_schema_output_parses_and_validates(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0,
                                            response_format={"type": "json_object"})
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    # a schema the engine cannot enforce is a 400 that says why, before anything is generated
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       response_format=bad)  # type: ignore[arg-type]
+    assert "no-such-type" in str(refused.value.body), refused.value.body
 
 
 def test_n_choices_are_distinct_with_correct_usage_and_stream_as_they_answer(client: openai.OpenAI) -> None:
