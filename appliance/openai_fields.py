@@ -30,11 +30,8 @@ _REFUSED_COMMON: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 REFUSED_CHAT: dict[str, tuple[tuple[Any, ...], str]] = {
     **_REFUSED_COMMON,
-    "tools": ((), "tool calling is not supported by this server"),
-    "tool_choice": (("none",), "tool calling is not supported by this server (only tool_choice 'none')"),
-    "parallel_tool_calls": ((), "tool calling is not supported by this server"),
-    "functions": ((), "function calling is not supported by this server"),
-    "function_call": (("none",), "function calling is not supported by this server"),
+    "functions": ((), "the deprecated functions are not supported; use tools"),
+    "function_call": (("none",), "the deprecated function_call is not supported; use tool_choice"),
     "audio": ((), "audio output is not supported; text only"),
     "modalities": ((["text"],), "only the 'text' modality is supported"),
     "prediction": ((), "predicted outputs are not supported"),
@@ -47,9 +44,7 @@ REFUSED_COMPLETIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "suffix": (("",), "suffix (insertion) is not supported by the served models"),
 }
 REFUSED_MESSAGE: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tool_calls": ((), "tool calling is not supported by this server"),
-    "tool_call_id": ((), "tool calling is not supported by this server"),
-    "function_call": ((), "function calling is not supported by this server"),
+    "function_call": ((), "the deprecated function_call is not supported; use tool_calls"),
     "audio": ((), "audio is not supported; text only"),
     "refusal": (("",), "assistant refusal messages are not supported as input"),
 }

@@ -12,6 +12,7 @@ each refusal names the limit and what was found.
 
 from __future__ import annotations
 
+import json
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,16 @@ from appliance.openai_fields import (
     ResponseFormat,
     guided_spec,
     refuse_unsupported,
+)
+from appliance.openai_tools import (
+    Tool,
+    ToolCall,
+    ToolChoice,
+    call_schema,
+    calling,
+    check_tools,
+    rendered_call,
+    tools_message,
 )
 from engine.sampling_params import MAX_N
 
@@ -95,9 +106,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None  # handed to the chat template (most templates ignore it)
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (appliance/openai_tools.py)
+    tool_call_id: str | None = Field(default=None, max_length=256)  # a tool message: which call it answers
     # refused unless empty (appliance/openai_fields.py)
-    tool_calls: Any = None
-    tool_call_id: Any = None
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
@@ -118,6 +129,12 @@ class ChatMessage(BaseModel):
         return None if value is None else _cap(value, "name", request_limits.get().max_name_chars)
 
     def text(self) -> str:
+        if self.tool_calls:  # an earlier call, as the model wrote it
+            calls = "\n".join(rendered_call(c) for c in self.tool_calls)
+            return calls if self.content is None else f"{self.text_content()}\n{calls}"
+        return self.text_content()
+
+    def text_content(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -174,9 +191,6 @@ class RefusedChatFields(BaseModel):
     prompt_cache_key: Any = None
     prompt_cache_retention: Any = None
     safety_identifier: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -212,6 +226,9 @@ class ChatCompletionRequest(SamplingExtensions, RefusedChatFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # one call per reply is what this server makes
 
     @field_validator("model")
     @classmethod
@@ -259,7 +276,19 @@ class ChatCompletionRequest(SamplingExtensions, RefusedChatFields):
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_schema":
             fmt.json_schema.check_size(request_limits.get().max_schema_chars)  # type: ignore[union-attr]
+        check_tools(self.tools, self.tool_choice)
+        if self.calls_tools() and fmt is not None and fmt.type != "text":
+            raise ValueError("response_format and a required tool call both constrain the reply; send one of them")
+        if self.tools:
+            size = len(json.dumps([t.model_dump() for t in self.tools]))
+            if size > request_limits.get().max_schema_chars:
+                raise ValueError(f"tools are at most {request_limits.get().max_schema_chars} characters of JSON, "
+                                 f"found {size}")
         return self
+
+    def calls_tools(self) -> bool:
+        """Whether the reply must be a call of one of the tools."""
+        return bool(calling(self.tools, self.tool_choice))
 
     def logprobs_count(self) -> int | None:
         """The engine's ``logprobs``: None (off), else how many alternatives per token."""
@@ -275,7 +304,10 @@ class ChatCompletionRequest(SamplingExtensions, RefusedChatFields):
         return clamped_sampling(self)
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in self.messages]
+        shown = calling(self.tools, self.tool_choice)
+        head = [tools_message(shown)] if shown else []
+        return head + [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                       for m in self.messages]
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -293,6 +325,8 @@ def clamped_sampling(req: Any) -> SamplingValues:
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
     top_p = 1.0 if req.top_p is None else max(float(req.top_p), MIN_TOP_P)
+    tools = calling(getattr(req, "tools", None), getattr(req, "tool_choice", None))
+    guided = {"json_schema": call_schema(tools)} if tools else guided_spec(getattr(req, "response_format", None))
     top_k = getattr(req, "top_k", None)
     min_p = getattr(req, "min_p", None)
     repetition_penalty = getattr(req, "repetition_penalty", None)
@@ -302,7 +336,7 @@ def clamped_sampling(req: Any) -> SamplingValues:
         stop=stop_list(req.stop),
         presence_penalty=float(req.presence_penalty or 0.0),
         frequency_penalty=float(req.frequency_penalty or 0.0),
-        n=req.n, logprobs=req.logprobs_count(), guided=guided_spec(getattr(req, "response_format", None)),
+        n=req.n, logprobs=req.logprobs_count(), guided=guided,
         top_k=-1 if top_k is None else top_k, min_p=float(min_p or 0.0),
         repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
     )

@@ -26,6 +26,7 @@ from appliance.gateway.refusal_audit import mark_recorded
 from appliance.openai_completions import CompletionRequest
 from appliance.openai_logprobs import chat_logprobs, completion_logprobs
 from appliance.openai_schema import ChatCompletionRequest
+from appliance.openai_tools import parse_call
 from appliance.service import InferenceSpec, Outcome, Prepared, RequestRejected
 from engine import RequestError
 from engine.errors import EngineDeadError
@@ -79,9 +80,11 @@ class _Choices:
     with its logprobs when asked for, and for ``/v1/completions`` with ``echo`` the prompt first."""
 
     def __init__(self, prep: Prepared, chat: bool, tokenizer: Tokenizer | None, top_n: int | None,
-                 echo: str | None = None) -> None:
+                 echo: str | None = None, tool_call: bool = False) -> None:
         self.prep, self.chat, self.tokenizer, self.top_n = prep, chat, tokenizer, top_n
         self.echo = echo  # the prompt to put before each choice's text
+        self.tool_call = tool_call  # each choice is a call (appliance/openai_tools.py): sent whole, at its end
+        self.held: dict[int, str] = {}  # a call's text until its choice ends
         self.echoed: set[int] = set()
         self.offsets: dict[int, int] = {}  # completions logprobs: where the next token starts in the text
         self.tokens: dict[int, list[int]] = {}  # non-streaming with logprobs: what to report at the end
@@ -118,12 +121,26 @@ class _Choices:
         lp = self._logprobs(i, delta.token_ids, delta.logprobs) if delta.token_ids else None
         text = self._text(i, delta.text) if (delta.text or self.echo is not None) else ""
         finish = delta.finish_reason if delta.finished else None
+        if self.tool_call:
+            self.held[i] = self.held.get(i, "") + text
+            text = ""
+            if finish:
+                return self._call_chunk(i, self.held.pop(i, ""), finish, lp)
         if not (text or finish or lp):
             return None
         if self.chat:
             choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
+        return f"data: {json.dumps(self._envelope([choice]))}\n\n"
+
+    def _call_chunk(self, index: int, text: str, finish: str, lp: Any) -> str:
+        call = parse_call(text) if finish == "stop" else None
+        if call is None:  # cut short (max_tokens): what was made, as text
+            delta: dict[str, Any] = {"content": text} if text else {}
+        else:
+            delta, finish = {"tool_calls": [{"index": 0, **call}]}, "tool_calls"
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         return f"data: {json.dumps(self._envelope([choice]))}\n\n"
 
     def usage(self, outcome: Outcome) -> str:
@@ -140,7 +157,11 @@ class _Choices:
         for i, c in enumerate(outcome.choices):
             lp = self._logprobs(i, self.tokens.get(i, []), self.logprobs.get(i, []))
             choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason or "stop", "logprobs": lp}
-            if self.chat:
+            call = parse_call(c.text) if self.tool_call and choice["finish_reason"] == "stop" else None
+            if call is not None:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                choice["finish_reason"] = "tool_calls"
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = self._text(i, c.text)
@@ -179,7 +200,8 @@ async def _sse(stream: AsyncIterator[StreamDelta], first: StreamDelta, prep: Pre
 
 
 async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep, spec: InferenceSpec,
-                 include_usage: bool, chat: bool, echo: str | None = None) -> JSONResponse | StreamingResponse:
+                 include_usage: bool, chat: bool, echo: str | None = None,
+                 tool_call: bool = False) -> JSONResponse | StreamingResponse:
     try:
         prep = await runtime.service.prepare(principal, spec)
     except RequestRejected as exc:
@@ -189,7 +211,8 @@ async def _serve(request: Request, runtime: RuntimeDep, principal: PrincipalDep,
     mark_recorded(request.state)  # admitted: whatever happens now ends in its completed/failed/aborted record
     outcome = Outcome()
     top_n = prep.params.logprobs
-    out = _Choices(prep, chat, runtime.fleet.tokenizer(prep.model) if top_n is not None else None, top_n, echo)
+    out = _Choices(prep, chat, runtime.fleet.tokenizer(prep.model) if top_n is not None else None, top_n, echo,
+                   tool_call)
     stream = runtime.service.run(prep, outcome)
     # x-request-id stays the gateway's id of this HTTP request (as OpenAI's does); the completion's
     # own id is in the body, and the audit records carry both
@@ -248,7 +271,7 @@ async def chat_completions(
                          http_request_id=str(getattr(request.state, "request_id", "")),
                          client=client_fields(request.scope))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _serve(request, runtime, principal, spec, include_usage, chat=True)
+    return await _serve(request, runtime, principal, spec, include_usage, chat=True, tool_call=body.calls_tools())
 
 
 @router.post("/completions", response_model=None)

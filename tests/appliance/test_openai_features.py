@@ -68,6 +68,36 @@ def test_json_schema_output_parses_and_validates(client: openai.OpenAI) -> None:
     assert "no-such-type" in str(refused.value.body), refused.value.body
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_required_tool_call_is_a_valid_call_streamed_or_not(client: openai.OpenAI) -> None:
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+           "max_tokens": 60, "temperature": 0, "tools": [WEATHER], "tool_choice": "required"}
+    reply = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    calls = [tc for c in chunks for ch in c.choices for tc in (ch.delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function and calls[0].function.arguments == call.function.arguments
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["tool_calls"]
+    # the call and its result go back into the conversation; tool_choice "none" answers in text
+    follow = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, tools=[WEATHER],  # type: ignore
+                                            tool_choice="none", messages=[
+        *ask["messages"], {"role": "assistant", "tool_calls": [call.model_dump()]},  # type: ignore[misc]
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius and sunny"}])
+    assert follow.choices[0].finish_reason in ("stop", "length") and follow.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="tool_choice 'auto'"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, tools=[WEATHER])  # type: ignore
+
+
 def test_n_choices_are_distinct_with_correct_usage_and_stream_as_they_answer(client: openai.OpenAI) -> None:
     ask = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a short story about a cat."}],
            "max_tokens": 24, "temperature": 1.0, "seed": 7, "n": 3}
@@ -133,7 +163,7 @@ def test_speculative_decoding_is_greedy_identical_to_the_engine_without_it(clien
 def test_unsupported_and_unknown_fields_are_refused_naming_them(client: openai.OpenAI) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     cases: list[tuple[dict[str, object], str]] = [
-        ({"tools": tools}, "tools"), ({"logit_bias": {"1": 5}}, "logit_bias"), ({"store": True}, "store"),
+        ({"functions": tools}, "functions"), ({"logit_bias": {"1": 5}}, "logit_bias"), ({"store": True}, "store"),
         ({"extra_body": {"temprature": 0.5}}, "temprature"), ({"n": 17}, "n"),
         ({"extra_body": {"guided_regex": "a+"}}, "guided_regex"),
     ]

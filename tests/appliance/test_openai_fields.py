@@ -41,8 +41,8 @@ def test_unknown_fields_are_refused_not_ignored() -> None:
     assert _refused(CompletionRequest, {"model": "m", "prompt": "x", "max_token": 3})[0] == "max_token"
     assert _refused(ChatCompletionRequest, {**BASE, "stream_options": {"include_usage": True, "x": 1}})[0] \
         == "stream_options.x"
-    message = {"role": "user", "content": "a", "tool_calls": [1]}
-    assert _refused(ChatCompletionRequest, {**BASE, "messages": [message]})[0] == "messages.0.tool_calls"
+    message = {"role": "user", "content": "a", "function_call": {"name": "f"}}
+    assert _refused(ChatCompletionRequest, {**BASE, "messages": [message]})[0] == "messages.0.function_call"
 
 
 def test_sampling_values_carry_n_logprobs_response_format_and_extensions() -> None:
@@ -99,3 +99,48 @@ def test_completions_n_best_of_echo_and_logprobs() -> None:
     assert "best_of" in _refused(CompletionRequest, {"model": "m", "prompt": "x", "n": 2, "best_of": 3})[1]
     assert "echo" in _refused(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 1})[1]
     assert _refused(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 6})[0] == "logprobs"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time"}}]
+
+
+def test_tools_become_a_call_schema_and_a_system_message() -> None:
+    req = ChatCompletionRequest.model_validate({**BASE, "tools": TOOLS, "tool_choice": "required"})
+    guided = req.sampling().guided
+    assert guided is not None and [o["properties"]["name"]["const"] for o in guided["json_schema"]["anyOf"]] \
+        == ["get_weather", "get_time"]
+    shown = req.template_messages()
+    assert shown[0]["role"] == "system" and "get_weather" in shown[0]["content"] and shown[1]["content"] == "hi"
+    named = ChatCompletionRequest.model_validate({**BASE, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "get_time"}}}).sampling().guided
+    assert named == {"json_schema": {"type": "object", "properties": {
+        "name": {"const": "get_time"}, "arguments": {"type": "object"}}, "required": ["name", "arguments"],
+        "additionalProperties": False}}
+    none = ChatCompletionRequest.model_validate({**BASE, "tools": TOOLS, "tool_choice": "none"})
+    assert none.sampling().guided is None and not none.calls_tools() and len(none.template_messages()) == 1
+
+
+@pytest.mark.parametrize("body,what", [
+    ({"tools": TOOLS}, "tool_choice 'auto'"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice 'auto'"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "unique"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "send one of them"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"}, "function name"),
+])
+def test_tool_requests_that_cannot_be_honoured_are_refused(body: dict[str, Any], what: str) -> None:
+    _, msg = _refused(ChatCompletionRequest, {**BASE, **body})
+    assert what in msg, msg
+
+
+def test_an_earlier_call_and_its_result_are_part_of_the_prompt() -> None:
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
+    shown = ChatCompletionRequest.model_validate({**BASE, "messages": messages}).template_messages()
+    assert shown[1]["content"] == '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert shown[2] == {"role": "tool", "content": "18 C, sunny"}
