@@ -17,6 +17,7 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GuidedDecoding:
+    serial_rows = 64  # up to this many rows fill on this thread: on 2 cores 8.6% overhead vs 22% threaded (8 rows)
     """Built from the model's tokenizer.json (~0.2 s, once per engine). `matcher(spec)` validates a
     request's `guided` spec and returns the matcher that follows that sequence (the engine keeps it
     on Sequence.guided); `apply_masks` masks one step's logits for the rows that have one."""
@@ -63,8 +64,9 @@ class GuidedDecoding:
         n, vocab = len(rows), logits.shape[1]
         words = (vocab + 31) // 32
         bitmask = torch.empty((n, words), dtype=torch.int32)
-        if n == 1:
-            llt.fill_next_token_bitmask(matchers[0], bitmask, 0)
+        if n <= self.serial_rows:  # a thread hand-off costs more than a few fills (~50 us each)
+            for j, m in enumerate(matchers):
+                llt.fill_next_token_bitmask(m, bitmask, j)
         else:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
