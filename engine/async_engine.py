@@ -114,10 +114,15 @@ class AsyncEngine:
             raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
         # n > 1: one sequence per choice (engine/core/choices.py); choice 0 first, the rest once
         # its prompt is in the cache
-        seqs = [self.core.make_sequence(
-            choice_id(request_id, i), prompt, choice_params(params, i) if params.n > 1 else params,
-            cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant, tpot_target_s=tpot_target_s,
-        ) for i in range(params.n)]
+        def make() -> list[Sequence]:
+            return [self.core.make_sequence(
+                choice_id(request_id, i), prompt, choice_params(params, i) if params.n > 1 else params,
+                cache_salt=cache_salt, priority=priority, deadline=deadline, tenant=tenant,
+                tpot_target_s=tpot_target_s,
+            ) for i in range(params.n)]
+
+        # a response format's grammar is compiled here (bounded, about a millisecond): off the event loop
+        seqs = await asyncio.to_thread(make) if params.guided is not None else make()
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._active.add(request_id)
         unfinished = set(range(params.n))

@@ -20,6 +20,7 @@ from engine.errors import (
     PromptTooLongError,
     RequestError,
 )
+from engine.guided import GuidedDecoding, GuidedSpecError
 from engine.outputs import RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
@@ -41,7 +42,9 @@ class EngineCore:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         scheduling = scheduling or SchedulingPolicy(mode=config.scheduling, max_wait_s=config.max_wait_s)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, scheduling)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.guided = GuidedDecoding(config.model_path / "tokenizer.json", self.model_config.vocab_size,
+                                     self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, self.guided)
         self.requests: dict[str, Sequence] = {}
         self.num_steps = 0
         self.num_prompt_tokens = 0  # of admitted requests (cumulative)
@@ -89,6 +92,11 @@ class EngineCore:
                 f"{params.max_tokens}); the KV cache holds {capacity} tokens (kv_cache_bytes="
                 f"{self.runner.kv_cache_bytes})"
             )
+        if params.guided is not None:  # compiled and checked now: a bad spec is this request's error
+            try:
+                self.guided.validate(params.guided)
+            except RequestError as exc:
+                raise GuidedSpecError(f"request {request_id}: {exc}") from None
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.runner.device)
