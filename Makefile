@@ -77,3 +77,31 @@ $(MODEL_DIR)/config.json: $(STAMP)
 
 clean:
 	rm -rf $(ROOT) build dist
+
+# llama.cpp's llama-server and llama-quantize, the engine bench's second peer (python -m engine.bench.peers;
+# issue 19). Built from the llama.cpp sources vendored in the llama-cpp-python sdist on PyPI (pinned), CPU
+# only, Release, the two targets only, niced and -j2: the build machine is shared. Not part of `make test`;
+# CI never builds it and the bench skips the peer when it is absent; it needs .venv (make install) but does
+# not refresh it. Then the GGUFs the bench compares:
+# F32 and Q4_1 requantized from the test model's original GGUF (--allow-requantize, as issue 19 says).
+LLAMA_CPP_PY ?= 0.3.16
+LLAMA_DIR := .cache/llama.cpp
+LLAMA_SERVER := $(LLAMA_DIR)/bin/llama-server
+.PHONY: llama-cpp
+llama-cpp: $(LLAMA_SERVER) $(LLAMA_DIR)/gguf/smollm2-f32.gguf $(LLAMA_DIR)/gguf/smollm2-q4_1.gguf
+
+$(LLAMA_SERVER):
+	mkdir -p $(LLAMA_DIR)/sdist
+	test -f $(LLAMA_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz || $(BIN)/python -m pip download $(PIP_QUIET) --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PY) -d $(LLAMA_DIR)/sdist
+	rm -rf $(LLAMA_DIR)/src && mkdir -p $(LLAMA_DIR)/src
+	tar -xzf $(LLAMA_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_DIR)/src --strip-components=1
+	nice -n 19 cmake -S $(LLAMA_DIR)/src/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_CURL=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	nice -n 19 cmake --build $(LLAMA_DIR)/build --config Release -j2 --target llama-server llama-quantize
+	mkdir -p $(LLAMA_DIR)/bin
+	cp $(LLAMA_DIR)/build/bin/llama-server $(LLAMA_DIR)/build/bin/llama-quantize $(LLAMA_DIR)/bin/
+
+$(LLAMA_DIR)/gguf/smollm2-%.gguf: $(LLAMA_SERVER)
+	mkdir -p $(LLAMA_DIR)/gguf
+	$(LLAMA_DIR)/bin/llama-quantize --allow-requantize "$$($(BIN)/python -c 'from airgap_bundle.testmodel import find_smollm2_gguf; print(find_smollm2_gguf())')" $@ $(shell echo $* | tr a-z A-Z)
