@@ -83,7 +83,7 @@ clean:
 # only, Release, the two targets only, niced and -j2: the build machine is shared. Not part of `make test`;
 # CI never builds it and the bench skips the peer when it is absent; it needs .venv (make install) but does
 # not refresh it. Then the GGUFs the bench compares:
-# F32 and Q4_1 requantized from the test model's original GGUF (--allow-requantize, as issue 19 says).
+# the test model's original GGUF (Q4_1) and an F32 one requantized from it (--allow-requantize, as issue 19 says).
 LLAMA_CPP_PY ?= 0.3.16
 LLAMA_DIR := .cache/llama.cpp
 LLAMA_SERVER := $(LLAMA_DIR)/bin/llama-server
@@ -102,6 +102,12 @@ $(LLAMA_SERVER):
 	mkdir -p $(LLAMA_DIR)/bin
 	cp $(LLAMA_DIR)/build/bin/llama-server $(LLAMA_DIR)/build/bin/llama-quantize $(LLAMA_DIR)/bin/
 
-$(LLAMA_DIR)/gguf/smollm2-%.gguf: $(LLAMA_SERVER)
+SMOLLM2_GGUF = $$($(BIN)/python -c 'from airgap_bundle.testmodel import find_smollm2_gguf; print(find_smollm2_gguf())')
+# The test model's GGUF is already Q4_1: that one is used as is; F32 is requantized from it.
+$(LLAMA_DIR)/gguf/smollm2-f32.gguf: $(LLAMA_SERVER)
 	mkdir -p $(LLAMA_DIR)/gguf
-	$(LLAMA_DIR)/bin/llama-quantize --allow-requantize "$$($(BIN)/python -c 'from airgap_bundle.testmodel import find_smollm2_gguf; print(find_smollm2_gguf())')" $@ $(shell echo $* | tr a-z A-Z)
+	$(LLAMA_DIR)/bin/llama-quantize --allow-requantize "$(SMOLLM2_GGUF)" $@ F32
+
+$(LLAMA_DIR)/gguf/smollm2-q4_1.gguf: $(LLAMA_SERVER)
+	mkdir -p $(LLAMA_DIR)/gguf
+	cp "$(SMOLLM2_GGUF)" $@
