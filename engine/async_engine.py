@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +102,7 @@ class AsyncEngine:
         deadline: float | None = None,
         tenant: str | None = None,
         tpot_target_s: float | None = None,
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         """Stream deltas for one request. Raises a RequestError subclass for a bad request. A
         request unfinished at its deadline ends with finish_reason "deadline"; ``tenant`` is whose
         fair share its tokens count against (engine.core.fairness); while it decodes, steps batch no

@@ -24,6 +24,15 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class StreamDelta:
+    """One step of one choice of a streamed request.
+
+    With n > 1 the deltas of all choices come interleaved on one stream, each with its ``index``
+    and the request's own ``request_id``; each choice's last delta has ``finished=True`` and the
+    stream ends once every choice has finished. Usage: ``num_prompt_tokens`` is the request's prompt,
+    the same on every choice, so a caller counts it once per request; ``num_output_tokens`` is this
+    choice's own count so far, so the request's output tokens are the sum over its choices' last deltas.
+    """
+
     request_id: str
     text: str  # new text since the last delta
     token_ids: list[int]  # new token ids since the last delta

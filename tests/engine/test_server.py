@@ -148,6 +148,9 @@ def test_remote_n_choices_stream_to_their_ends_and_abort_ends_them_all(node: str
         remote = _remote(node, tls)
         await remote.start()
         try:
+            resp = await remote.client.post("/v1/generate", json={
+                "request_id": "n17", "prompt": "hi", "params": {"n": 17}})
+            assert resp.status_code == 400 and "n must be an integer in [1, 16]" in resp.json()["error"]["message"]
             by_index: dict[int, list[StreamDelta]] = {}
             async for d in remote.generate("t-n3", "Tell me about cats.", params):
                 assert d.request_id == "t-n3"
