@@ -23,6 +23,8 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the chat template.")] = True,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    quantization: Annotated[str | None, typer.Option(
+        help="Weight-only quantization of the linear layers at load: int8 or int4 (default: as stored).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Print the completion of one prompt."""
@@ -30,7 +32,7 @@ def generate(
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        llm = LLM(model=model, device=device, dtype=dtype)
+        llm = LLM(model=model, device=device, dtype=dtype, quantization=quantization)
         if chat and llm.tokenizer.has_chat_template:
             out = llm.chat([[{"role": "user", "content": prompt}]], params)[0]
         else:
@@ -130,6 +132,8 @@ def serve(
     kv_cache_bytes: Annotated[int | None, typer.Option(
         help="KV-cache memory budget in bytes (default: sized from the device's memory).")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
+    quantization: Annotated[str | None, typer.Option(
+        help="Weight-only quantization of the linear layers at load: int8 or int4 (default: as stored).")] = None,
 ) -> None:
     """Serve the engine's internal streaming API over mutual TLS (for a gateway on another node)."""
     from engine.server.serve import ServeConfig
@@ -140,6 +144,8 @@ def serve(
         engine["kv_cache_bytes"] = kv_cache_bytes
     if max_model_len is not None:
         engine["max_model_len"] = max_model_len
+    if quantization is not None:
+        engine["quantization"] = quantization
     try:
         config = ServeConfig(model=model, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, host=host,
                              port=port, engine=engine)

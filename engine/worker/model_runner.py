@@ -12,6 +12,7 @@ from engine.errors import ModelLoadError
 from engine.model.config import ModelConfig
 from engine.model.cpu_linear import pack_linears
 from engine.model.loader import load_model
+from engine.model.quant import quantize_model
 from engine.ops.backend import get_backend
 from engine.ops.reference import kv_cache_shape
 from engine.worker.batch import ModelInput, build_model_input
@@ -51,6 +52,8 @@ class ModelRunner:
             config.model_path, config.torch_dtype, self.device, config.load_format
         )
         mc = self.model_config
+        if config.quantization is not None:  # before packing: the quantized layers replace the oneDNN ones
+            quantize_model(self.model, config.quantization)
         if self.device.type == "cpu" and config.cpu_packed_linear:
             pack_linears(self.model, batch_hint=min(config.max_num_seqs, config.max_num_batched_tokens))
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
