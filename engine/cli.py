@@ -134,6 +134,8 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
     quantization: Annotated[str | None, typer.Option(
         help="Weight-only quantization of the linear layers at load: int8 or int4 (default: as stored).")] = None,
+    speculative_tokens: Annotated[int, typer.Option(
+        help="Prompt-lookup speculative decoding: drafts per greedy sequence and step, 0 to 16 (0 = off).")] = 0,
 ) -> None:
     """Serve the engine's internal streaming API over mutual TLS (for a gateway on another node)."""
     from engine.server.serve import ServeConfig
@@ -146,6 +148,8 @@ def serve(
         engine["max_model_len"] = max_model_len
     if quantization is not None:
         engine["quantization"] = quantization
+    if speculative_tokens:
+        engine["speculative_tokens"] = speculative_tokens
     try:
         config = ServeConfig(model=model, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, host=host,
                              port=port, engine=engine)

@@ -10,9 +10,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
-from engine.core.scheduler import Scheduler
+from engine.core.scheduler import ScheduledSeq, Scheduler
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.spec_decode import accept
 from engine.errors import (
     DuplicateRequestError,
     EmptyPromptError,
@@ -41,7 +42,8 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         scheduling = scheduling or SchedulingPolicy(mode=config.scheduling, max_wait_s=config.max_wait_s)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, scheduling)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, scheduling,
+                                   speculative_tokens=config.speculative_tokens)
         self.guided = GuidedDecoding(config.model_path / "tokenizer.json", self.model_config.vocab_size,
                                      self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, self.guided)
@@ -49,6 +51,9 @@ class EngineCore:
         self.num_steps = 0
         self.num_prompt_tokens = 0  # of admitted requests (cumulative)
         self.num_generation_tokens = 0  # sampled tokens (cumulative)
+        self.num_draft_tokens = 0  # speculative decoding: tokens proposed, accepted, and drafted chunks
+        self.num_accepted_tokens = 0
+        self.num_spec_chunks = 0
 
     # ---- requests -----------------------------------------------------------------------
     def make_sequence(
@@ -149,12 +154,13 @@ class EngineCore:
         if out.is_empty:
             return expired
         started = time.perf_counter()
-        logits, sampled = self.runner.execute(out.scheduled)
+        logits, sampled, verified = self.runner.execute(out.scheduled)
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            if not item.draft:
+                item.seq.num_computed_tokens += item.num_new_tokens
         results = self.sampler(logits, [s.seq for s in sampled], scratch=True) if sampled else []
         self.scheduler.cost.observe(out.num_batched_tokens, time.perf_counter() - started)
-        touched: list[Sequence] = []
+        touched: list[Sequence] = [self._apply_verified(item, greedy) for item, greedy in verified]
         self.num_generation_tokens += len(results)
         for item, res in zip(sampled, results, strict=True):
             seq = item.seq
@@ -173,6 +179,25 @@ class EngineCore:
         if self.config.check_integrity:
             self.check_integrity()
         return expired + touched
+
+    def _apply_verified(self, item: ScheduledSeq, greedy: list[int]) -> Sequence:
+        """Take a drafted chunk's accepted drafts and bonus token one at a time through the stop
+        check; the KV of rejected drafts is rolled back (num_computed_tokens stops before them, so
+        their slots are rewritten and no block holding them is ever cached)."""
+        seq = item.seq
+        tokens = accept(item.draft, greedy)
+        self.num_draft_tokens += len(item.draft)
+        self.num_accepted_tokens += len(tokens) - 1
+        self.num_spec_chunks += 1
+        computed = seq.num_computed_tokens + len(tokens)  # the last token + the accepted drafts
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            self.num_generation_tokens += 1
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                break
+        seq.num_computed_tokens = min(computed, seq.num_tokens)
+        return seq
 
     def _expire(self, seqs: list[Sequence]) -> list[Sequence]:
         """End requests the scheduler took out at their deadline (their blocks are already free)."""
@@ -258,5 +283,8 @@ class EngineCore:
             "num_steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generation_tokens,
+            "spec_draft_tokens": self.num_draft_tokens,
+            "spec_accepted_tokens": self.num_accepted_tokens,
+            "spec_chunks": self.num_spec_chunks,
             "time": time.time(),
         }

@@ -28,6 +28,7 @@ from engine.core.block_manager import BlockManager
 from engine.core.fairness import FairShare
 from engine.core.scheduling_policy import SchedulingPolicy
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.spec_decode import draft_for
 from engine.core.step_cost import StepCostModel
 from engine.core.wait_queue import WaitQueue, tenant_of
 
@@ -40,12 +41,13 @@ MIN_PREFILL_TOKENS = 16  # a TPOT cap still leaves a step this many tokens beyon
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens [num_computed, num_computed + num_new) run this step
+    num_new_tokens: int  # tokens [num_computed, num_computed + num_new) run this step, drafts included
+    draft: tuple[int, ...] = ()  # speculative tokens after the sequence's last token (engine.core.spec_decode)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the last token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclass
@@ -72,7 +74,9 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,  # Sequence.arrival_time's clock (aging)
         wall_clock: Callable[[], float] = time.time,  # Sequence.deadline's clock
+        speculative_tokens: int = 0,  # drafts per decoding sequence and step (0 = off)
     ) -> None:
+        self.speculative_tokens = speculative_tokens
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -173,6 +177,11 @@ class Scheduler:
             if num_new <= 0:
                 kept.append(seq)  # out of budget this step; keeps its blocks
                 continue
+            draft: tuple[int, ...] = ()
+            if self.speculative_tokens and num_new == 1 and budget > 1:
+                draft = tuple(draft_for(seq, min(self.speculative_tokens, budget - 1)))
+                if draft and not self.block_manager.allocate_slots(seq, 1 + len(draft)):
+                    draft = ()  # no blocks for the drafts: decode plainly rather than preempt
             while not self.block_manager.allocate_slots(seq, num_new):
                 victim = queue.pop() if queue else seq  # last in order: lowest class, latest
                 self._preempt(victim, PREEMPT_KV_CACHE)
@@ -182,13 +191,13 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:
                 continue  # preempted itself
             kept.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledSeq(seq, num_new + len(draft), draft))
+            budget -= num_new + len(draft)
         self.running = kept
         if not out.preempted:
             self._admit_waiting(out)
         self._charge(out)
-        # decodes first, then prefill chunks: the runner's batch layout
+        # decodes first, then prefill chunks and drafted decodes: the runner's batch layout
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 

@@ -26,6 +26,9 @@ class ModelInput:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the token rows whose logits are sampled
     sampled: list[ScheduledSeq]  # S entries, aligned with logits_indices
+    # speculative verification: every row of each drafted chunk (its last token + drafts), in order
+    spec_indices: torch.Tensor | None = None  # [sum(len(draft) + 1)] int64
+    spec: list[ScheduledSeq] | None = None  # the drafted chunks, aligned with spec_indices in runs
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -80,18 +83,24 @@ def build_model_input(batch: list[ScheduledSeq], block_size: int, device: torch.
     pre_starts: list[int] = [0]
     pre_lens: list[int] = []
     pre_tables: list[list[int]] = []
-    for item in prefills:
+    spec_rows: list[int] = []
+    spec: list[ScheduledSeq] = []
+    for item in prefills:  # drafted decodes too: a chunk of the last token + its drafts
         seq, n = item.seq, item.num_new_tokens
         start = seq.num_computed_tokens
         table = seq.block_table
-        ids.extend(seq.token_slice(start, start + n))
+        ids.extend(seq.token_slice(start, start + n - len(item.draft)))
+        ids.extend(item.draft)
         span = range(start, start + n)
         positions.extend(span)
         slots.extend([table[p // block_size] * block_size + p % block_size for p in span])
         pre_starts.append(pre_starts[-1] + n)
         pre_lens.append(start + n)
         pre_tables.append(table)
-        if item.samples:
+        if item.draft:
+            spec_rows.extend(range(len(ids) - n, len(ids)))
+            spec.append(item)
+        elif item.samples:
             logits_rows.append(len(ids) - 1)
             sampled.append(item)
 
@@ -112,4 +121,5 @@ def build_model_input(batch: list[ScheduledSeq], block_size: int, device: torch.
         prefill_max_seq_len=max(pre_lens, default=0),
         decode_buckets=decode_buckets(dec_lens, block_size),
     )
-    return ModelInput(as_long(ids), as_long(positions), meta, as_long(logits_rows), sampled)
+    return ModelInput(as_long(ids), as_long(positions), meta, as_long(logits_rows), sampled,
+                      as_long(spec_rows) if spec else None, spec or None)

@@ -91,12 +91,23 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, config, self.num_blocks, self.max_model_len)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Run one step. Returns float32 logits [S, V] for the sequences that sample, and them."""
+    def execute(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, list[ScheduledSeq], list[tuple[ScheduledSeq, list[int]]]]:
+        """Run one step. Returns float32 logits [S, V] for the sequences that sample, and them; and
+        for each drafted chunk (speculative decoding) the greedy token after each of its rows."""
         inp = build_model_input(batch, self.config.block_size, self.device)
         hidden = self._forward(inp)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
-        return logits, inp.sampled
+        verified: list[tuple[ScheduledSeq, list[int]]] = []
+        if inp.spec is not None and inp.spec_indices is not None:
+            greedy = self.model.compute_logits(hidden[inp.spec_indices]).argmax(dim=-1).tolist()
+            at = 0
+            for item in inp.spec:
+                n = len(item.draft) + 1
+                verified.append((item, greedy[at:at + n]))
+                at += n
+        return logits, inp.sampled, verified
 
     def _forward(self, inp: ModelInput) -> torch.Tensor:
         if self.graphs is not None and inp.meta.num_prefills == 0:
