@@ -81,7 +81,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cpu_packed":
-            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+            lead = x.shape[:-1]  # the packed op takes 2-D inputs only
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            y = y.reshape(*lead, self.out_features)
         else:
             y = nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
@@ -131,9 +133,10 @@ class Int4Linear(nn.Module):
 
     def forward_nobias(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cpu_packed":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(  # type: ignore[no-any-return]
-                x, self.packed, self.group_size, self.scales_zeros
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_zeros
             )
+            return y.reshape(*x.shape[:-1], self.out_features)  # type: ignore[no-any-return]
         return nn.functional.linear(x, self.dequantize(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

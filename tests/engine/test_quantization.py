@@ -105,3 +105,14 @@ def test_real_model_quantized_answers_paris(engine_model_dir: Path, mode: str) -
     assert len(layers) == 4 * llm.engine.runner.model_config.num_layers  # qkv, o, gate_up, down
     out = llm.chat([FRANCE], SamplingParams(max_tokens=12, temperature=0.0))[0]
     assert "Paris" in out.text, out.text
+
+
+@pytest.mark.parametrize("kernel", ["cpu_packed", "dequant"])
+def test_leading_dimensions_are_kept(kernel: str) -> None:
+    lin = _linear(576, 64)
+    x = torch.randn(2, 3, 576)
+    for mode in ("int8", "int4"):
+        y = quantize_linear(lin, mode, kernel=kernel)(x)
+        assert y.shape == (2, 3, 64)
+        flat = quantize_linear(lin, mode, kernel=kernel)(x.reshape(6, 576))
+        assert torch.equal(y.reshape(6, 64), flat), mode
