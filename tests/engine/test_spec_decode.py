@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from engine import LLM
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
 from engine.core.spec_decode import accept, can_draft, propose
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -123,3 +126,33 @@ def test_prefix_cache_after_a_speculative_run_gives_the_same_output(llm: LLM, sp
     assert cont[0].num_cached_tokens >= len(prompt) // 2
     llm.engine.reset_prefix_cache()
     same(llm.generate(turn, GREEDY), cont)
+
+
+# ---- scheduling (no model) ------------------------------------------------------------------------
+def _decoding(num_blocks: int, budget: int) -> tuple[Scheduler, Sequence]:
+    sched = Scheduler(BlockManager(num_blocks, 4), 4, 64, speculative_tokens=4)
+    seq = make_seq("s", [1, 2, 3, 4, 5, 1, 2, 3], params=SamplingParams(temperature=0, max_tokens=50),
+                   max_total_tokens=58)
+    sched.add(seq)
+    assert [it.num_new_tokens for it in sched.schedule().scheduled] == [8]  # the prompt
+    seq.num_computed_tokens = 8
+    seq.output_token_ids.append(4)  # [2, 3, 4] occurred at 1: drafts [5, 1, 2, 3]
+    sched.max_num_batched_tokens = budget
+    return sched, seq
+
+
+def test_drafts_count_in_the_step_budget_and_get_blocks() -> None:
+    sched, seq = _decoding(num_blocks=8, budget=64)
+    (item,) = sched.schedule().scheduled
+    assert (item.draft, item.num_new_tokens, item.samples) == ((5, 1, 2, 3), 5, True)
+    assert len(seq.block_table) == 4  # 9 tokens + 4 drafts in blocks of 4
+    sched, seq = _decoding(num_blocks=8, budget=3)
+    (item,) = sched.schedule().scheduled
+    assert (item.draft, item.num_new_tokens) == ((5, 1), 3)
+
+
+def test_no_blocks_for_drafts_means_a_plain_decode_not_a_preemption() -> None:
+    sched, seq = _decoding(num_blocks=3, budget=64)
+    out = sched.schedule()
+    assert [(it.draft, it.num_new_tokens) for it in out.scheduled] == [((), 1)]
+    assert not out.preempted and len(seq.block_table) == 3
