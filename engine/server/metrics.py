@@ -49,6 +49,10 @@ class _EngineStatsCollector(Collector):
                             s.get("prefix_cache_queries", 0))
         yield self._counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", s.get("prompt_tokens", 0))
         yield self._counter("vllm:generation_tokens", "Generated tokens.", s.get("generation_tokens", 0))
+        yield self._counter("vllm:spec_decode_num_draft_tokens", "Tokens drafted by prompt-lookup speculation.",
+                            s.get("spec_draft_tokens", 0))
+        yield self._counter("vllm:spec_decode_num_accepted_tokens", "Drafted tokens the model confirmed.",
+                            s.get("spec_accepted_tokens", 0))
         yield self._counter("vllm:num_preemptions", "Sequences preempted (recompute).", s.get("num_preemptions", 0))
         names = [*self._labels]
         by_reason = CounterMetricFamily("sovereign:engine_preemptions", "Preemptions by reason.",
