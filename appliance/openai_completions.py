@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from appliance.openai_fields import REFUSED_COMPLETIONS, refuse_unsupported
+from appliance.openai_fields import REFUSED_COMPLETIONS, RefusedCommonFields
 from appliance.openai_schema import (
     SamplingExtensions,
     SamplingValues,
@@ -26,22 +26,11 @@ from appliance.openai_schema import (
 from engine.sampling_params import MAX_N
 
 
-class RefusedCompletionFields(BaseModel):
+class RefusedCompletionFields(RefusedCommonFields):
     """OpenAI completions fields this server does not implement: refused unless they ask for nothing."""
 
-    logit_bias: Any = None
-    metadata: Any = None
-    store: Any = None
-    service_tier: Any = None
-    prompt_cache_key: Any = None
-    prompt_cache_retention: Any = None
-    safety_identifier: Any = None
+    REFUSED = REFUSED_COMPLETIONS
     suffix: Any = None
-
-    @field_validator(*REFUSED_COMPLETIONS)
-    @classmethod
-    def _refused(cls, value: Any, info: Any) -> Any:
-        return refuse_unsupported(value, info.field_name, REFUSED_COMPLETIONS)
 
 
 class CompletionRequest(SamplingExtensions, RefusedCompletionFields):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # field -> (inert values besides null / false / [] / {}, why it is refused otherwise)
 _REFUSED_COMMON: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -48,6 +48,32 @@ REFUSED_MESSAGE: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": ((), "audio is not supported; text only"),
     "refusal": (("",), "assistant refusal messages are not supported as input"),
 }
+
+
+class RefusesUnsupported(BaseModel):
+    """A request model whose ``REFUSED`` fields (declared ``Any = None`` in it) are refused by name
+    unless their value asks for nothing."""
+
+    REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in cls.REFUSED:
+            return refuse_unsupported(value, info.field_name, cls.REFUSED)
+        return value
+
+
+class RefusedCommonFields(RefusesUnsupported):
+    """The OpenAI fields neither endpoint implements (declared so that naming one is a 400 saying why)."""
+
+    logit_bias: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Any = None
 
 
 def _inert(value: Any, allowed: tuple[Any, ...]) -> bool:

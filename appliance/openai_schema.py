@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from appliance.openai_fields import (
     REFUSED_CHAT,
     REFUSED_MESSAGE,
+    RefusedCommonFields,
+    RefusesUnsupported,
     ResponseFormat,
     guided_spec,
-    refuse_unsupported,
 )
 from appliance.openai_tools import (
     Tool,
@@ -100,8 +101,9 @@ class TextPart(BaseModel):
         return check_text(value, "text")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RefusesUnsupported):
     model_config = ConfigDict(extra="forbid", strict=True)
+    REFUSED = REFUSED_MESSAGE
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
@@ -112,11 +114,6 @@ class ChatMessage(BaseModel):
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
-
-    @field_validator(*REFUSED_MESSAGE)
-    @classmethod
-    def _refused(cls, value: Any, info: Any) -> Any:
-        return refuse_unsupported(value, info.field_name, REFUSED_MESSAGE)
 
     @field_validator("content")
     @classmethod
@@ -181,16 +178,10 @@ class SamplingExtensions(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
 
 
-class RefusedChatFields(BaseModel):
+class RefusedChatFields(RefusedCommonFields):
     """OpenAI chat fields this server does not implement: refused unless they ask for nothing."""
 
-    logit_bias: Any = None
-    metadata: Any = None
-    store: Any = None
-    service_tier: Any = None
-    prompt_cache_key: Any = None
-    prompt_cache_retention: Any = None
-    safety_identifier: Any = None
+    REFUSED = REFUSED_CHAT
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -199,11 +190,6 @@ class RefusedChatFields(BaseModel):
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
-
-    @field_validator(*REFUSED_CHAT)
-    @classmethod
-    def _refused(cls, value: Any, info: Any) -> Any:
-        return refuse_unsupported(value, info.field_name, REFUSED_CHAT)
 
 
 class ChatCompletionRequest(SamplingExtensions, RefusedChatFields):
