@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,7 @@ import pytest
 from engine import LLM, SamplingParams, StreamDelta
 from engine.guided import GuidedDecoding, GuidedSpecError
 from engine.remote import RemoteEngine
-from engine.server.serve import ServeConfig, make_app, uvicorn_config
-from tests.engine.test_server import _free_port
+from tests.engine.node_server import node_server
 from tests.engine.tls_certs import TlsSet, make_tls_set
 
 SCHEMA = {
@@ -107,24 +104,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsSet:
 
 @pytest.fixture(scope="module")
 def node(engine_model_dir: Path, tls: TlsSet) -> Iterator[str]:
-    import uvicorn
-
-    config = ServeConfig(model=engine_model_dir, tls_cert=tls.server.cert, tls_key=tls.server.key,
-                         client_ca=tls.ca, port=_free_port())
-    app, _ = make_app(config)
-    server = uvicorn.Server(uvicorn_config(app, config))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("node server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"https://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with node_server(engine_model_dir, tls) as url:
+        yield url
 
 
 def test_guided_request_through_node_server(node: str, tls: TlsSet, llm: LLM) -> None:

@@ -4,9 +4,7 @@ RemoteEngine streams exactly what LLM.generate returns; abort, bad requests and 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,18 +14,12 @@ import pytest
 
 from engine import LLM, PromptTooLongError, SamplingParams, StreamDelta
 from engine.remote import RemoteEngine
-from engine.server.serve import ServeConfig, make_app, uvicorn_config
+from tests.engine.node_server import node_server
 from tests.engine.tls_certs import TlsSet, make_tls_set
 
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +29,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsSet:
 
 @pytest.fixture(scope="module")
 def node(engine_model_dir: Path, tls: TlsSet) -> Iterator[str]:
-    import uvicorn
-
-    config = ServeConfig(model=engine_model_dir, tls_cert=tls.server.cert, tls_key=tls.server.key,
-                         client_ca=tls.ca, port=_free_port(), engine={"check_integrity": True})
-    app, _ = make_app(config)
-    server = uvicorn.Server(uvicorn_config(app, config))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("node server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"https://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with node_server(engine_model_dir, tls, {"check_integrity": True}) as url:
+        yield url
 
 
 def _remote(url: str, tls: TlsSet) -> RemoteEngine:
