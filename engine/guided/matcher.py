@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,32 @@ class GuidedDecoding:
     request's `guided` spec and returns the matcher that follows that sequence (the engine keeps it
     on Sequence.guided); `apply_masks` masks one step's logits for the rows that have one."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_token_ids: tuple[int, ...],
+    def __init__(self, tokenizer_json: Path | str, vocab_size: int, eos_token_ids: tuple[int, ...],
                  cache_size: int = 256) -> None:
+        """``tokenizer_json``: the file, or its text. The compiler is built on the first guided request:
+        an engine whose tokenizer llguidance cannot read still serves every other request."""
         self.vocab_size = vocab_size
-        self.compiler = GuidedCompiler(Path(tokenizer_json).read_text(), eos_token_ids, vocab_size, cache_size)
+        self._source = tokenizer_json
+        self._args = (eos_token_ids, vocab_size, cache_size)
+        self._compiler: GuidedCompiler | None = None
+        self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None  # threads for batches of several rows
 
     @classmethod
     def from_json(cls, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]) -> GuidedDecoding:
-        self = cls.__new__(cls)
-        self.vocab_size = vocab_size
-        self.compiler = GuidedCompiler(tokenizer_json, eos_token_ids, vocab_size)
-        self._executor = None
-        return self
+        return cls(tokenizer_json, vocab_size, eos_token_ids)
+
+    @property
+    def compiler(self) -> GuidedCompiler:
+        with self._lock:
+            if self._compiler is None:
+                text = self._source.read_text() if isinstance(self._source, Path) else self._source
+                try:
+                    self._compiler = GuidedCompiler(text, *self._args)
+                except (ValueError, RuntimeError) as exc:
+                    raise GuidedSpecError(f"structured output is not available for this model: llguidance cannot "
+                                          f"read its tokenizer ({exc})") from None
+            return self._compiler
 
     def matcher(self, guided: dict[str, Any]) -> llguidance.LLMatcher:
         """A fresh matcher at the start of the document; GuidedSpecError (a RequestError) for a bad spec."""

@@ -97,6 +97,19 @@ def test_bad_spec_is_a_request_error(engine_model_dir: Path, spec: dict[str, obj
     assert guided.compiler.cache_len() == 1
 
 
+def test_a_tokenizer_llguidance_cannot_read_refuses_guided_requests_only(tmp_path: Path) -> None:
+    # a word-level tokenizer with no decoder (what the synthetic benchmark models have): the engine
+    # must still start and serve; a guided request is then its own clear error
+    vocab = {f"t{i}": i for i in range(300)}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}}))
+    guided = GuidedDecoding(tmp_path / "tokenizer.json", 300, (2,))  # builds nothing yet
+    with pytest.raises(GuidedSpecError, match="not available for this model"):
+        guided.validate({"json_object": True})
+
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsSet:
     return make_tls_set(tmp_path_factory.mktemp("tls"))
