@@ -2,7 +2,7 @@
 
 `GuidedDecoding` (one per engine) validates a spec at request time (`GuidedSpecError`, a
 RequestError, naming what was wrong), compiles it once (bounded LRU by spec) and hands out the
-matcher the engine keeps on `Sequence.guided`; the sampler masks a step's guided rows with one
+matcher the sampler keeps for each sequence; the sampler masks a step's guided rows with one
 batched bitmask fill and one masked_fill. docs/benchmarks.md "Structured output" says why llguidance.
 """
 

@@ -18,9 +18,9 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 class GuidedDecoding:
     serial_rows = 64  # up to this many rows fill on this thread: on 2 cores 8.6% overhead vs 22% threaded (8 rows)
-    """Built from the model's tokenizer.json (~0.2 s, once per engine). `matcher(spec)` validates a
-    request's `guided` spec and returns the matcher that follows that sequence (the engine keeps it
-    on Sequence.guided); `apply_masks` masks one step's logits for the rows that have one."""
+    """Built from the model's tokenizer.json on the first guided request (~0.2 s, once per engine).
+    `matcher(spec)` validates a request's `guided` spec and returns the matcher that follows that
+    sequence (the sampler keeps it, by sequence); `apply_masks` masks one step's logits for the rows that have one."""
 
     def __init__(self, tokenizer_json: Path | str, vocab_size: int, eos_token_ids: tuple[int, ...],
                  cache_size: int = 256) -> None:
@@ -32,10 +32,6 @@ class GuidedDecoding:
         self._compiler: GuidedCompiler | None = None
         self._lock = threading.Lock()
         self._executor: llguidance.LLExecutor | None = None  # threads for batches of several rows
-
-    @classmethod
-    def from_json(cls, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]) -> GuidedDecoding:
-        return cls(tokenizer_json, vocab_size, eos_token_ids)
 
     @property
     def compiler(self) -> GuidedCompiler:

@@ -57,8 +57,7 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], guided: GuidedDecoding | None = None) -> None:
         self.eos_token_ids = eos_token_ids
-        # structured output: built on the first guided row unless the engine hands one in
-        self.guided = guided
+        self.guided = guided  # structured output: the engine's compiled grammars and masks
         self._matchers: weakref.WeakKeyDictionary[Sequence, Any] = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()  # the engine's logits are inference tensors; nothing here needs autograd
@@ -110,12 +109,11 @@ class Sampler:
     def _mask_guided(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[Any]:
         """Mask the guided rows in place; returns their matchers (made on a sequence's first step)."""
         if self.guided is None:
-            tok = seqs[rows[0]].detokenizer._tok  # the engine's Tokenizer; its HF tokenizers object
-            self.guided = GuidedDecoding.from_json(tok._tok.to_str(), logits.shape[1], self.eos_token_ids)
+            raise RuntimeError("a guided request reached a Sampler built without the engine's GuidedDecoding")
         matchers = []
         for i in rows:
             seq = seqs[i]
-            m = getattr(seq, "guided", None) or self._matchers.get(seq)
+            m = self._matchers.get(seq)
             if m is None:
                 assert seq.params.guided is not None
                 m = self.guided.start(seq.params.guided, seq.output_token_ids, seq.request_id)
